@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The full test suite: unit tests, derivation vectors, swtpm tests, and the
+# tests that go through the real kernel request-key upcall. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test: run as root: the tests install request-key rules and talk to the kernel" >&2
+    exit 1
+fi
+cargo test --locked --all-targets -- --test-threads=4
+cargo test --locked --doc

@@ -1,0 +1,373 @@
+//! Derivation v1: pure software around one TPM HMAC. Specified byte for
+//! byte in DERIVATION.md; frozen by the known-answer vectors in
+//! tests/vectors/. Never change anything here for v1: every user's keys
+//! would change with it. A new derivation is a new version.
+//!
+//! ```text
+//! E   = canonical encoding of every request input        (encode)
+//! m   = SHA-256(E)                                        (message)
+//! PRK = TPM2_HMAC(owner-hierarchy HMAC primary, m)        (tpm module)
+//! symmetric key = HKDF-SHA256(IKM=PRK, salt=none, info=INFO_SYMMETRIC, L)
+//! P-256 scalar  = hash_to_field(PRK) mod n, expand_message_xmd SHA-256, DST_P256
+//! ```
+
+use hkdf::Hkdf;
+use p256::ecdsa::signature::hazmat::PrehashSigner;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::elliptic_curve::hash2curve::{ExpandMsgXmd, GroupDigest};
+use p256::pkcs8::EncodePublicKey;
+use p256::{NistP256, NonZeroScalar};
+use sha2::{Digest, Sha256};
+
+use crate::secret::{SecretAllocError, SecretBuf};
+
+/// Version byte of the encoding. v1 is frozen.
+pub const VERSION: u8 = 1;
+/// Domain string at the start of every encoding.
+pub const DOMAIN: &[u8] = b"derived-keys";
+/// HKDF info for symmetric keys.
+pub const INFO_SYMMETRIC: &[u8] = b"derived-keys/v1/symmetric";
+/// hash_to_field domain separation tag for P-256 scalars.
+pub const DST_P256: &[u8] = b"derived-keys/v1/p256-scalar";
+/// The `unique` value of the TPM primary's template (exactly 32 bytes).
+pub const PRIMARY_UNIQUE: &[u8; 32] = b"derived-keys/v1/tpm-hmac-primary";
+
+/// Purpose codes in the encoding.
+const PURPOSE_SYMMETRIC: u8 = 0x01;
+const PURPOSE_P256: u8 = 0x02;
+/// Binding codes in the encoding.
+const BIND_PATH: u8 = 0x01;
+const BIND_CSUM: u8 = 0x02;
+const BIND_USER: u8 = 0x03;
+const BIND_MACHINE: u8 = 0x04;
+
+/// What the derived secret is for. The length is an input, so a 16-byte
+/// key is not a prefix of the 32-byte key of the same request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// 1 to 1024 bytes.
+    Symmetric(u16),
+    P256,
+}
+
+/// Who the key belongs to: exactly the values each binding mixes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject<'a> {
+    /// uid and the executable's path, as bytes (Linux paths need not be UTF-8).
+    Path {
+        uid: u32,
+        path: &'a [u8],
+    },
+    /// uid and the SHA-256 of the executable's content.
+    Csum {
+        uid: u32,
+        digest: [u8; 32],
+    },
+    User {
+        uid: u32,
+    },
+    Machine,
+}
+
+/// Every input of one derivation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Input<'a> {
+    pub purpose: Purpose,
+    pub name: &'a str,
+    pub subject: Subject<'a>,
+    pub account: Option<&'a str>,
+    pub client: Option<&'a str>,
+    pub epoch: u32,
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths are bounded by the request grammar and PATH_MAX; u32 is ample.
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn put_optional(out: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        None => out.push(0x00),
+        Some(v) => {
+            out.push(0x01);
+            put_bytes(out, v.as_bytes());
+        }
+    }
+}
+
+impl Input<'_> {
+    /// The canonical encoding E. Every field is fixed-size, tagged or
+    /// length-prefixed, in a fixed order, so E can be parsed back
+    /// unambiguously: two different inputs never share an encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut e = Vec::with_capacity(128);
+        put_bytes(&mut e, DOMAIN);
+        e.push(VERSION);
+        let (purpose, len) = match self.purpose {
+            Purpose::Symmetric(n) => (PURPOSE_SYMMETRIC, u32::from(n)),
+            Purpose::P256 => (PURPOSE_P256, 32),
+        };
+        e.push(purpose);
+        e.extend_from_slice(&len.to_be_bytes());
+        put_bytes(&mut e, self.name.as_bytes());
+        match self.subject {
+            Subject::Path { uid, path } => {
+                e.push(BIND_PATH);
+                e.extend_from_slice(&uid.to_be_bytes());
+                put_bytes(&mut e, path);
+            }
+            Subject::Csum { uid, digest } => {
+                e.push(BIND_CSUM);
+                e.extend_from_slice(&uid.to_be_bytes());
+                put_bytes(&mut e, &digest);
+            }
+            Subject::User { uid } => {
+                e.push(BIND_USER);
+                e.extend_from_slice(&uid.to_be_bytes());
+            }
+            Subject::Machine => e.push(BIND_MACHINE),
+        }
+        put_optional(&mut e, self.account);
+        put_optional(&mut e, self.client);
+        e.extend_from_slice(&self.epoch.to_be_bytes());
+        e
+    }
+
+    /// m = SHA-256(E): the one fixed-size input the TPM HMACs, so that any
+    /// path length fits one TPM buffer.
+    pub fn message(&self) -> [u8; 32] {
+        Sha256::digest(self.encode()).into()
+    }
+}
+
+/// Why a derivation step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeriveError {
+    #[error("the PRF output has {len} bytes, expected 32")]
+    PrkLength { len: usize },
+    #[error("symmetric length {len} is outside 1 to 1024")]
+    Length { len: usize },
+    #[error(transparent)]
+    Memory(#[from] SecretAllocError),
+    #[error("hash_to_field failed")]
+    HashToField,
+    /// Probability about 2^-256; reported, never papered over.
+    #[error("the derived P-256 scalar is zero")]
+    ZeroScalar,
+    #[error("ECDSA signing failed")]
+    Sign,
+    #[error("encoding the public key failed")]
+    Spki,
+}
+
+/// The 32-byte output of the TPM's HMAC: the root of every derived secret.
+pub struct Prk(SecretBuf);
+
+impl Prk {
+    /// Takes a PRF output; refuses anything but 32 bytes.
+    pub fn new(secret: SecretBuf) -> Result<Prk, DeriveError> {
+        if secret.len() != 32 {
+            return Err(DeriveError::PrkLength { len: secret.len() });
+        }
+        Ok(Prk(secret))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_ref()
+    }
+}
+
+/// A symmetric key of `len` bytes: HKDF-SHA256 with no salt.
+pub fn symmetric_key(prk: &Prk, len: usize) -> Result<SecretBuf, DeriveError> {
+    if !(1..=1024).contains(&len) {
+        return Err(DeriveError::Length { len });
+    }
+    let mut out = SecretBuf::new(len)?;
+    // HKDF-Expand can produce up to 255*32 bytes; 1024 is far below.
+    Hkdf::<Sha256>::new(None, prk.as_bytes())
+        .expand(INFO_SYMMETRIC, out.as_mut())
+        .map_err(|_| DeriveError::Length { len })?;
+    Ok(out)
+}
+
+/// A P-256 key pair. No Debug or Display: it holds the private scalar.
+pub struct P256Key(SigningKey);
+
+impl P256Key {
+    /// d = OS2IP(expand_message_xmd(PRK, DST_P256, 48)) mod n, as RFC 9380
+    /// hash_to_field with m = 1 over the scalar field (RFC 9497's HashToScalar).
+    pub fn from_prk(prk: &Prk) -> Result<P256Key, DeriveError> {
+        let scalar =
+            NistP256::hash_to_scalar::<ExpandMsgXmd<Sha256>>(&[prk.as_bytes()], &[DST_P256])
+                .map_err(|_| DeriveError::HashToField)?;
+        let nz = Option::<NonZeroScalar>::from(NonZeroScalar::new(scalar))
+            .ok_or(DeriveError::ZeroScalar)?;
+        Ok(P256Key(SigningKey::from(nz)))
+    }
+
+    /// SubjectPublicKeyInfo DER (id-ecPublicKey, prime256v1, uncompressed).
+    pub fn spki_der(&self) -> Result<Vec<u8>, DeriveError> {
+        let public = p256::PublicKey::from(self.0.verifying_key());
+        public
+            .to_public_key_der()
+            .map(|d| d.as_bytes().to_vec())
+            .map_err(|_| DeriveError::Spki)
+    }
+
+    /// ECDSA over a SHA-256 digest, deterministic nonce (RFC 6979), DER.
+    pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, DeriveError> {
+        let sig: Signature = self.0.sign_prehash(digest).map_err(|_| DeriveError::Sign)?;
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+
+    /// The 32-byte big-endian secret scalar, for the known-answer tests.
+    pub fn secret_scalar(&self) -> Result<SecretBuf, DeriveError> {
+        Ok(SecretBuf::copy_from(&self.0.to_bytes())?)
+    }
+}
+
+/// Verifies a DER (or raw r||s) ECDSA P-256 signature over a SHA-256 digest
+/// with a DER SubjectPublicKeyInfo. Pure software; no TPM.
+pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], signature: &[u8]) -> bool {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use p256::ecdsa::VerifyingKey;
+    use p256::pkcs8::DecodePublicKey;
+    let Ok(key) = VerifyingKey::from_public_key_der(spki_der) else {
+        return false;
+    };
+    let sig = Signature::from_der(signature).or_else(|_| Signature::from_slice(signature));
+    match sig {
+        Ok(sig) => key.verify_prehash(digest, &sig).is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hmac::{Mac, SimpleHmac};
+
+    fn input(subject: Subject<'_>) -> Input<'_> {
+        Input {
+            purpose: Purpose::Symmetric(32),
+            name: "db",
+            subject,
+            account: None,
+            client: None,
+            epoch: 0,
+        }
+    }
+
+    fn soft_prk(msg: &[u8; 32]) -> Prk {
+        let mut mac = SimpleHmac::<Sha256>::new_from_slice(&[0x42; 32]).unwrap();
+        mac.update(msg);
+        Prk::new(SecretBuf::copy_from(&mac.finalize().into_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn encoding_layout_is_as_specified() {
+        let e = input(Subject::User { uid: 1000 }).encode();
+        let mut want = Vec::new();
+        want.extend_from_slice(&[0, 0, 0, 12]);
+        want.extend_from_slice(b"derived-keys");
+        want.extend_from_slice(&[1, 1, 0, 0, 0, 32, 0, 0, 0, 2]);
+        want.extend_from_slice(b"db");
+        want.extend_from_slice(&[3, 0, 0, 0x03, 0xe8, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(hex::encode(&e), hex::encode(&want));
+    }
+
+    #[test]
+    fn bindings_never_collide() {
+        // Each binding mixes in different values, and its code keeps even
+        // coinciding values apart: user uid 0 vs machine, path vs csum.
+        let d = [7u8; 32];
+        let subjects = [
+            Subject::Path { uid: 0, path: b"" },
+            Subject::Path { uid: 0, path: &d },
+            Subject::Csum { uid: 0, digest: d },
+            Subject::User { uid: 0 },
+            Subject::Machine,
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for s in subjects {
+            assert!(seen.insert(input(s).encode()), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn optional_fields_are_unambiguous() {
+        let base = input(Subject::Machine);
+        let variants = [
+            Input {
+                account: Some("a"),
+                ..base
+            },
+            Input {
+                client: Some("a"),
+                ..base
+            },
+            Input {
+                account: Some("a"),
+                client: Some("b"),
+                ..base
+            },
+            Input {
+                account: Some("ab"),
+                ..base
+            },
+            Input { epoch: 1, ..base },
+            Input {
+                name: "dbx",
+                ..base
+            },
+            Input {
+                purpose: Purpose::Symmetric(33),
+                ..base
+            },
+            Input {
+                purpose: Purpose::P256,
+                ..base
+            },
+            base,
+        ];
+        let set: std::collections::HashSet<_> = variants.iter().map(Input::encode).collect();
+        assert_eq!(set.len(), variants.len());
+    }
+
+    #[test]
+    fn lengths_give_unrelated_keys() {
+        let short = symmetric_key(&soft_prk(&[1; 32]), 16).unwrap();
+        let long = symmetric_key(&soft_prk(&[2; 32]), 32).unwrap();
+        assert_ne!(short.as_ref(), &long.as_ref()[..16]);
+        assert!(symmetric_key(&soft_prk(&[1; 32]), 0).is_err());
+        assert!(symmetric_key(&soft_prk(&[1; 32]), 1025).is_err());
+        assert_eq!(
+            symmetric_key(&soft_prk(&[1; 32]), 1024).unwrap().len(),
+            1024
+        );
+    }
+
+    #[test]
+    fn prk_must_be_32_bytes() {
+        assert!(Prk::new(SecretBuf::new(31).unwrap()).is_err());
+    }
+
+    #[test]
+    fn sign_and_verify_round_trip() {
+        let key = P256Key::from_prk(&soft_prk(&[3; 32])).unwrap();
+        let spki = key.spki_der().unwrap();
+        assert_eq!(spki.len(), 91);
+        let digest: [u8; 32] = Sha256::digest(b"hello").into();
+        let sig = key.sign_digest(&digest).unwrap();
+        assert!(verify_digest(&spki, &digest, &sig));
+        assert_eq!(
+            sig,
+            key.sign_digest(&digest).unwrap(),
+            "RFC 6979 is deterministic"
+        );
+        let mut other = digest;
+        other[0] ^= 1;
+        assert!(!verify_digest(&spki, &other, &sig));
+    }
+}

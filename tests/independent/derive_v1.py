@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""An independent implementation of DERIVATION.md (derived-keys v1), written
+from the specification with the Python standard library only. It recomputes
+every known-answer vector from its inputs and checks every byte, then
+verifies each signature with its own ECDSA. Usage: derive_v1.py VECTORS.json
+"""
+import hashlib
+import hmac
+import json
+import struct
+import sys
+
+# P-256 domain parameters (SEC 2 / FIPS 186-4).
+P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
+A = P - 3
+N = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
+G = (0x6B17D1F2E12C4247F8BCE6E563A440F277037D812DEB33A0F4A13945D898C296,
+     0x4FE342E2FE1A7F9B8EE7EB4A7C0F9E162BCE33576B315ECECBB6406837BF51F5)
+SPKI_PREFIX = bytes.fromhex("3059301306072a8648ce3d020106082a8648ce3d030107034200")
+
+
+def lp(b):
+    return struct.pack(">I", len(b)) + b
+
+
+def opt(v):
+    return b"\x00" if v is None else b"\x01" + lp(v.encode())
+
+
+def encode(inp, data):
+    e = lp(b"derived-keys") + b"\x01"
+    if inp["purpose"] == "symmetric":
+        e += b"\x01" + struct.pack(">I", inp["length"])
+    else:
+        e += b"\x02" + struct.pack(">I", 32)
+    e += lp(inp["name"].encode())
+    b = inp["binding"]
+    if b == "path":
+        e += b"\x01" + struct.pack(">I", inp["uid"]) + lp(data)
+    elif b == "csum":
+        e += b"\x02" + struct.pack(">I", inp["uid"]) + lp(data)
+    elif b == "user":
+        e += b"\x03" + struct.pack(">I", inp["uid"])
+    else:
+        e += b"\x04"
+    e += opt(inp.get("account")) + opt(inp.get("client"))
+    return e + struct.pack(">I", inp.get("epoch", 0))
+
+
+def hkdf_sha256(ikm, info, length):
+    prk = hmac.new(b"\x00" * 32, ikm, hashlib.sha256).digest()  # no salt
+    out, t, i = b"", b"", 1
+    while len(out) < length:
+        t = hmac.new(prk, t + info + bytes([i]), hashlib.sha256).digest()
+        out, i = out + t, i + 1
+    return out[:length]
+
+
+def expand_message_xmd(msg, dst, length):
+    """RFC 9380 section 5.3.1 with SHA-256."""
+    ell = (length + 31) // 32
+    dst_prime = dst + bytes([len(dst)])
+    b0 = hashlib.sha256(b"\x00" * 64 + msg + length.to_bytes(2, "big") + b"\x00" + dst_prime).digest()
+    bi = hashlib.sha256(b0 + b"\x01" + dst_prime).digest()
+    out = bi
+    for i in range(2, ell + 1):
+        bi = hashlib.sha256(bytes(x ^ y for x, y in zip(b0, bi)) + bytes([i]) + dst_prime).digest()
+        out += bi
+    return out[:length]
+
+
+def ec_add(p1, p2):
+    if p1 is None:
+        return p2
+    if p2 is None:
+        return p1
+    if p1[0] == p2[0] and (p1[1] + p2[1]) % P == 0:
+        return None
+    if p1 == p2:
+        lam = (3 * p1[0] * p1[0] + A) * pow(2 * p1[1], -1, P) % P
+    else:
+        lam = (p2[1] - p1[1]) * pow(p2[0] - p1[0], -1, P) % P
+    x = (lam * lam - p1[0] - p2[0]) % P
+    return (x, (lam * (p1[0] - x) - p1[1]) % P)
+
+
+def ec_mul(k, pt):
+    r = None
+    while k:
+        if k & 1:
+            r = ec_add(r, pt)
+        pt, k = ec_add(pt, pt), k >> 1
+    return r
+
+
+def der_ints(sig):
+    """(r, s) from a DER ECDSA-Sig-Value."""
+    assert sig[0] == 0x30 and sig[1] == len(sig) - 2
+    vals, i = [], 2
+    for _ in range(2):
+        assert sig[i] == 0x02
+        n = sig[i + 1]
+        vals.append(int.from_bytes(sig[i + 2:i + 2 + n], "big"))
+        i += 2 + n
+    assert i == len(sig)
+    return vals
+
+
+def ecdsa_verify(q, digest, sig):
+    r, s = der_ints(sig)
+    if not (0 < r < N and 0 < s < N):
+        return False
+    w = pow(s, -1, N)
+    z = int.from_bytes(digest, "big")
+    pt = ec_add(ec_mul(z * w % N, G), ec_mul(r * w % N, q))
+    return pt is not None and pt[0] % N == r
+
+
+def main(path):
+    doc = json.load(open(path))
+    prf_key = bytes.fromhex(doc["prf_key"])
+    count = 0
+    for v in doc["vectors"]:
+        case, inp, data = v["case"], v["input"], bytes.fromhex(v["data"])
+        e = encode(inp, data)
+        m = hashlib.sha256(e).digest()
+        prk = hmac.new(prf_key, m, hashlib.sha256).digest()
+        got = {"encoding": e.hex(), "message": m.hex(), "prk": prk.hex()}
+        if inp["purpose"] == "symmetric":
+            got["key"] = hkdf_sha256(prk, b"derived-keys/v1/symmetric", inp["length"]).hex()
+        else:
+            u = expand_message_xmd(prk, b"derived-keys/v1/p256-scalar", 48)
+            d = int.from_bytes(u, "big") % N
+            assert d != 0
+            q = ec_mul(d, G)
+            got["scalar"] = d.to_bytes(32, "big").hex()
+            got["spki"] = (SPKI_PREFIX + b"\x04" + q[0].to_bytes(32, "big") + q[1].to_bytes(32, "big")).hex()
+            digest = bytes.fromhex(v["sign_digest"])
+            if not ecdsa_verify(q, digest, bytes.fromhex(v["signature"])):
+                print(f"FAIL {case}: signature does not verify")
+                return 1
+        for field, value in got.items():
+            if v[field] != value:
+                print(f"FAIL {case}: {field}\n  vector {v[field]}\n  python {value}")
+                return 1
+        count += 1
+    print(f"{count} vectors agree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,257 @@
+//! Known-answer vectors for derivation v1. The software part runs with a
+//! fixed PRF key in place of the TPM's (PRK = HMAC-SHA256(prf_key, m)), so
+//! the vectors need no TPM. If any derived byte changes, these tests fail:
+//! that is the point. v1 never changes.
+use derived_keys::derive::{self, Input, P256Key, Prk, Purpose, Subject};
+use derived_keys::secret::SecretBuf;
+use hmac::{Mac, SimpleHmac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const VECTORS: &str = include_str!("vectors/derivation-v1.json");
+const PRF_KEY: [u8; 32] = *b"derived-keys v1 test PRF key 32B";
+
+fn soft_prk(msg: &[u8; 32]) -> Prk {
+    let mut mac = SimpleHmac::<Sha256>::new_from_slice(&PRF_KEY).unwrap();
+    mac.update(msg);
+    Prk::new(SecretBuf::copy_from(&mac.finalize().into_bytes()).unwrap()).unwrap()
+}
+
+/// The inputs the vectors cover: every binding, purpose and option, the
+/// length bounds, non-UTF-8 paths and the largest values.
+fn cases() -> Vec<(String, Vec<u8>, Value)> {
+    // (case name, path or digest bytes, input as JSON)
+    let digest = Sha256::digest(b"#!/bin/true\n").to_vec();
+    let long_path = format!("/{}", "p".repeat(4000));
+    vec![
+        (
+            "symmetric path".into(),
+            b"/usr/bin/keyctl".to_vec(),
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"path","uid":0}),
+        ),
+        (
+            "symmetric path 1 byte".into(),
+            b"/usr/bin/keyctl".to_vec(),
+            json!({"purpose":"symmetric","length":1,"name":"db","binding":"path","uid":0}),
+        ),
+        (
+            "symmetric path 1024 bytes".into(),
+            b"/usr/bin/keyctl".to_vec(),
+            json!({"purpose":"symmetric","length":1024,"name":"db","binding":"path","uid":0}),
+        ),
+        (
+            "non-UTF-8 path".into(),
+            b"/opt/\xff\xfe/app".to_vec(),
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"path","uid":1000}),
+        ),
+        (
+            "4001-byte path".into(),
+            long_path.into_bytes(),
+            json!({"purpose":"symmetric","length":64,"name":"db","binding":"path","uid":1000}),
+        ),
+        (
+            "csum".into(),
+            digest.clone(),
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"csum","uid":1000}),
+        ),
+        (
+            "user".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"user","uid":1000}),
+        ),
+        (
+            "user max uid".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"user","uid":4294967295u32}),
+        ),
+        (
+            "machine".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":64,"name":"disk.root","binding":"machine"}),
+        ),
+        (
+            "all options".into(),
+            b"/usr/sbin/sshd".to_vec(),
+            json!({"purpose":"symmetric","length":48,"name":"A-z_0.9","binding":"path","uid":0,
+                "account":"alice@example.com","client":"web+1","epoch":4294967295u32}),
+        ),
+        (
+            "account only".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"user","uid":0,"account":"a"}),
+        ),
+        (
+            "client only".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"user","uid":0,"client":"a"}),
+        ),
+        (
+            "epoch 1".into(),
+            vec![],
+            json!({"purpose":"symmetric","length":32,"name":"db","binding":"user","uid":0,"epoch":1}),
+        ),
+        (
+            "p256 machine".into(),
+            vec![],
+            json!({"purpose":"p256","name":"host-id","binding":"machine"}),
+        ),
+        (
+            "p256 path".into(),
+            b"/usr/bin/ssh-agent".to_vec(),
+            json!({"purpose":"p256","name":"ssh","binding":"path","uid":1000,"epoch":3}),
+        ),
+        (
+            "p256 csum".into(),
+            digest,
+            json!({"purpose":"p256","name":"enroll","binding":"csum","uid":0,"client":"ca"}),
+        ),
+    ]
+}
+
+fn as_input<'a>(v: &'a Value, data: &'a [u8]) -> Input<'a> {
+    let uid = v["uid"].as_u64().map(|u| u as u32);
+    let subject = match v["binding"].as_str().unwrap() {
+        "path" => Subject::Path {
+            uid: uid.unwrap(),
+            path: data,
+        },
+        "csum" => Subject::Csum {
+            uid: uid.unwrap(),
+            digest: data.try_into().unwrap(),
+        },
+        "user" => Subject::User { uid: uid.unwrap() },
+        "machine" => Subject::Machine,
+        b => panic!("binding {b}"),
+    };
+    Input {
+        purpose: match v["purpose"].as_str().unwrap() {
+            "symmetric" => Purpose::Symmetric(v["length"].as_u64().unwrap() as u16),
+            _ => Purpose::P256,
+        },
+        name: v["name"].as_str().unwrap(),
+        subject,
+        account: v["account"].as_str(),
+        client: v["client"].as_str(),
+        epoch: v["epoch"].as_u64().unwrap_or(0) as u32,
+    }
+}
+
+/// Everything the derivation produces for one case.
+fn compute(case: &str, data: &[u8], input: &Value) -> Value {
+    let i = as_input(input, data);
+    let msg = i.message();
+    let prk = soft_prk(&msg);
+    let mut out = json!({
+        "case": case,
+        "input": input,
+        "data": hex::encode(data),
+        "encoding": hex::encode(i.encode()),
+        "message": hex::encode(msg),
+        "prk": hex::encode(prk.as_bytes()),
+    });
+    match i.purpose {
+        Purpose::Symmetric(n) => {
+            out["key"] = json!(hex::encode(
+                derive::symmetric_key(&prk, n.into()).unwrap().as_ref()
+            ));
+        }
+        Purpose::P256 => {
+            let k = P256Key::from_prk(&prk).unwrap();
+            let digest: [u8; 32] = Sha256::digest(case.as_bytes()).into();
+            out["scalar"] = json!(hex::encode(k.secret_scalar().unwrap().as_ref()));
+            out["spki"] = json!(hex::encode(k.spki_der().unwrap()));
+            out["sign_digest"] = json!(hex::encode(digest));
+            out["signature"] = json!(hex::encode(k.sign_digest(&digest).unwrap()));
+        }
+    }
+    out
+}
+
+#[test]
+fn vectors_are_reproduced_byte_for_byte() {
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    assert_eq!(file["prf_key"], json!(hex::encode(PRF_KEY)));
+    let vectors = file["vectors"].as_array().unwrap();
+    let cases = cases();
+    assert_eq!(vectors.len(), cases.len(), "every case has a frozen vector");
+    for (v, (case, data, input)) in vectors.iter().zip(&cases) {
+        assert_eq!(v["case"], json!(case));
+        let got = compute(case, data, input);
+        for field in [
+            "encoding",
+            "message",
+            "prk",
+            "key",
+            "scalar",
+            "spki",
+            "sign_digest",
+            "signature",
+        ] {
+            assert_eq!(
+                got[field], v[field],
+                "case {case:?}, field {field}: derivation v1 changed"
+            );
+        }
+    }
+}
+
+#[test]
+fn signatures_in_vectors_verify() {
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    for v in file["vectors"].as_array().unwrap() {
+        if let Some(sig) = v["signature"].as_str() {
+            let spki = hex::decode(v["spki"].as_str().unwrap()).unwrap();
+            let d: [u8; 32] = hex::decode(v["sign_digest"].as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+            assert!(derive::verify_digest(&spki, &d, &hex::decode(sig).unwrap()));
+        }
+    }
+}
+
+/// An independent implementation of DERIVATION.md (Python standard library
+/// only) recomputes every vector from its inputs.
+#[test]
+fn independent_implementation_agrees() {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/independent/derive_v1.py"
+    );
+    let vectors = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/vectors/derivation-v1.json"
+    );
+    let out = std::process::Command::new("python3")
+        .args([script, vectors])
+        .output()
+        .expect("python3 is needed for the independent cross-check (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = cases().len();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{n} vectors agree")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Prints the vectors file. Run once when a case is added:
+/// `cargo test --test kat print_vectors -- --ignored --nocapture`.
+/// Existing vectors must come out unchanged.
+#[test]
+#[ignore]
+fn print_vectors() {
+    let vectors: Vec<Value> = cases().iter().map(|(c, d, i)| compute(c, d, i)).collect();
+    let file = json!({
+        "derivation": "derived-keys v1",
+        "note": "PRK = HMAC-SHA256(prf_key, message) stands in for the TPM's HMAC primary",
+        "prf_key": hex::encode(PRF_KEY),
+        "vectors": vectors,
+    });
+    println!("{}", serde_json::to_string_pretty(&file).unwrap());
+}

@@ -1,0 +1,272 @@
+//! Derivation v1 against a real TPM 2.0 (swtpm), cross-checked with tpm2-tools.
+mod common;
+
+use common::{scratch_dir, Swtpm};
+use derived_keys::derive::{self, Input, P256Key, Purpose, Subject, PRIMARY_UNIQUE};
+use derived_keys::tpm::{Tcti, Tpm, TpmError};
+
+fn input() -> Input<'static> {
+    Input {
+        purpose: Purpose::Symmetric(32),
+        name: "db",
+        subject: Subject::Path {
+            uid: 1000,
+            path: b"/usr/bin/app",
+        },
+        account: Some("alice"),
+        client: Some("web"),
+        epoch: 0,
+    }
+}
+
+fn open(tpm: &Swtpm) -> Tpm {
+    Tpm::open(&Tcti::parse(&tpm.tcti()).unwrap()).unwrap()
+}
+
+fn sym_key(tpm: &mut Tpm, i: &Input<'_>) -> Vec<u8> {
+    let prk = tpm.prk(None, &i.message()).unwrap();
+    let Purpose::Symmetric(n) = i.purpose else {
+        return P256Key::from_prk(&prk).unwrap().spki_der().unwrap();
+    };
+    derive::symmetric_key(&prk, n.into())
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+#[test]
+fn prf_output_matches_tpm2_tools_following_derivation_md() {
+    let swtpm = Swtpm::start();
+    let dir = scratch_dir();
+    let msg = input().message();
+    let ours = open(&swtpm).prk(None, &msg).unwrap().as_bytes().to_vec();
+
+    // DERIVATION.md, "The TPM step", with tpm2-tools: -u takes a TPM2B
+    // whose size field is little-endian.
+    let mut unique = (PRIMARY_UNIQUE.len() as u16).to_le_bytes().to_vec();
+    unique.extend_from_slice(PRIMARY_UNIQUE);
+    let u = common::write(&dir.path().join("unique.bin"), &unique);
+    let m = common::write(&dir.path().join("msg.bin"), &msg);
+    let ctx = dir.path().join("primary.ctx");
+    let out = dir.path().join("prk.bin");
+    swtpm.tool(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-G",
+        "hmac",
+        "-g",
+        "sha256",
+        "-a",
+        "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|sign",
+        "-u",
+        u.to_str().unwrap(),
+        "-c",
+        ctx.to_str().unwrap(),
+    ]);
+    swtpm.tool(&[
+        "tpm2_hmac",
+        "-c",
+        ctx.to_str().unwrap(),
+        "-g",
+        "sha256",
+        "-o",
+        out.to_str().unwrap(),
+        m.to_str().unwrap(),
+    ]);
+    swtpm.tool(&["tpm2_flushcontext", "-t"]);
+    assert_eq!(hex::encode(std::fs::read(out).unwrap()), hex::encode(ours));
+}
+
+#[test]
+fn same_inputs_same_key_across_processes() {
+    let swtpm = Swtpm::start();
+    let here = sym_key(&mut open(&swtpm), &input());
+    // Re-run this test binary as a child that derives the same key.
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_derives_key",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DK_CHILD_TCTI", swtpm.tcti())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("KEY=").map(|(_, k)| k.trim()))
+        .unwrap_or_else(|| panic!("child printed no key: {stdout}"));
+    assert_eq!(line, hex::encode(&here));
+    // And a fresh connection in this process too.
+    assert_eq!(sym_key(&mut open(&swtpm), &input()), here);
+}
+
+#[test]
+fn child_derives_key() {
+    let Ok(tcti) = std::env::var("DK_CHILD_TCTI") else {
+        return; // only meaningful when spawned by the test above
+    };
+    let mut tpm = Tpm::open(&Tcti::parse(&tcti).unwrap()).unwrap();
+    println!("KEY={}", hex::encode(sym_key(&mut tpm, &input())));
+}
+
+#[test]
+fn every_input_changes_the_key_and_clear_changes_all() {
+    let swtpm = Swtpm::start();
+    let mut tpm = open(&swtpm);
+    let base = input();
+    let digest = [9u8; 32];
+    let variants = [
+        base,
+        Input {
+            purpose: Purpose::Symmetric(31),
+            ..base
+        },
+        Input {
+            purpose: Purpose::P256,
+            ..base
+        },
+        Input {
+            name: "db2",
+            ..base
+        },
+        Input {
+            subject: Subject::Path {
+                uid: 1001,
+                path: b"/usr/bin/app",
+            },
+            ..base
+        },
+        Input {
+            subject: Subject::Path {
+                uid: 1000,
+                path: b"/usr/bin/app2",
+            },
+            ..base
+        },
+        Input {
+            subject: Subject::Csum { uid: 1000, digest },
+            ..base
+        },
+        Input {
+            subject: Subject::User { uid: 1000 },
+            ..base
+        },
+        Input {
+            subject: Subject::Machine,
+            ..base
+        },
+        Input {
+            account: None,
+            ..base
+        },
+        Input {
+            account: Some("bob"),
+            ..base
+        },
+        Input {
+            client: None,
+            ..base
+        },
+        Input { epoch: 1, ..base },
+    ];
+    let keys: Vec<Vec<u8>> = variants.iter().map(|i| sym_key(&mut tpm, i)).collect();
+    for (i, a) in keys.iter().enumerate() {
+        for (j, b) in keys.iter().enumerate().skip(i + 1) {
+            assert_ne!(a, b, "variants {i} and {j} gave the same key");
+        }
+    }
+    assert_eq!(keys[0].len(), 32);
+    assert_eq!(keys[1].len(), 31);
+    drop(tpm);
+
+    swtpm.clear();
+    let after = sym_key(&mut open(&swtpm), &base);
+    assert_ne!(after, keys[0], "TPM2_Clear must change every key");
+}
+
+#[test]
+fn hundred_derivations_leave_no_object_loaded() {
+    let swtpm = Swtpm::start();
+    let mut tpm = open(&swtpm);
+    let first = sym_key(&mut tpm, &input());
+    for i in 0..100u32 {
+        let k = sym_key(
+            &mut tpm,
+            &Input {
+                epoch: i % 2,
+                ..input()
+            },
+        );
+        if i % 2 == 0 {
+            assert_eq!(k, first);
+        }
+    }
+    assert_eq!(tpm.transient_count().unwrap(), 0);
+    let caps = swtpm.tool(&["tpm2_getcap", "handles-transient"]);
+    assert!(
+        caps.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&caps.stdout)
+    );
+}
+
+#[test]
+fn full_object_memory_is_recovered_from() {
+    let swtpm = Swtpm::start();
+    let dir = scratch_dir();
+    let reference = sym_key(&mut open(&swtpm), &input());
+    // A crashed client's leftovers: fill all three slots of swtpm.
+    for i in 0..3 {
+        let ctx = dir.path().join(format!("o{i}.ctx"));
+        swtpm.tool(&[
+            "tpm2_createprimary",
+            "-C",
+            "o",
+            "-G",
+            "ecc",
+            "-c",
+            ctx.to_str().unwrap(),
+        ]);
+    }
+    let mut tpm = open(&swtpm);
+    assert_eq!(tpm.transient_count().unwrap(), 3);
+    assert_eq!(sym_key(&mut tpm, &input()), reference);
+    assert_eq!(tpm.transient_count().unwrap(), 0);
+}
+
+#[test]
+fn restart_keeps_keys_and_stopped_tpm_is_unreachable() {
+    let mut swtpm = Swtpm::start();
+    let before = sym_key(&mut open(&swtpm), &input());
+    swtpm.stop();
+    // The swtpm TCTI connects when opened; a device TCTI opens the node.
+    let err = Tpm::open(&Tcti::parse(&swtpm.tcti()).unwrap())
+        .and_then(|mut t| t.prk(None, &input().message()).map(|_| ()))
+        .unwrap_err();
+    assert!(matches!(err, TpmError::Unreachable { .. }), "{err:?}");
+    swtpm.restart();
+    assert_eq!(sym_key(&mut open(&swtpm), &input()), before);
+}
+
+#[test]
+fn owner_password_is_used_and_a_wrong_one_is_typed() {
+    let swtpm = Swtpm::start();
+    let plain = sym_key(&mut open(&swtpm), &input());
+    swtpm.tool(&["tpm2_changeauth", "-c", "o", "s3cret"]);
+    let pw = derived_keys::secret::SecretBuf::copy_from(b"s3cret").unwrap();
+    let mut tpm = open(&swtpm);
+    let with_pw = tpm.prk(Some(&pw), &input().message()).unwrap();
+    let key = derive::symmetric_key(&with_pw, 32).unwrap();
+    assert_eq!(
+        key.as_ref(),
+        plain.as_slice(),
+        "the password authorizes; it is not an input"
+    );
+    let wrong = derived_keys::secret::SecretBuf::copy_from(b"wrong").unwrap();
+    let err = tpm.prk(Some(&wrong), &input().message()).err().unwrap();
+    assert!(matches!(err, TpmError::OwnerAuth { .. }), "{err:?}");
+    assert_eq!(tpm.transient_count().unwrap(), 0);
+}

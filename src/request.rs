@@ -681,7 +681,8 @@ mod tests {
     #[test]
     fn callouts_are_strict() {
         use RequestError::*;
-        let cases: &[(&str, fn(&RequestError) -> bool)] = &[
+        type Check = fn(&RequestError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, BadCallout)),
             ("32", |e| matches!(e, BadCallout)),
             ("32  path", |e| matches!(e, BadCallout)),

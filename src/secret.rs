@@ -82,6 +82,11 @@ impl Drop for SecretBuf {
     }
 }
 
+/// Whether memfd_secret(2) works on this kernel.
+pub fn memfd_secret_available() -> bool {
+    crate::sys::memfd_secret_available()
+}
+
 /// Which protection a new secret buffer would get on this machine.
 pub fn probe_backing() -> Option<Backing> {
     SecretBuf::new(1).ok().map(|b| b.backing())

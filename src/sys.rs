@@ -156,10 +156,6 @@ impl Region {
         self.backing
     }
 
-    pub fn capacity(&self) -> usize {
-        self.map_len
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the mapping is `map_len` readable bytes, zero-initialised
         // by the kernel, alive as long as `self`.
@@ -241,11 +237,59 @@ pub fn request_key(
 
 /// The syscall number of request_key(2) on this architecture, as it appears
 /// in the first field of /proc/<tid>/syscall.
-pub const SYS_REQUEST_KEY: i64 = libc::SYS_request_key as i64;
+pub const SYS_REQUEST_KEY: i64 = libc::SYS_request_key;
 
-/// The real uid of this process.
-pub fn getuid() -> u32 {
-    nix::unistd::getuid().as_raw()
+/// KEYCTL_GET_KEYRING_ID without creating: resolves a special id such as
+/// KEY_SPEC_REQKEY_AUTH_KEY (-7) to a serial.
+pub fn keyctl_resolve(special: i32) -> io::Result<i32> {
+    // SAFETY: integer arguments only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_GET_KEYRING_ID as libc::c_long,
+            special as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// KEYCTL_DESCRIBE: `type;uid;gid;perm;description`, without the NUL. Sized
+/// by asking the kernel, and the returned length is checked, not trusted.
+pub fn keyctl_describe(key: i32) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    for _ in 0..4 {
+        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_keyctl,
+                libc::KEYCTL_DESCRIBE as libc::c_long,
+                key as libc::c_long,
+                buf.as_mut_ptr(),
+                buf.len() as libc::c_long,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let needed = r as usize;
+        if needed <= buf.len() {
+            buf.truncate(needed);
+            if buf.last() == Some(&0) {
+                buf.pop();
+            }
+            return Ok(buf);
+        }
+        // Descriptions are at most 4095 bytes; anything larger is refused.
+        if needed > 8192 {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        buf = vec![0u8; needed];
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
 #[cfg(test)]
@@ -256,7 +300,7 @@ mod tests {
     fn region_is_zeroed_and_writable() {
         for allow in [true, false] {
             let mut r = Region::new(100, allow).unwrap();
-            assert!(r.capacity() >= 100);
+            assert!(r.as_slice().len() >= 100);
             assert!(r.as_slice().iter().all(|&b| b == 0));
             r.as_mut_slice()[..4].copy_from_slice(b"abcd");
             assert_eq!(&r.as_slice()[..4], b"abcd");

@@ -2,6 +2,7 @@
 //! fixed PRF key in place of the TPM's (PRK = HMAC-SHA256(prf_key, m)), so
 //! the vectors need no TPM. If any derived byte changes, these tests fail:
 //! that is the point. v1 never changes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 use derived_keys::derive::{self, Input, P256Key, Prk, Purpose, Subject};
 use derived_keys::secret::SecretBuf;
 use hmac::{Mac, SimpleHmac};

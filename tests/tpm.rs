@@ -1,4 +1,5 @@
 //! Derivation v1 against a real TPM 2.0 (swtpm), cross-checked with tpm2-tools.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
 use common::{scratch_dir, Swtpm};

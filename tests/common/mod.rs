@@ -155,3 +155,182 @@ pub fn write(path: &Path, bytes: &[u8]) -> PathBuf {
     std::fs::write(path, bytes).unwrap();
     path.to_path_buf()
 }
+
+/// The errno whose strerror text is `msg` (keyctl prints `request_key: <msg>`).
+pub fn errno_from_message(msg: &str) -> Option<i32> {
+    (1..200).find(|&e| {
+        let s = std::io::Error::from_raw_os_error(e).to_string();
+        let text = s.split(" (os error").next().unwrap_or_default();
+        msg.trim_end().ends_with(text)
+    })
+}
+
+/// One installed request-key rule for a private description prefix, a
+/// private swtpm and a private configuration; all removed on drop.
+pub struct KernelEnv {
+    pub swtpm: Swtpm,
+    pub dir: tempfile::TempDir,
+    pub prefix: String,
+    pub conf: PathBuf,
+    rule: PathBuf,
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// What a request through the kernel gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    Key {
+        serial: i32,
+        payload: Vec<u8>,
+    },
+    /// A key that exists but whose payload cannot be read (logon).
+    Unreadable {
+        serial: i32,
+        read_errno: i32,
+    },
+    Err(i32),
+}
+
+impl Got {
+    pub fn payload(&self) -> Vec<u8> {
+        match self {
+            Got::Key { payload, .. } => payload.clone(),
+            other => panic!("expected a key, got {other:?}"),
+        }
+    }
+    pub fn errno(&self) -> i32 {
+        match self {
+            Got::Err(e) => *e,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
+
+impl KernelEnv {
+    /// `conf_extra` is appended to the configuration (after `[tpm]` keys).
+    pub fn new(conf_extra: &str) -> KernelEnv {
+        let swtpm = Swtpm::start();
+        let tcti = swtpm.tcti();
+        KernelEnv::with_tcti(swtpm, &tcti, conf_extra)
+    }
+
+    pub fn with_tcti(swtpm: Swtpm, tcti: &str, conf_extra: &str) -> KernelEnv {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("dkt{}x{n}", std::process::id());
+        let dir = scratch_dir();
+        let conf = dir.path().join("derived-keys.conf");
+        let env = KernelEnv {
+            swtpm,
+            prefix: prefix.clone(),
+            conf: conf.clone(),
+            rule: PathBuf::from(format!("/etc/request-key.d/{prefix}.conf")),
+            dir,
+        };
+        env.write_conf(&format!(
+            "[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 3000\n{conf_extra}\n"
+        ));
+        let helper = env!("CARGO_BIN_EXE_derived-key-helper");
+        let line = |ty: &str| {
+            format!(
+                "create {ty} {prefix}:* * {helper} --config {} --prefix {prefix} %k %u %g\n",
+                conf.display()
+            )
+        };
+        std::fs::write(&env.rule, line("user") + &line("logon")).unwrap();
+        env
+    }
+
+    pub fn write_conf(&self, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&self.conf, text).unwrap();
+        std::fs::set_permissions(&self.conf, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Let non-root test users reach nothing here but what they need.
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+
+    /// `<prefix>:<rest>`.
+    pub fn desc(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.prefix)
+    }
+
+    /// Requests through the kernel with keyctl, in a new session keyring,
+    /// optionally wrapped (setpriv, unshare, a copied keyctl...).
+    pub fn request_with(
+        &self,
+        wrapper: &[&str],
+        keyctl: &str,
+        ty: &str,
+        rest: &str,
+        callout: &str,
+    ) -> Got {
+        let script = r#"
+            id=$("$KEYCTL" request2 "$1" "$2" "$3" @s) || exit 3
+            echo "serial=$id"
+            f=$(mktemp); e=$(mktemp)
+            if "$KEYCTL" pipe "$id" >"$f" 2>"$e"; then
+                echo "payload=$(od -An -v -tx1 <"$f" | tr -d ' \n')"
+            else
+                echo "readerr=$(cat "$e")"
+            fi
+            rm -f "$f" "$e"
+        "#;
+        let mut cmd: Vec<&str> = wrapper.to_vec();
+        cmd.extend_from_slice(&[keyctl, "session", "-", "bash", "-c", script, "sh", ty]);
+        let d = self.desc(rest);
+        cmd.push(&d);
+        cmd.push(callout);
+        let out = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .env("KEYCTL", keyctl)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        let field = |k: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_owned))
+        };
+        let Some(serial) = field("serial").and_then(|s| s.trim().parse().ok()) else {
+            let line = stderr
+                .lines()
+                .find(|l| l.starts_with("request_key:"))
+                .unwrap_or_else(|| panic!("no result: {stdout} {stderr}"));
+            return Got::Err(errno_from_message(line).unwrap_or_else(|| panic!("{line}")));
+        };
+        match field("readerr") {
+            Some(e) => Got::Unreadable {
+                serial,
+                read_errno: errno_from_message(&e).unwrap_or(-1),
+            },
+            None => Got::Key {
+                serial,
+                payload: hex::decode(field("payload").unwrap_or_default()).unwrap(),
+            },
+        }
+    }
+
+    pub fn request(&self, ty: &str, rest: &str, callout: &str) -> Got {
+        self.request_with(&[], "keyctl", ty, rest, callout)
+    }
+
+    /// The same request as another uid (and gid), with no supplementary groups.
+    pub fn request_as(&self, uid: u32, ty: &str, rest: &str, callout: &str) -> Got {
+        let u = format!("--reuid={uid}");
+        let g = format!("--regid={uid}");
+        self.request_with(
+            &["setpriv", &u, &g, "--clear-groups"],
+            "keyctl",
+            ty,
+            rest,
+            callout,
+        )
+    }
+}
+
+impl Drop for KernelEnv {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.rule);
+    }
+}

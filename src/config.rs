@@ -1,0 +1,468 @@
+//! The TOML configuration, parsed into types once. Unknown keys and bad
+//! values are errors that name the key.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::request::Binding;
+use crate::secret::{SecretAllocError, SecretBuf};
+use crate::tpm::{Tcti, TpmError};
+
+/// Where the configuration lives unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/derived-keys/derived-keys.conf";
+
+/// The configuration boundary's errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "configuration {path} is writable by others than root (owner uid {uid}, mode {mode:o})"
+    )]
+    Insecure { path: PathBuf, uid: u32, mode: u32 },
+    #[error("configuration {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("configuration {path}: {key}: {reason}")]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+    #[error("owner authorization file {path}")]
+    OwnerAuthRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("owner authorization file {path} must be owned by root and unreadable by others (owner uid {uid}, mode {mode:o})")]
+    OwnerAuthInsecure { path: PathBuf, uid: u32, mode: u32 },
+    #[error("owner authorization file {path} holds {len} bytes; at most 64 are allowed")]
+    OwnerAuthTooLong { path: PathBuf, len: usize },
+    #[error(transparent)]
+    Memory(#[from] SecretAllocError),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    tpm: RawTpm,
+    #[serde(default)]
+    bindings: RawBindings,
+    #[serde(default)]
+    results: RawResults,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTpm {
+    #[serde(default = "default_tcti")]
+    tcti: String,
+    owner_auth_file: Option<PathBuf>,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+}
+
+impl Default for RawTpm {
+    fn default() -> Self {
+        RawTpm {
+            tcti: default_tcti(),
+            owner_auth_file: None,
+            timeout_ms: default_timeout_ms(),
+        }
+    }
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBindings {
+    #[serde(default = "yes")]
+    path: bool,
+    #[serde(default = "yes")]
+    csum: bool,
+    #[serde(default = "yes")]
+    user: bool,
+    #[serde(default = "yes")]
+    machine: bool,
+    #[serde(default = "root_only")]
+    machine_uids: Vec<u32>,
+    #[serde(default)]
+    machine_gids: Vec<u32>,
+    #[serde(default = "default_csum_source")]
+    csum_source: String,
+}
+
+impl Default for RawBindings {
+    fn default() -> Self {
+        RawBindings {
+            path: true,
+            csum: true,
+            user: true,
+            machine: true,
+            machine_uids: root_only(),
+            machine_gids: Vec::new(),
+            csum_source: default_csum_source(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn root_only() -> Vec<u32> {
+    vec![0]
+}
+fn default_csum_source() -> String {
+    "file".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResults {
+    #[serde(default = "one")]
+    negative_timeout_s: u32,
+    #[serde(default = "thirty")]
+    signature_timeout_s: u32,
+}
+
+impl Default for RawResults {
+    fn default() -> Self {
+        RawResults {
+            negative_timeout_s: 1,
+            signature_timeout_s: 30,
+        }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+fn thirty() -> u32 {
+    30
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    #[serde(default = "default_log_target")]
+    target: String,
+    #[serde(default = "default_log_socket")]
+    socket: PathBuf,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            target: default_log_target(),
+            socket: default_log_socket(),
+        }
+    }
+}
+
+fn default_log_target() -> String {
+    "syslog".into()
+}
+fn default_log_socket() -> PathBuf {
+    "/dev/log".into()
+}
+
+/// Where the executable digest for `csum` comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsumSource {
+    /// The handler hashes the file the process runs (via /proc/<tid>/exe).
+    File,
+    /// The kernel IMA's sha256 measurement of that file.
+    Ima,
+}
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// syslog (authpriv) on this socket; the kernel log if it is absent.
+    Syslog { socket: PathBuf },
+    /// Always the kernel log (/dev/kmsg).
+    Kmsg,
+    /// Standard error (for running by hand).
+    Stderr,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub tcti: Tcti,
+    pub owner_auth_file: Option<PathBuf>,
+    pub tpm_timeout: Duration,
+    enabled: [bool; 4],
+    pub machine_uids: Vec<u32>,
+    pub machine_gids: Vec<u32>,
+    pub csum_source: CsumSource,
+    pub negative_timeout_s: u32,
+    pub signature_timeout_s: u32,
+    pub log: LogTarget,
+}
+
+impl Config {
+    /// Reads and validates the file. It must not be writable by non-root
+    /// users: it decides which TPM and which policy the handler uses.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let read = |source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return Err(ConfigError::Insecure {
+                path: path.to_owned(),
+                uid: meta.uid(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let value = |key, reason: String| ConfigError::Value {
+            path: path.to_owned(),
+            key,
+            reason,
+        };
+        let tcti =
+            Tcti::parse(&raw.tpm.tcti).map_err(|e: TpmError| value("tpm.tcti", e.to_string()))?;
+        if !(100..=120_000).contains(&raw.tpm.timeout_ms) {
+            return Err(value("tpm.timeout_ms", "must be 100 to 120000".into()));
+        }
+        let csum_source = match raw.bindings.csum_source.as_str() {
+            "file" => CsumSource::File,
+            "ima" => CsumSource::Ima,
+            other => {
+                return Err(value(
+                    "bindings.csum_source",
+                    format!("{other:?} is neither \"file\" nor \"ima\""),
+                ))
+            }
+        };
+        if !(1..=3600).contains(&raw.results.negative_timeout_s) {
+            return Err(value(
+                "results.negative_timeout_s",
+                "must be 1 to 3600".into(),
+            ));
+        }
+        if !(1..=86_400).contains(&raw.results.signature_timeout_s) {
+            return Err(value(
+                "results.signature_timeout_s",
+                "must be 1 to 86400".into(),
+            ));
+        }
+        let log = match raw.log.target.as_str() {
+            "syslog" => LogTarget::Syslog {
+                socket: raw.log.socket,
+            },
+            "kmsg" => LogTarget::Kmsg,
+            "stderr" => LogTarget::Stderr,
+            other => {
+                return Err(value(
+                    "log.target",
+                    format!("{other:?} is not syslog, kmsg or stderr"),
+                ))
+            }
+        };
+        if let Some(p) = &raw.tpm.owner_auth_file {
+            if !p.is_absolute() {
+                return Err(value(
+                    "tpm.owner_auth_file",
+                    "must be an absolute path".into(),
+                ));
+            }
+        }
+        let b = &raw.bindings;
+        Ok(Config {
+            path: path.to_owned(),
+            tcti,
+            owner_auth_file: raw.tpm.owner_auth_file,
+            tpm_timeout: Duration::from_millis(raw.tpm.timeout_ms),
+            enabled: [b.path, b.csum, b.user, b.machine],
+            machine_uids: raw.bindings.machine_uids,
+            machine_gids: raw.bindings.machine_gids,
+            csum_source,
+            negative_timeout_s: raw.results.negative_timeout_s,
+            signature_timeout_s: raw.results.signature_timeout_s,
+            log,
+        })
+    }
+
+    /// Whether the configuration enables this binding.
+    pub fn enabled(&self, binding: Binding) -> bool {
+        let i = match binding {
+            Binding::Path => 0,
+            Binding::Csum => 1,
+            Binding::User => 2,
+            Binding::Machine => 3,
+        };
+        self.enabled[i]
+    }
+
+    /// Reads the owner-hierarchy password, if one is configured. The file
+    /// must be root's and unreadable by anyone else; one trailing newline
+    /// is ignored, as tpm2-tools' `file:` passwords are usually written.
+    pub fn owner_auth(&self) -> Result<Option<SecretBuf>, ConfigError> {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let Some(path) = &self.owner_auth_file else {
+            return Ok(None);
+        };
+        let err = |source| ConfigError::OwnerAuthRead {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(path).map_err(err)?;
+        let meta = f.metadata().map_err(err)?;
+        if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+            return Err(ConfigError::OwnerAuthInsecure {
+                path: path.clone(),
+                uid: meta.uid(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        let mut buf = SecretBuf::new(66)?;
+        let mut len = 0;
+        loop {
+            let n = f.read(&mut buf.as_mut()[len..]).map_err(err)?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+            if len == 66 {
+                return Err(ConfigError::OwnerAuthTooLong {
+                    path: path.clone(),
+                    len,
+                });
+            }
+        }
+        if buf.as_ref()[..len].ends_with(b"\n") {
+            len -= 1;
+        }
+        if len > 64 {
+            return Err(ConfigError::OwnerAuthTooLong {
+                path: path.clone(),
+                len,
+            });
+        }
+        Ok(Some(SecretBuf::copy_from(&buf.as_ref()[..len])?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/test.conf"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.tcti.as_str(), "device:/dev/tpmrm0");
+        assert_eq!(c.tpm_timeout, Duration::from_secs(5));
+        assert!(Binding::ALL.iter().all(|b| c.enabled(*b)));
+        assert_eq!(c.machine_uids, vec![0]);
+        assert!(c.machine_gids.is_empty());
+        assert_eq!(c.csum_source, CsumSource::File);
+        assert_eq!((c.negative_timeout_s, c.signature_timeout_s), (1, 30));
+        assert_eq!(
+            c.log,
+            LogTarget::Syslog {
+                socket: "/dev/log".into()
+            }
+        );
+    }
+
+    #[test]
+    fn shipped_default_configuration_parses() {
+        let text = include_str!("../conf/derived-keys.conf");
+        let c = parse(text).unwrap();
+        assert_eq!(c.tcti.as_str(), "device:/dev/tpmrm0");
+        assert_eq!(c.machine_uids, vec![0]);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse("[tpm]\ntcit = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("tcit"), "{e}");
+        let e = parse("[tmp]\n").unwrap_err().to_string();
+        assert!(e.contains("tmp"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("[tpm]\ntcti = \"floppy\"\n", "tpm.tcti"),
+            ("[tpm]\ntimeout_ms = 0\n", "tpm.timeout_ms"),
+            (
+                "[tpm]\nowner_auth_file = \"rel/path\"\n",
+                "tpm.owner_auth_file",
+            ),
+            (
+                "[bindings]\ncsum_source = \"md5\"\n",
+                "bindings.csum_source",
+            ),
+            (
+                "[results]\nnegative_timeout_s = 0\n",
+                "results.negative_timeout_s",
+            ),
+            (
+                "[results]\nsignature_timeout_s = 0\n",
+                "results.signature_timeout_s",
+            ),
+            ("[log]\ntarget = \"file\"\n", "log.target"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = parse("[bindings]\npath = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("path"), "{e}");
+        let e = parse("[bindings]\nmachine_uids = [-1]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("machine_uids"), "{e}");
+    }
+
+    #[test]
+    fn bindings_can_be_disabled() {
+        let c = parse("[bindings]\npath = false\nmachine_uids = [0, 1000]\nmachine_gids = [10]\n")
+            .unwrap();
+        assert!(!c.enabled(Binding::Path));
+        assert!(c.enabled(Binding::Csum));
+        assert_eq!(c.machine_uids, vec![0, 1000]);
+        assert_eq!(c.machine_gids, vec![10]);
+    }
+}

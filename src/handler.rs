@@ -1,0 +1,302 @@
+//! The request-key handler: parse, identify, decide, derive, answer.
+//!
+//! The requester sleeps uninterruptibly until this process exits, so the
+//! handler bounds its own run time: a watchdog thread answers ETIMEDOUT and
+//! exits at the deadline, whatever the TPM is doing. Exactly one of the
+//! two answers the kernel; every path ends in instantiate or reject.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::audit::{self, Record};
+use crate::config::{Config, CsumSource, LogTarget};
+use crate::derive::{self, Input, P256Key, Purpose, Subject};
+use crate::error::{errno_name, HandlerError};
+use crate::keyring;
+use crate::policy::{self, Facts};
+use crate::request::{Binding, Callout, Description, KeyType, Request, Want};
+use crate::requester::{self, Requester};
+use crate::secret::SecretBuf;
+use crate::tpm::{Tcti, Tpm};
+
+/// Where the TPM lock files live (tmpfs: nothing persists).
+pub const LOCK_DIR: &str = "/run/derived-keys";
+/// Bound and negative timeout used until the configuration is read.
+const DEFAULT_BOUND: Duration = Duration::from_secs(5);
+const DEFAULT_NEGATIVE_S: u32 = 1;
+
+/// What the kernel (via /sbin/request-key) tells the handler.
+#[derive(Debug, Clone)]
+pub struct Args {
+    /// The key under construction (`%k`).
+    pub key: i32,
+    /// The requester's fsuid and fsgid (`%u`, `%g`).
+    pub uid: u32,
+    pub gid: u32,
+    pub config: PathBuf,
+    /// The description prefix this rule serves (`derived` in production).
+    pub prefix: String,
+    /// procfs mount point; tests never change it, but keeping it a
+    /// parameter keeps the /proc parsing testable.
+    pub proc_root: PathBuf,
+}
+
+/// State shared with the watchdog.
+struct Shared {
+    answered: bool,
+    deadline: Instant,
+    negative_s: u32,
+    log: LogTarget,
+    record: Record,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    // A poisoned lock only means another thread panicked while holding
+    // it; the data (flags and a log record) stays usable.
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes this process non-dumpable: no core files, no ptrace or
+/// /proc/<pid>/mem by non-root, no key material on disk after a crash.
+pub fn harden() {
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+}
+
+fn watchdog(key: i32, shared: Arc<Mutex<Shared>>) {
+    loop {
+        let deadline = lock(&shared).deadline;
+        let now = Instant::now();
+        if now < deadline {
+            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+            continue;
+        }
+        let mut s = lock(&shared);
+        if s.deadline > Instant::now() {
+            continue; // moved while we slept
+        }
+        if !s.answered {
+            s.answered = true;
+            let _ = keyring::reject(key, s.negative_s, libc::ETIMEDOUT);
+            s.record.outcome = Some("ETIMEDOUT");
+            s.record.reason = Some("the request did not finish within the configured bound".into());
+            audit::emit(&s.log, &s.record);
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Runs one request to its end; returns the process exit status.
+pub fn run(args: &Args) -> u8 {
+    let start = Instant::now();
+    let shared = Arc::new(Mutex::new(Shared {
+        answered: false,
+        deadline: start + DEFAULT_BOUND,
+        negative_s: DEFAULT_NEGATIVE_S,
+        log: LogTarget::Syslog {
+            socket: "/dev/log".into(),
+        },
+        record: Record {
+            uid: Some(args.uid),
+            ..Record::default()
+        },
+    }));
+    {
+        let shared = Arc::clone(&shared);
+        let key = args.key;
+        std::thread::spawn(move || watchdog(key, shared));
+    }
+    let result = serve(args, start, &shared);
+    let mut s = lock(&shared);
+    if s.answered {
+        return 1; // the watchdog answered already
+    }
+    s.answered = true;
+    let (status, errno) = match result {
+        Ok(()) => {
+            s.record.outcome = Some("granted");
+            (0, None)
+        }
+        Err(e) => {
+            let errno = e.errno();
+            s.record.outcome = Some(errno_name(errno));
+            s.record.reason = Some(e.to_string());
+            (1, Some(errno))
+        }
+    };
+    if let Some(errno) = errno {
+        if let Err(e) = keyring::reject(args.key, s.negative_s, errno) {
+            s.record.reason = Some(format!(
+                "{}; and rejecting the key failed: {e}",
+                s.record.reason.take().unwrap_or_default()
+            ));
+        }
+    }
+    audit::emit(&s.log, &s.record);
+    status
+}
+
+/// Everything between start-up and the answer. On success the key has
+/// been instantiated (under the shared lock, so the watchdog cannot also
+/// answer).
+fn serve(args: &Args, start: Instant, shared: &Mutex<Shared>) -> Result<(), HandlerError> {
+    let target = keyring::describe(args.key)?;
+    let config = Config::load(&args.config)?;
+    {
+        let mut s = lock(shared);
+        s.deadline = start + config.tpm_timeout;
+        s.negative_s = config.negative_timeout_s;
+        s.log = config.log.clone();
+    }
+
+    // 1. The typed request.
+    let key_type = KeyType::parse(&target.key_type)?;
+    let description = Description::parse(&target.description, &args.prefix);
+    let callout = keyring::read_callout()?;
+    let req = Request::from_parts(key_type, description?, Callout::parse(&callout)?)?;
+    {
+        let mut s = lock(shared);
+        s.record.name = Some(req.name.as_str().to_owned());
+        s.record.operation = Some(req.operation_label());
+        s.record.binding = Some(req.binding.as_str());
+        s.record.key_type = Some(req.key_type.as_str());
+    }
+
+    // 2. The requester.
+    if target.uid != args.uid {
+        return Err(HandlerError::Requester(
+            requester::RequesterError::WrongTarget {
+                auth: 0,
+                found: target.uid as i32,
+                expected: args.uid as i32,
+            },
+        ));
+    }
+    let auth = keyring::auth_key_serial()?;
+    let who: Requester = requester::identify(&args.proc_root, auth, args.key)?;
+    {
+        let mut s = lock(shared);
+        s.record.pid = Some(who.tid);
+        s.record.exe = Some(who.exe.display().to_string());
+    }
+
+    // 3. Policy, then what the binding mixes in.
+    let facts = Facts {
+        uid: args.uid,
+        gid: args.gid,
+        groups: &who.groups,
+        same_mount_ns: who.same_mount_ns,
+        exe_at_path: who.exe_at_path,
+    };
+    policy::check(&config, &req, &facts)?;
+    let digest = match (req.binding, config.csum_source) {
+        (Binding::Csum, CsumSource::File) => requester::exe_digest(&args.proc_root, who.tid)?,
+        (Binding::Csum, CsumSource::Ima) => {
+            requester::ima_digest(Path::new(requester::IMA_MEASUREMENTS), &who.exe)?
+        }
+        _ => [0; 32],
+    };
+    let subject = match req.binding {
+        Binding::Path => Subject::Path {
+            uid: args.uid,
+            path: requester::path_bytes(&who.exe),
+        },
+        Binding::Csum => Subject::Csum {
+            uid: args.uid,
+            digest,
+        },
+        Binding::User => Subject::User { uid: args.uid },
+        Binding::Machine => Subject::Machine,
+    };
+    let input = Input {
+        purpose: match req.want {
+            Want::Symmetric { len } => Purpose::Symmetric(len),
+            Want::PublicKey | Want::Sign(_) => Purpose::P256,
+        },
+        name: req.name.as_str(),
+        subject,
+        account: req.options.account.as_ref().map(|m| m.as_str()),
+        client: req.options.client.as_ref().map(|m| m.as_str()),
+        epoch: req.options.epoch,
+    };
+
+    // 4. The TPM, one client at a time.
+    let owner_auth = config.owner_auth()?;
+    let prk = {
+        let _guard = tpm_lock(&config.tcti)?;
+        let mut tpm = Tpm::open(&config.tcti)?;
+        tpm.prk(owner_auth.as_ref(), &input.message())?
+    };
+    drop(owner_auth);
+
+    // 5. The result, then the answer.
+    let payload: Payload = match req.want {
+        Want::Symmetric { len } => Payload::Secret(derive::symmetric_key(&prk, len.into())?),
+        Want::PublicKey => Payload::Public(P256Key::from_prk(&prk)?.spki_der()?),
+        Want::Sign(d) => Payload::Public(P256Key::from_prk(&prk)?.sign_digest(&d.0)?),
+    };
+    drop(prk);
+    let mut s = lock(shared);
+    if s.answered {
+        return Ok(()); // too late: the watchdog has answered
+    }
+    if matches!(req.want, Want::Sign(_)) {
+        keyring::set_timeout(args.key, config.signature_timeout_s)?;
+    }
+    keyring::instantiate(args.key, payload.bytes())?;
+    s.answered = true;
+    s.record.outcome = Some("granted");
+    audit::emit(&s.log, &s.record);
+    Ok(())
+}
+
+/// A result: secret bytes stay in secret memory until the kernel has them.
+enum Payload {
+    Secret(SecretBuf),
+    Public(Vec<u8>),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Secret(s) => s.as_ref(),
+            Payload::Public(p) => p,
+        }
+    }
+}
+
+/// An exclusive lock per TPM: swtpm takes one client at a time and has
+/// three object slots, so concurrent handlers must not interleave.
+fn tpm_lock(tcti: &Tcti) -> Result<nix::fcntl::Flock<std::fs::File>, HandlerError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = Path::new(LOCK_DIR);
+    let err = |path: &Path, source| HandlerError::Lock {
+        path: path.to_owned(),
+        source,
+    };
+    if !dir.is_dir() {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir)
+            .map_err(|e| err(dir, e))?;
+    }
+    // FNV-1a of the TCTI: one lock file per TPM.
+    let hash = tcti
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let path = dir.join(format!("tpm-{hash:016x}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| err(&path, e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, errno)| err(&path, std::io::Error::from(errno)))
+}

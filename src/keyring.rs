@@ -1,0 +1,258 @@
+//! The kernel keyring boundary: the only module that uses linux-keyutils
+//! or keyctl. The handler side reads its request through the authorization
+//! key and answers it; the client side asks with request_key(2).
+
+use std::ffi::CString;
+
+use linux_keyutils::{Key, KeyError, KeySerialId};
+
+use crate::secret::{SecretAllocError, SecretBuf};
+use crate::sys;
+
+/// KEY_SPEC_REQKEY_AUTH_KEY: the authorization key the handler inherits.
+const REQKEY_AUTH_KEY: i32 = -7;
+/// KEY_SPEC_PROCESS_KEYRING.
+pub const PROCESS_KEYRING: i32 = -2;
+/// Callout info is at most one page (the kernel copies it with strndup_user).
+const MAX_CALLOUT: usize = 4096;
+
+/// The keyring boundary's errors; `op` names the keyctl operation.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyringError {
+    #[error("keyctl {op} on key {key} failed")]
+    Keyctl {
+        op: &'static str,
+        key: i32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("keyctl {op} on key {key} failed: {source:?}")]
+    Keyutils {
+        op: &'static str,
+        key: i32,
+        source: KeyError,
+    },
+    #[error("the kernel returned {got} bytes for {what}, more than the {max} allowed")]
+    Length {
+        what: &'static str,
+        got: usize,
+        max: usize,
+    },
+    #[error("key {key} has a malformed description record")]
+    Describe { key: i32 },
+    #[error("request_key for {description:?} failed")]
+    Request {
+        description: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("description or callout contains a NUL byte")]
+    Nul,
+    #[error(transparent)]
+    Memory(#[from] SecretAllocError),
+}
+
+impl KeyringError {
+    /// The errno behind this error, if the kernel gave one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            KeyringError::Keyctl { source, .. } | KeyringError::Request { source, .. } => {
+                source.raw_os_error()
+            }
+            _ => None,
+        }
+    }
+}
+
+/// A key as KEYCTL_DESCRIBE reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_type: Vec<u8>,
+    pub uid: u32,
+    pub gid: u32,
+    pub perm: u32,
+    pub description: Vec<u8>,
+}
+
+impl KeyRecord {
+    /// Parses `type;uid;gid;perm;description` (the description may hold `;`).
+    pub fn parse(raw: &[u8]) -> Option<KeyRecord> {
+        let mut it = raw.splitn(5, |&b| b == b';');
+        let key_type = it.next()?.to_vec();
+        let num = |b: Option<&[u8]>| std::str::from_utf8(b?).ok()?.parse::<u32>().ok();
+        let uid = num(it.next())?;
+        let gid = num(it.next())?;
+        let perm = u32::from_str_radix(std::str::from_utf8(it.next()?).ok()?, 16).ok()?;
+        let description = it.next()?.to_vec();
+        Some(KeyRecord {
+            key_type,
+            uid,
+            gid,
+            perm,
+            description,
+        })
+    }
+}
+
+/// Describes any key the caller may view or holds authority over.
+pub fn describe(key: i32) -> Result<KeyRecord, KeyringError> {
+    let raw = sys::keyctl_describe(key).map_err(|source| KeyringError::Keyctl {
+        op: "describe",
+        key,
+        source,
+    })?;
+    KeyRecord::parse(&raw).ok_or(KeyringError::Describe { key })
+}
+
+/// The serial of the authorization key this handler was started with.
+pub fn auth_key_serial() -> Result<i32, KeyringError> {
+    sys::keyctl_resolve(REQKEY_AUTH_KEY).map_err(|source| KeyringError::Keyctl {
+        op: "get_keyring_id",
+        key: REQKEY_AUTH_KEY,
+        source,
+    })
+}
+
+/// The callout info, read through the authorization key.
+pub fn read_callout() -> Result<Vec<u8>, KeyringError> {
+    let key = Key::from_id(KeySerialId::new(REQKEY_AUTH_KEY));
+    let mut buf = vec![0u8; MAX_CALLOUT];
+    let got = key
+        .read(&mut buf)
+        .map_err(|source| KeyringError::Keyutils {
+            op: "read",
+            key: REQKEY_AUTH_KEY,
+            source,
+        })?;
+    if got > buf.len() {
+        return Err(KeyringError::Length {
+            what: "callout info",
+            got,
+            max: MAX_CALLOUT,
+        });
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Sets the expiry of the key under construction (needs the authority,
+/// so it must come before instantiation).
+pub fn set_timeout(key: i32, seconds: u32) -> Result<(), KeyringError> {
+    Key::from_id(KeySerialId::new(key))
+        .set_timeout(seconds as usize)
+        .map_err(|source| KeyringError::Keyutils {
+            op: "set_timeout",
+            key,
+            source,
+        })
+}
+
+/// Positively instantiates the key under construction with `payload`.
+pub fn instantiate(key: i32, payload: &[u8]) -> Result<(), KeyringError> {
+    Key::from_id(KeySerialId::new(key))
+        .instantiate(payload, KeySerialId::new(0))
+        .map_err(|source| KeyringError::Keyutils {
+            op: "instantiate",
+            key,
+            source,
+        })
+}
+
+/// Negatively instantiates the key: the requester gets `errno`, and the
+/// kernel caches that for `timeout_s` seconds.
+pub fn reject(key: i32, timeout_s: u32, errno: i32) -> Result<(), KeyringError> {
+    sys::keyctl_reject(key, timeout_s, errno).map_err(|source| KeyringError::Keyctl {
+        op: "reject",
+        key,
+        source,
+    })
+}
+
+/// request_key(2) into `dest` (a keyring serial or special id).
+pub fn request(
+    key_type: &str,
+    description: &str,
+    callout: Option<&str>,
+    dest: i32,
+) -> Result<i32, KeyringError> {
+    let t = CString::new(key_type).map_err(|_| KeyringError::Nul)?;
+    let d = CString::new(description).map_err(|_| KeyringError::Nul)?;
+    let c = callout
+        .map(CString::new)
+        .transpose()
+        .map_err(|_| KeyringError::Nul)?;
+    sys::request_key(&t, &d, c.as_deref(), dest).map_err(|source| KeyringError::Request {
+        description: description.to_owned(),
+        source,
+    })
+}
+
+/// Reads a key's payload into secret memory (user keys hold at most 32767 bytes).
+pub fn read_secret(key: i32) -> Result<SecretBuf, KeyringError> {
+    const MAX: usize = 32767;
+    let mut buf = SecretBuf::new(MAX)?;
+    let got = Key::from_id(KeySerialId::new(key))
+        .read(&mut buf.as_mut())
+        .map_err(|source| KeyringError::Keyutils {
+            op: "read",
+            key,
+            source,
+        })?;
+    if got > MAX {
+        return Err(KeyringError::Length {
+            what: "key payload",
+            got,
+            max: MAX,
+        });
+    }
+    Ok(SecretBuf::copy_from(&buf.as_ref()[..got])?)
+}
+
+/// Reads a public payload (public key, signature).
+pub fn read_public(key: i32) -> Result<Vec<u8>, KeyringError> {
+    const MAX: usize = 4096;
+    let mut buf = vec![0u8; MAX];
+    let got = Key::from_id(KeySerialId::new(key))
+        .read(&mut buf)
+        .map_err(|source| KeyringError::Keyutils {
+            op: "read",
+            key,
+            source,
+        })?;
+    if got > MAX {
+        return Err(KeyringError::Length {
+            what: "key payload",
+            got,
+            max: MAX,
+        });
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+/// Invalidates a key: gone from every keyring at once.
+pub fn invalidate(key: i32) -> Result<(), KeyringError> {
+    Key::from_id(KeySerialId::new(key))
+        .invalidate()
+        .map_err(|source| KeyringError::Keyutils {
+            op: "invalidate",
+            key,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_records_parse() {
+        let r = KeyRecord::parse(b"user;1000;1000;3f010000;derived:db;x").unwrap();
+        assert_eq!(r.key_type, b"user");
+        assert_eq!((r.uid, r.gid, r.perm), (1000, 1000, 0x3f01_0000));
+        assert_eq!(r.description, b"derived:db;x");
+        assert!(KeyRecord::parse(b"user;x;0;0;d").is_none());
+        assert!(KeyRecord::parse(b"user;0;0;zz;d").is_none());
+        assert!(KeyRecord::parse(b"user;0;0").is_none());
+    }
+}

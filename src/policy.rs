@@ -1,0 +1,139 @@
+//! Who may have which key: pure decisions over the parsed request, the
+//! requester's facts and the configuration. Every refusal means EACCES.
+
+use crate::config::Config;
+use crate::request::{Binding, Request};
+
+/// The facts policy looks at.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: &'a [u32],
+    pub same_mount_ns: bool,
+    pub exe_at_path: bool,
+}
+
+/// Why policy refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("binding {binding} is disabled by the configuration")]
+    BindingDisabled { binding: Binding },
+    #[error("uid {uid} may not ask for machine keys (not in machine_uids or machine_gids)")]
+    MachineNotAllowed { uid: u32 },
+    #[error("path binding refused: the requester is in another mount namespace")]
+    ForeignMountNamespace,
+    #[error("path binding refused: the requester's executable is no longer at its path (replaced or deleted)")]
+    ExeNotAtPath,
+}
+
+/// Allows or refuses `req` from a requester with `facts`.
+pub fn check(config: &Config, req: &Request, facts: &Facts<'_>) -> Result<(), PolicyError> {
+    if !config.enabled(req.binding) {
+        return Err(PolicyError::BindingDisabled {
+            binding: req.binding,
+        });
+    }
+    match req.binding {
+        Binding::Machine => {
+            let by_uid = config.machine_uids.contains(&facts.uid);
+            let by_gid = config
+                .machine_gids
+                .iter()
+                .any(|g| *g == facts.gid || facts.groups.contains(g));
+            if !(by_uid || by_gid) {
+                return Err(PolicyError::MachineNotAllowed { uid: facts.uid });
+            }
+        }
+        Binding::Path => {
+            if !facts.same_mount_ns {
+                return Err(PolicyError::ForeignMountNamespace);
+            }
+            if !facts.exe_at_path {
+                return Err(PolicyError::ExeNotAtPath);
+            }
+        }
+        Binding::Csum | Binding::User => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::DEFAULT_PREFIX;
+    use std::path::Path;
+
+    fn cfg(extra: &str) -> Config {
+        Config::parse(extra, Path::new("/t")).unwrap()
+    }
+
+    fn req(callout: &str) -> Request {
+        Request::parse(b"user", b"derived:x", callout.as_bytes(), DEFAULT_PREFIX).unwrap()
+    }
+
+    fn facts(uid: u32, gid: u32, groups: &[u32]) -> Facts<'_> {
+        Facts {
+            uid,
+            gid,
+            groups,
+            same_mount_ns: true,
+            exe_at_path: true,
+        }
+    }
+
+    #[test]
+    fn machine_is_root_only_by_default() {
+        let c = cfg("");
+        assert!(check(&c, &req("32 machine"), &facts(0, 0, &[])).is_ok());
+        assert_eq!(
+            check(&c, &req("32 machine"), &facts(1000, 1000, &[])),
+            Err(PolicyError::MachineNotAllowed { uid: 1000 })
+        );
+        assert!(check(&c, &req("32 user"), &facts(1000, 1000, &[])).is_ok());
+    }
+
+    #[test]
+    fn machine_by_listed_uid_or_group() {
+        let c = cfg("[bindings]\nmachine_uids = [7]\nmachine_gids = [50]\n");
+        assert!(check(&c, &req("32 machine"), &facts(7, 7, &[])).is_ok());
+        assert!(check(&c, &req("32 machine"), &facts(8, 50, &[])).is_ok());
+        assert!(check(&c, &req("32 machine"), &facts(8, 8, &[1, 50])).is_ok());
+        assert!(
+            check(&c, &req("32 machine"), &facts(0, 0, &[])).is_err(),
+            "root not listed"
+        );
+    }
+
+    #[test]
+    fn path_needs_our_mount_namespace_and_the_real_file() {
+        let c = cfg("");
+        let mut f = facts(0, 0, &[]);
+        f.same_mount_ns = false;
+        assert_eq!(
+            check(&c, &req("32 path"), &f),
+            Err(PolicyError::ForeignMountNamespace)
+        );
+        assert!(
+            check(&c, &req("32 csum"), &f).is_ok(),
+            "csum does not depend on paths"
+        );
+        let mut f = facts(0, 0, &[]);
+        f.exe_at_path = false;
+        assert_eq!(
+            check(&c, &req("32 path"), &f),
+            Err(PolicyError::ExeNotAtPath)
+        );
+    }
+
+    #[test]
+    fn disabled_bindings() {
+        let c = cfg("[bindings]\nuser = false\n");
+        assert_eq!(
+            check(&c, &req("32 user"), &facts(0, 0, &[])),
+            Err(PolicyError::BindingDisabled {
+                binding: Binding::User
+            })
+        );
+    }
+}

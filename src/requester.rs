@@ -1,0 +1,333 @@
+//! Who asked: the requesting thread, found through the kernel's own records
+//! in /proc. The parsers are pure; `identify` does the reading.
+//!
+//! The kernel shows the requester only in /proc/keys, on the line of the
+//! authorization key: `key:<target hex> pid:<tid> ci:<callout length>`. The
+//! requester is blocked in request_key(2) until this handler exits, so its
+//! tid, credentials and executable cannot change underneath us; we still
+//! confirm it is in that syscall before trusting anything about it.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// Why the requester could not be identified. All mean EACCES: we only
+/// serve requesters we can name.
+#[derive(Debug, thiserror::Error)]
+pub enum RequesterError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no authorization key {auth:#x} in /proc/keys")]
+    NoAuthKey { auth: i32 },
+    #[error("authorization key {auth:#x} is for key {found:#x}, not {expected:#x}")]
+    WrongTarget {
+        auth: i32,
+        found: i32,
+        expected: i32,
+    },
+    #[error("requester thread {tid} is not blocked in request_key (syscall {syscall:?})")]
+    NotInRequestKey { tid: i32, syscall: String },
+    #[error("the IMA measurement list has no sha256 entry for {path}")]
+    NoImaMeasurement { path: String },
+}
+
+/// The authorization key's record of the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthRecord {
+    pub target: i32,
+    pub tid: i32,
+    pub callout_len: usize,
+}
+
+/// Finds the authorization key `auth` in the text of /proc/keys and parses
+/// its description. Lines are `serial flags usage expiry perm uid gid type
+/// description`, the serial in hex; the type is cut to 9 characters.
+pub fn parse_proc_keys(text: &str, auth: i32) -> Option<AuthRecord> {
+    let serial = format!("{:08x}", auth as u32);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&serial))?;
+    let mut fields = line.split_whitespace();
+    let ktype = fields.nth(7)?;
+    if ktype != ".request_" && ktype != ".request_key_auth" {
+        return None;
+    }
+    let mut target = None;
+    let mut tid = None;
+    let mut ci = None;
+    for f in fields {
+        if let Some(v) = f.strip_prefix("key:") {
+            target = u32::from_str_radix(v, 16).ok().map(|t| t as i32);
+        } else if let Some(v) = f.strip_prefix("pid:") {
+            tid = v.parse::<i32>().ok().filter(|t| *t > 0);
+        } else if let Some(v) = f.strip_prefix("ci:") {
+            ci = v.parse::<usize>().ok();
+        }
+    }
+    Some(AuthRecord {
+        target: target?,
+        tid: tid?,
+        callout_len: ci?,
+    })
+}
+
+/// The syscall number a blocked thread is in: the first field of
+/// /proc/<tid>/syscall ("running" or "-1 ..." when not in a syscall).
+pub fn parse_syscall(text: &str) -> Option<i64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Supplementary groups from /proc/<tid>/status.
+pub fn parse_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The sha256 IMA measurement of `path` from ascii_runtime_measurements:
+/// `pcr template-hash template-name sha256:<hex> <path>`; the last entry
+/// wins (a file measured again after a change).
+pub fn parse_ima(text: &str, path: &[u8]) -> Option<[u8; 32]> {
+    let mut found = None;
+    for line in text.lines() {
+        let mut f = line.splitn(5, ' ');
+        let (_, _, _, hash, name) = (f.next(), f.next(), f.next(), f.next()?, f.next()?);
+        if name.as_bytes() != path {
+            continue;
+        }
+        if let Some(h) = hash.strip_prefix("sha256:") {
+            let mut d = [0u8; 32];
+            if hex::decode_to_slice(h, &mut d).is_ok() {
+                found = Some(d);
+            }
+        }
+    }
+    found
+}
+
+fn read_to_string(path: &Path) -> Result<String, RequesterError> {
+    std::fs::read_to_string(path).map_err(|source| RequesterError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What the handler knows about the requester.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub tid: i32,
+    /// Executable path as the kernel reports it (raw bytes).
+    pub exe: PathBuf,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+    /// Whether the requester shares this handler's mount namespace.
+    pub same_mount_ns: bool,
+    /// Whether `exe` names, in our namespace, the very file the requester
+    /// runs (false after the binary was replaced or deleted).
+    pub exe_at_path: bool,
+}
+
+/// Identifies the requester of `target` through authorization key `auth`.
+pub fn identify(proc_root: &Path, auth: i32, target: i32) -> Result<Requester, RequesterError> {
+    let keys = read_to_string(&proc_root.join("keys"))?;
+    let rec = parse_proc_keys(&keys, auth).ok_or(RequesterError::NoAuthKey { auth })?;
+    if rec.target != target {
+        return Err(RequesterError::WrongTarget {
+            auth,
+            found: rec.target,
+            expected: target,
+        });
+    }
+    let tid = rec.tid;
+    let dir = proc_root.join(tid.to_string());
+    let syscall = read_to_string(&dir.join("syscall"))?;
+    if parse_syscall(&syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
+        return Err(RequesterError::NotInRequestKey {
+            tid,
+            syscall: syscall.chars().take(16).collect(),
+        });
+    }
+    let exe_link = dir.join("exe");
+    let exe = std::fs::read_link(&exe_link).map_err(|source| RequesterError::Read {
+        path: exe_link.clone(),
+        source,
+    })?;
+    let running = std::fs::metadata(&exe_link).map_err(|source| RequesterError::Read {
+        path: exe_link.clone(),
+        source,
+    })?;
+    let exe_at_path = std::fs::metadata(&exe)
+        .map(|m| m.dev() == running.dev() && m.ino() == running.ino() && running.nlink() > 0)
+        .unwrap_or(false);
+    let ns = |p: PathBuf| {
+        std::fs::metadata(&p)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|source| RequesterError::Read { path: p, source })
+    };
+    let same_mount_ns = ns(proc_root.join("self/ns/mnt"))? == ns(dir.join("ns/mnt"))?;
+    let groups = parse_groups(&read_to_string(&dir.join("status"))?);
+    // Re-check that the thread is still the blocked requester: if the tid
+    // had been reused in between, it would not be in request_key now.
+    let again = read_to_string(&dir.join("syscall"))?;
+    if parse_syscall(&again) != Some(crate::sys::SYS_REQUEST_KEY) {
+        return Err(RequesterError::NotInRequestKey {
+            tid,
+            syscall: again.chars().take(16).collect(),
+        });
+    }
+    Ok(Requester {
+        tid,
+        exe,
+        groups,
+        same_mount_ns,
+        exe_at_path,
+    })
+}
+
+/// SHA-256 of the file the requester runs, read through /proc/<tid>/exe so
+/// that it is that very file, whatever now sits at its path.
+pub fn exe_digest(proc_root: &Path, tid: i32) -> Result<[u8; 32], RequesterError> {
+    let path = proc_root.join(tid.to_string()).join("exe");
+    let err = |source| RequesterError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut f = File::open(&path).map_err(err)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().into())
+}
+
+/// Where the kernel publishes IMA measurements.
+pub const IMA_MEASUREMENTS: &str = "/sys/kernel/security/ima/ascii_runtime_measurements";
+
+/// The IMA sha256 measurement of `exe`.
+pub fn ima_digest(list: &Path, exe: &Path) -> Result<[u8; 32], RequesterError> {
+    let text = read_to_string(list)?;
+    parse_ima(&text, exe.as_os_str().as_bytes()).ok_or_else(|| RequesterError::NoImaMeasurement {
+        path: exe.display().to_string(),
+    })
+}
+
+/// Whether IMA measurements are available on this kernel.
+pub fn ima_available() -> bool {
+    Path::new(IMA_MEASUREMENTS).exists()
+}
+
+/// The path as bytes, for the derivation.
+pub fn path_bytes(p: &Path) -> &[u8] {
+    OsStr::as_bytes(p.as_os_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEYS: &str = "\
+0b1c2d3e I--Q---     1 perm 3f030000     0     0 keyring   _ses: 1
+1f2e3d4c I--Q---     1 perm 3f010000     0     0 .request_ key:2c9a1f3b pid:4242 ci:7
+2c9a1f3b I--Q---     1 perm 3f010000  1000  1000 user      derived:db: 0
+";
+
+    #[test]
+    fn proc_keys_auth_line() {
+        let r = parse_proc_keys(KEYS, 0x1f2e3d4c).unwrap();
+        assert_eq!(
+            r,
+            AuthRecord {
+                target: 0x2c9a1f3b,
+                tid: 4242,
+                callout_len: 7
+            }
+        );
+        assert!(
+            parse_proc_keys(KEYS, 0x2c9a1f3b).is_none(),
+            "a user key is no auth key"
+        );
+        assert!(parse_proc_keys(KEYS, 0x1234).is_none());
+        assert!(parse_proc_keys("", 1).is_none());
+        let bad = "1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:zz pid:1 ci:1";
+        assert!(parse_proc_keys(bad, 0x1f2e3d4c).is_none());
+        let neg = "1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:1 pid:-1 ci:1";
+        assert!(parse_proc_keys(neg, 0x1f2e3d4c).is_none());
+        // Serials above 0x7fffffff do not occur, but must not confuse us.
+        assert!(parse_proc_keys(KEYS, -1).is_none());
+    }
+
+    #[test]
+    fn syscall_field() {
+        assert_eq!(
+            parse_syscall("249 0x5 0x6 0x7 0x0 0x0 0x0 0x7ffd 0x7f\n"),
+            Some(249)
+        );
+        assert_eq!(parse_syscall("running\n"), None);
+        assert_eq!(parse_syscall("-1 0x7ffd 0x7f\n"), Some(-1));
+        assert_eq!(parse_syscall(""), None);
+    }
+
+    #[test]
+    fn groups_from_status() {
+        let s = "Name:\tx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 27 \nNgid:\t0\n";
+        assert_eq!(parse_groups(s), vec![4, 24, 27]);
+        assert!(parse_groups("Groups:\t\n").is_empty());
+    }
+
+    #[test]
+    fn ima_entries() {
+        let d1 = "11".repeat(32);
+        let d2 = "22".repeat(32);
+        let list = format!(
+            "10 aa ima-ng sha1:{} /usr/bin/x\n10 bb ima-ng sha256:{d1} /usr/bin/x\n\
+             10 cc ima-ng sha256:{d2} /usr/bin/x\n10 dd ima-ng sha256:{d1} /usr/bin/x y\n",
+            "00".repeat(20)
+        );
+        assert_eq!(parse_ima(&list, b"/usr/bin/x"), Some([0x22; 32]));
+        assert_eq!(parse_ima(&list, b"/usr/bin/x y"), Some([0x11; 32]));
+        assert_eq!(parse_ima(&list, b"/usr/bin/z"), None);
+    }
+
+    #[test]
+    fn this_process_is_not_a_requester() {
+        let me = std::process::id() as i32;
+        let fake =
+            format!("00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:{me} ci:1\n");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys"), fake).unwrap();
+        std::os::unix::fs::symlink(format!("/proc/{me}"), dir.path().join(me.to_string())).unwrap();
+        std::os::unix::fs::symlink("/proc/self", dir.path().join("self")).unwrap();
+        let e = identify(dir.path(), 1, 2).unwrap_err();
+        assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
+        let e = identify(dir.path(), 1, 3).unwrap_err();
+        assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn exe_digest_hashes_the_running_file() {
+        let me = std::process::id() as i32;
+        let d = exe_digest(Path::new("/proc"), me).unwrap();
+        let want: [u8; 32] = Sha256::digest(std::fs::read("/proc/self/exe").unwrap()).into();
+        assert_eq!(d, want);
+    }
+}

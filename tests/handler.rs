@@ -1,0 +1,448 @@
+//! The handler end to end through the real kernel: request_key(2) from
+//! keyctl, the upcall through /sbin/request-key, our rule, our handler, a
+//! private swtpm. Each test has its own description prefix, rule file,
+//! configuration and session keyrings.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Got, KernelEnv};
+use sha2::{Digest, Sha256};
+
+const EINVAL: i32 = libc::EINVAL;
+const EACCES: i32 = libc::EACCES;
+const ENODEV: i32 = libc::ENODEV;
+const EIO: i32 = libc::EIO;
+const ETIMEDOUT: i32 = libc::ETIMEDOUT;
+
+#[test]
+fn symmetric_keys_per_binding_and_option() {
+    let env = KernelEnv::new("");
+    let k = env.request("user", "db", "32 path").payload();
+    assert_eq!(k.len(), 32);
+    // Same request, new session, new process: same key. The tag is no input.
+    assert_eq!(env.request("user", "db", "32 path").payload(), k);
+    assert_eq!(env.request("user", "db#k3x9", "32 path").payload(), k);
+    let mut seen = vec![k];
+    for (rest, callout) in [
+        ("db", "32 csum"),
+        ("db", "32 user"),
+        ("db", "32 machine"),
+        ("db", "31 path"),
+        ("db2", "32 path"),
+        ("db", "32 path account=alice"),
+        ("db", "32 path client=web"),
+        ("db", "32 path epoch=1"),
+        ("db", "32 path account=alice client=web epoch=4294967295"),
+    ] {
+        let key = env.request("user", rest, callout).payload();
+        assert!(!seen.contains(&key), "{rest} {callout} repeats a key");
+        seen.push(key);
+    }
+    assert_eq!(
+        env.request("user", "big", "1024 user").payload().len(),
+        1024
+    );
+    assert_eq!(env.request("user", "small", "1 user").payload().len(), 1);
+}
+
+#[test]
+fn every_malformed_request_is_einval() {
+    let env = KernelEnv::new("");
+    let digest = "ab".repeat(32);
+    for (ty, rest, callout) in [
+        ("user", "bad/name", "32 user"),
+        ("user", &"n".repeat(65), "32 user"),
+        ("user", "x:sign:ABCD", "p256 user"),
+        ("user", &format!("x:sign:{}", &digest[..62]), "p256 user"),
+        ("user", "x:frob", "p256 user"),
+        ("user", "x#bad-tag", "32 user"),
+        ("user", "x", "0 user"),
+        ("user", "x", "1025 user"),
+        ("user", "x", "32 group"),
+        ("user", "x", "32 user colour=blue"),
+        ("user", "x", "32 user epoch=1 epoch=2"),
+        ("user", "x", "32 user account=a account=b"),
+        ("user", "x", "32  user"),
+        ("user", "x", "p256 user"),
+        ("user", "x:pub", "32 user"),
+        ("logon", "x:pub", "p256 user"),
+        ("logon", &format!("x:sign:{digest}"), "p256 user"),
+    ] {
+        assert_eq!(
+            env.request(ty, rest, callout),
+            Got::Err(EINVAL),
+            "{ty} {rest} {callout}"
+        );
+    }
+}
+
+#[test]
+fn public_key_and_signature_verify_with_openssl() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let spki = env.request("user", "host:pub", "p256 machine").payload();
+    std::fs::write(dir.join("pub.der"), &spki).unwrap();
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubin", "-inform", "DER", "-in"])
+        .arg(dir.join("pub.der"))
+        .args(["-text", "-noout"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("prime256v1"),
+        "{text}"
+    );
+
+    let message = b"enroll me\n";
+    std::fs::write(dir.join("msg"), message).unwrap();
+    let digest = hex::encode(Sha256::digest(message));
+    let got = env.request("user", &format!("host:sign:{digest}"), "p256 machine");
+    let sig = got.payload();
+    std::fs::write(dir.join("sig.der"), &sig).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(dir.join("pub.der"))
+        .args(["-keyform", "DER", "-signature"])
+        .arg(dir.join("sig.der"))
+        .arg(dir.join("msg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A signature by another key does not verify.
+    let other = env
+        .request("user", &format!("other:sign:{digest}"), "p256 machine")
+        .payload();
+    std::fs::write(dir.join("sig2.der"), &other).unwrap();
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(dir.join("pub.der"))
+        .args(["-keyform", "DER", "-signature"])
+        .arg(dir.join("sig2.der"))
+        .arg(dir.join("msg"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// The expiry column of /proc/keys for a key ("perm" when none).
+fn expiry(serial: i32) -> String {
+    let keys = std::fs::read_to_string("/proc/keys").unwrap();
+    let id = format!("{:08x}", serial as u32);
+    keys.lines()
+        .find(|l| l.starts_with(&id))
+        .map(|l| l.split_whitespace().nth(3).unwrap_or_default().to_owned())
+        .unwrap_or_else(|| panic!("key {id} not in /proc/keys"))
+}
+
+#[test]
+fn signatures_expire_and_results_belong_to_the_requester() {
+    let env = KernelEnv::new("[results]\nsignature_timeout_s = 30\n");
+    let digest = "cd".repeat(32);
+    // Keep the session alive while we look at the keys from outside.
+    let script = format!(
+        "s=$(keyctl request2 user {0} 'p256 user' @s); p=$(keyctl request2 user {1} 'p256 user' @s); \
+         k=$(keyctl request2 user {2} '32 user' @s); echo $s $p $k; sleep 2",
+        env.desc(&format!("n:sign:{digest}")),
+        env.desc("n:pub"),
+        env.desc("n")
+    );
+    let mut child = Command::new("keyctl")
+        .args(["session", "-", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let ids: Vec<i32> = line
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{line}");
+    let sig_expiry = expiry(ids[0]);
+    assert!(
+        sig_expiry.ends_with('s') && sig_expiry != "perm",
+        "{sig_expiry}"
+    );
+    let secs: u32 = sig_expiry.trim_end_matches('s').parse().unwrap();
+    assert!((25..=30).contains(&secs), "{sig_expiry}");
+    assert_eq!(expiry(ids[1]), "perm");
+    assert_eq!(expiry(ids[2]), "perm");
+    // Owned by the requester (root here); readable only by possessors:
+    // this test process, outside the session, cannot read the secret.
+    let desc = Command::new("keyctl")
+        .args(["rdescribe", &ids[2].to_string()])
+        .output()
+        .unwrap();
+    let desc = String::from_utf8_lossy(&desc.stdout);
+    assert!(desc.starts_with("user;0;0;3f010000;"), "{desc}");
+    let read = Command::new("keyctl")
+        .args(["pipe", &ids[2].to_string()])
+        .output()
+        .unwrap();
+    assert!(!read.status.success(), "a non-possessor read the key");
+    child.wait().unwrap();
+}
+
+#[test]
+fn path_and_csum_with_a_copied_binary() {
+    let env = KernelEnv::new("");
+    let copy = env.dir.path().join("keyctl-copy");
+    std::fs::copy("/usr/bin/keyctl", &copy).unwrap();
+    let copy = copy.to_str().unwrap();
+    let path_orig = env.request("user", "app", "32 path").payload();
+    let path_copy = env
+        .request_with(&[], copy, "user", "app", "32 path")
+        .payload();
+    assert_ne!(
+        path_orig, path_copy,
+        "path binding: another path, another key"
+    );
+    let csum_orig = env.request("user", "app", "32 csum").payload();
+    let csum_copy = env
+        .request_with(&[], copy, "user", "app", "32 csum")
+        .payload();
+    assert_eq!(csum_orig, csum_copy, "csum binding: same content, same key");
+    // A changed program gets another key.
+    let mut bytes = std::fs::read(copy).unwrap();
+    bytes.extend_from_slice(b"\0changed");
+    let changed = env.dir.path().join("keyctl-changed");
+    std::fs::write(&changed, bytes).unwrap();
+    std::fs::set_permissions(
+        &changed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let csum_changed = env
+        .request_with(&[], changed.to_str().unwrap(), "user", "app", "32 csum")
+        .payload();
+    assert_ne!(csum_changed, csum_orig);
+}
+
+#[test]
+fn a_second_uid_gets_its_own_keys_and_no_machine_key() {
+    let env = KernelEnv::new("");
+    let root_user = env.request("user", "db", "32 user").payload();
+    let other_user = env.request_as(4242, "user", "db", "32 user").payload();
+    assert_ne!(root_user, other_user, "user binding mixes in the uid");
+    assert_eq!(
+        env.request_as(4242, "user", "db", "32 user").payload(),
+        other_user
+    );
+    let root_path = env.request("user", "db", "32 path").payload();
+    let other_path = env.request_as(4242, "user", "db", "32 path").payload();
+    assert_ne!(root_path, other_path, "path binding mixes in the uid");
+    assert_eq!(
+        env.request_as(4242, "user", "host", "32 machine"),
+        Got::Err(EACCES)
+    );
+    assert!(matches!(
+        env.request("user", "host", "32 machine"),
+        Got::Key { .. }
+    ));
+}
+
+#[test]
+fn machine_allowed_by_configured_uid_and_gid() {
+    let env = KernelEnv::new("[bindings]\nmachine_uids = [4243]\nmachine_gids = [4300]\n");
+    let by_uid = env.request_as(4243, "user", "host", "32 machine").payload();
+    let u = "--reuid=4244";
+    let by_gid = env
+        .request_with(
+            &["setpriv", u, "--regid=4300", "--clear-groups"],
+            "keyctl",
+            "user",
+            "host",
+            "32 machine",
+        )
+        .payload();
+    assert_eq!(by_uid, by_gid, "machine keys do not depend on who asks");
+    assert_eq!(
+        env.request("user", "host", "32 machine"),
+        Got::Err(EACCES),
+        "root is not listed"
+    );
+}
+
+#[test]
+fn disabled_binding_is_eacces() {
+    let env = KernelEnv::new("[bindings]\ncsum = false\n");
+    assert_eq!(env.request("user", "db", "32 csum"), Got::Err(EACCES));
+    assert!(matches!(
+        env.request("user", "db", "32 path"),
+        Got::Key { .. }
+    ));
+}
+
+#[test]
+fn logon_keys_exist_but_cannot_be_read() {
+    let env = KernelEnv::new("");
+    match env.request("logon", "disk", "64 machine") {
+        Got::Unreadable { read_errno, .. } => assert_eq!(read_errno, libc::EOPNOTSUPP),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn foreign_mount_namespace_is_refused_for_path_only() {
+    let env = KernelEnv::new("");
+    let got = env.request_with(&["unshare", "-m"], "keyctl", "user", "db", "32 path");
+    assert_eq!(got, Got::Err(EACCES));
+    let inside = env.request_with(&["unshare", "-m"], "keyctl", "user", "db", "32 csum");
+    assert_eq!(
+        inside.payload(),
+        env.request("user", "db", "32 csum").payload()
+    );
+}
+
+#[test]
+fn stopped_tpm_is_enodev_quickly_and_keys_return_after_restart() {
+    let mut env = KernelEnv::new("");
+    let before = env.request("user", "db", "32 user").payload();
+    env.swtpm.stop();
+    let t = Instant::now();
+    assert_eq!(env.request("user", "db#a", "32 user"), Got::Err(ENODEV));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    env.swtpm.restart();
+    assert_eq!(env.request("user", "db#b", "32 user").payload(), before);
+}
+
+#[test]
+fn hung_tpm_is_etimedout_within_the_bound() {
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _ctrl = std::net::TcpListener::bind(("127.0.0.1", port + 1));
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let swtpm = common::Swtpm::start(); // unused by this env; keeps the harness uniform
+    let env = KernelEnv::with_tcti(swtpm, &format!("swtpm:host=127.0.0.1,port={port}"), "");
+    env.write_conf(&format!(
+        "[tpm]\ntcti = \"swtpm:host=127.0.0.1,port={port}\"\ntimeout_ms = 1000\n"
+    ));
+    let t = Instant::now();
+    assert_eq!(env.request("user", "db", "32 user"), Got::Err(ETIMEDOUT));
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn missing_configuration_is_enodev_and_wrong_owner_password_is_eio() {
+    let env = KernelEnv::new("");
+    std::fs::remove_file(&env.conf).unwrap();
+    assert_eq!(env.request("user", "db", "32 user"), Got::Err(ENODEV));
+
+    env.swtpm.tool(&["tpm2_changeauth", "-c", "o", "right"]);
+    let auth = env.dir.path().join("owner-auth");
+    std::fs::write(&auth, "wrong\n").unwrap();
+    std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let tcti = env.swtpm.tcti();
+    env.write_conf(&format!(
+        "[tpm]\ntcti = \"{tcti}\"\nowner_auth_file = \"{}\"\n",
+        auth.display()
+    ));
+    assert_eq!(env.request("user", "db", "32 user"), Got::Err(EIO));
+    std::fs::write(&auth, "right\n").unwrap();
+    assert!(matches!(
+        env.request("user", "db#2", "32 user"),
+        Got::Key { .. }
+    ));
+}
+
+#[test]
+fn refusal_is_cached_only_briefly() {
+    let env = KernelEnv::new("");
+    // Same session for both requests, so the negative key would be found.
+    let script = format!(
+        "keyctl request2 user {0} '32 nobinding' @s; sleep 1.5; keyctl request2 user {0} '32 user' @s >/dev/null && echo second-ok",
+        env.desc("neg")
+    );
+    let out = Command::new("keyctl")
+        .args(["session", "-", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid argument"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("second-ok"));
+}
+
+#[test]
+fn audit_lines_go_to_syslog_without_key_material() {
+    let sock_dir = common::scratch_dir();
+    let sock = sock_dir.path().join("log");
+    let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let env = KernelEnv::new(&format!(
+        "[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
+        sock.display()
+    ));
+    let key = env.request("user", "db", "32 path").payload();
+    assert_eq!(
+        env.request_as(4242, "user", "m", "32 machine"),
+        Got::Err(EACCES)
+    );
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 2048];
+    for _ in 0..2 {
+        let n = rx.recv(&mut buf).unwrap();
+        lines.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    assert!(lines[0].starts_with("<86>"), "authpriv.info: {}", lines[0]);
+    assert!(
+        lines[0].contains("derived-keys: granted uid=0 pid=")
+            && lines[0]
+                .contains("exe=/usr/bin/keyctl name=db op=symmetric:32 binding=path type=user"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].starts_with("<85>"),
+        "authpriv.notice: {}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains("derived-keys: EACCES uid=4242"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains("binding=machine"), "{}", lines[1]);
+    for l in &lines {
+        assert!(!l.contains(&hex::encode(&key)), "key material in the log");
+    }
+}
+
+#[test]
+fn eight_concurrent_requests_all_succeed_and_agree() {
+    let env = std::sync::Arc::new(KernelEnv::new(""));
+    let reference = env.request("user", "db", "32 user").payload();
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let env = env.clone();
+            std::thread::spawn(move || env.request("user", &format!("db#c{i}"), "32 user"))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap().payload(), reference);
+    }
+    let mut tpm =
+        derived_keys::tpm::Tpm::open(&derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap())
+            .unwrap();
+    assert_eq!(tpm.transient_count().unwrap(), 0);
+}

@@ -28,11 +28,14 @@ fn clean(s: &str) -> String {
     let mut out: String = s
         .chars()
         .take(256)
-        .flat_map(|c| {
+        .map(|c| {
             if c.is_ascii_graphic() {
-                vec![c]
+                c.to_string()
+            } else if c.is_ascii() {
+                // Spaces too: a path must not be able to forge a field.
+                format!("\\x{:02x}", c as u32)
             } else {
-                c.escape_default().collect::<Vec<_>>()
+                c.escape_default().to_string()
             }
         })
         .collect();
@@ -128,7 +131,7 @@ mod tests {
         let l = r.line();
         assert_eq!(
             l,
-            "derived-keys: granted uid=1000 pid=42 exe=/tmp/evil\\nname\\u{20}exe=/bin/x \
+            "derived-keys: granted uid=1000 pid=42 exe=/tmp/evil\\x0aname\\x20exe=/bin/x \
              name=db op=symmetric:32 binding=path type=user"
         );
         let refused = Record {

@@ -243,6 +243,32 @@ pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], signature: &[u8]) -> bo
     }
 }
 
+/// PEM ("PUBLIC KEY") for a DER SubjectPublicKeyInfo.
+pub fn spki_to_pem(spki_der: &[u8]) -> Option<String> {
+    use p256::pkcs8::{DecodePublicKey, LineEnding};
+    p256::PublicKey::from_public_key_der(spki_der)
+        .ok()?
+        .to_public_key_pem(LineEnding::LF)
+        .ok()
+}
+
+/// A P-256 SubjectPublicKeyInfo from PEM or DER bytes, as DER.
+pub fn spki_from_pem_or_der(bytes: &[u8]) -> Option<Vec<u8>> {
+    use p256::pkcs8::DecodePublicKey;
+    let key = match std::str::from_utf8(bytes) {
+        Ok(text) if text.contains("-----BEGIN") => {
+            p256::PublicKey::from_public_key_pem(text).ok()?
+        }
+        _ => p256::PublicKey::from_public_key_der(bytes).ok()?,
+    };
+    key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+}
+
+/// The fixed-size r||s form (64 bytes) of a DER ECDSA P-256 signature.
+pub fn signature_to_raw(der: &[u8]) -> Option<Vec<u8>> {
+    Signature::from_der(der).ok().map(|s| s.to_bytes().to_vec())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,5 +395,13 @@ mod tests {
         let mut other = digest;
         other[0] ^= 1;
         assert!(!verify_digest(&spki, &other, &sig));
+        let raw = signature_to_raw(&sig).unwrap();
+        assert_eq!(raw.len(), 64);
+        assert!(verify_digest(&spki, &digest, &raw));
+        let pem = spki_to_pem(&spki).unwrap();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(spki_from_pem_or_der(pem.as_bytes()).unwrap(), spki);
+        assert_eq!(spki_from_pem_or_der(&spki).unwrap(), spki);
+        assert!(spki_from_pem_or_der(b"junk").is_none());
     }
 }

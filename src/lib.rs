@@ -14,6 +14,7 @@
 //!
 //! The derivation is specified in DERIVATION.md and frozen as v1.
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod derive;
 pub mod error;
@@ -23,5 +24,6 @@ pub mod policy;
 pub mod request;
 pub mod requester;
 pub mod secret;
+pub mod setup;
 mod sys;
 pub mod tpm;

@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
 use tss_esapi::constants::{CapabilityType, PropertyTag, Tss2ResponseCodeKind};
+use tss_esapi::handles::AuthHandle;
 use tss_esapi::handles::{KeyHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::resource_handles::Hierarchy;
@@ -200,6 +201,23 @@ pub struct TpmInfo {
     pub software: bool,
 }
 
+/// Which hierarchy passwords a TPM has set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthSet {
+    pub owner: bool,
+    pub lockout: bool,
+    /// Dictionary-attack lockout is in force.
+    pub in_lockout: bool,
+}
+
+/// A hierarchy whose password can be changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HierarchyAuth {
+    Owner,
+    Lockout,
+    Platform,
+}
+
 /// An open connection to a TPM.
 pub struct Tpm {
     ctx: Context,
@@ -361,6 +379,75 @@ impl Tpm {
             self.flush(obj)?;
         }
         Ok(handles.len())
+    }
+
+    /// Which hierarchy passwords are set (TPM_PT_PERMANENT: ownerAuthSet,
+    /// lockoutAuthSet).
+    pub fn auth_set(&mut self) -> Result<AuthSet, TpmError> {
+        let tcti = self.tcti.clone();
+        let (data, _) = self
+            .ctx
+            .execute_without_session(|ctx| {
+                ctx.get_capability(
+                    CapabilityType::TpmProperties,
+                    PropertyTag::Permanent.into(),
+                    1,
+                )
+            })
+            .map_err(|e| classify(&tcti, "GetCapability", e))?;
+        let bits = match data {
+            CapabilityData::TpmProperties(list) => list
+                .find(PropertyTag::Permanent)
+                .map(|p| p.value())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        Ok(AuthSet {
+            owner: bits & 1 != 0,
+            lockout: bits & 4 != 0,
+            in_lockout: bits & (1 << 9) != 0,
+        })
+    }
+
+    /// TPM2_HierarchyChangeAuth: sets `new` as the password of `which`,
+    /// authorizing with `current` (empty when None).
+    pub fn change_auth(
+        &mut self,
+        which: HierarchyAuth,
+        current: Option<&SecretBuf>,
+        new: &SecretBuf,
+    ) -> Result<(), TpmError> {
+        let (object, handle) = match which {
+            HierarchyAuth::Owner => (ObjectHandle::Owner, AuthHandle::Owner),
+            HierarchyAuth::Lockout => (ObjectHandle::Lockout, AuthHandle::Lockout),
+            HierarchyAuth::Platform => (ObjectHandle::Platform, AuthHandle::Platform),
+        };
+        let stack = |source| TpmError::Stack {
+            command: "HierarchyChangeAuth",
+            source,
+        };
+        let auth = |s: Option<&SecretBuf>| match s {
+            Some(a) if a.len() > 64 => Err(TpmError::OwnerAuthTooLong),
+            Some(a) => Auth::try_from(a.as_ref().to_vec()).map_err(stack),
+            None => Ok(Auth::default()),
+        };
+        let current = auth(current)?;
+        let new = auth(Some(new))?;
+        self.ctx.tr_set_auth(object, current).map_err(stack)?;
+        let tcti = self.tcti.clone();
+        self.ctx
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                ctx.hierarchy_change_auth(handle, new)
+            })
+            .map_err(|e| match classify(&tcti, "HierarchyChangeAuth", e) {
+                TpmError::Command { rc, .. } if rc & 0xbf == 0x8e || rc & 0xbf == 0xa2 => {
+                    TpmError::OwnerAuth {
+                        command: "HierarchyChangeAuth",
+                        rc,
+                    }
+                }
+                other => other,
+            })
     }
 
     /// Manufacturer and vendor strings, and whether this is a software TPM.

@@ -1,0 +1,686 @@
+//! `dkey install`, `uninstall` and `status`: putting the handler, the rule
+//! and the configuration in place, and the embedded software TPM for hosts
+//! without a TPM device.
+//!
+//! The embedded swtpm listens on 127.0.0.1 (tss-esapi 7 cannot reach its
+//! unix socket), so install locks it down: random owner and lockout
+//! passwords in root-only files, and after every start a random, discarded
+//! platform password, so that no other local user can derive keys, clear
+//! the TPM or change its passwords. See THREAT-MODEL.md.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{Config, DEFAULT_PATH};
+use crate::derive::{Input, Purpose, Subject};
+use crate::secret::{self, SecretBuf};
+use crate::tpm::{HierarchyAuth, Tcti, TctiKind, Tpm, TpmError};
+
+/// The rule file shipped in request-key/.
+pub const RULE: &str = include_str!("../request-key/derived-keys.conf");
+/// The default configuration shipped in conf/.
+pub const DEFAULT_CONFIG: &str = include_str!("../conf/derived-keys.conf");
+
+/// Where everything goes. Fixed paths; `root` lets tests install into a
+/// scratch tree (the kernel only reads the real one).
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout { root: "/".into() }
+    }
+}
+
+impl Layout {
+    fn at(&self, p: &str) -> PathBuf {
+        self.root.join(p.trim_start_matches('/'))
+    }
+    pub fn handler(&self) -> PathBuf {
+        self.at("/usr/local/libexec/derived-key-helper")
+    }
+    pub fn dkey(&self) -> PathBuf {
+        self.at("/usr/local/bin/dkey")
+    }
+    pub fn rule(&self) -> PathBuf {
+        self.at("/etc/request-key.d/derived-keys.conf")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.at(DEFAULT_PATH)
+    }
+    pub fn owner_auth(&self) -> PathBuf {
+        self.at("/etc/derived-keys/owner-auth")
+    }
+    pub fn lockout_auth(&self) -> PathBuf {
+        self.at("/etc/derived-keys/lockout-auth")
+    }
+    pub fn swtpm_state(&self) -> PathBuf {
+        self.at("/var/lib/derived-keys/swtpm")
+    }
+    pub fn swtpm_pid(&self) -> PathBuf {
+        self.at("/run/derived-keys/swtpm.pid")
+    }
+    pub fn swtpm_unit(&self) -> PathBuf {
+        self.at("/etc/systemd/system/derived-keys-swtpm.service")
+    }
+}
+
+/// The embedded software TPM's ports (swtpm's and tpm2-tools' defaults).
+pub const SWTPM_PORT: u16 = 2321;
+pub const SWTPM_TCTI: &str = "swtpm:host=127.0.0.1,port=2321";
+
+/// Setup's errors; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{what} needs root; run it with sudo")]
+    NotRoot { what: &'static str },
+    #[error("{path}: {action} failed")]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the handler binary {path} is missing; build it first (cargo build --release) and run dkey from the same build")]
+    NoHandlerBuild { path: PathBuf },
+    #[error("TCTI: {0}")]
+    Tcti(#[source] TpmError),
+    #[error("cannot start the software TPM: {reason}")]
+    Swtpm { reason: String },
+    #[error("software TPM lockdown: {0}")]
+    Lockdown(#[source] TpmError),
+    #[error("the TPM's owner hierarchy has a password but {path} is missing; put the password there (root-owned, mode 0600) and run install again")]
+    LostOwnerAuth { path: PathBuf },
+    #[error(transparent)]
+    Memory(#[from] secret::SecretAllocError),
+}
+
+fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> SetupError + 'a {
+    move |source| SetupError::Io {
+        path: path.to_owned(),
+        action,
+        source,
+    }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, then rename).
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SetupError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+    let tmp = dir.join(format!(
+        ".{}.dkey-tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp, "create"))?;
+    f.write_all(bytes).map_err(io(&tmp, "write"))?;
+    f.sync_all().map_err(io(&tmp, "sync"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(io(&tmp, "chmod"))?;
+    std::fs::rename(&tmp, path).map_err(io(path, "rename into place"))
+}
+
+/// What happened to one installed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    Created,
+    Updated,
+    Unchanged,
+    /// An edited file was left alone; the proposed one is beside it.
+    KeptEdited {
+        proposed: PathBuf,
+    },
+    Removed,
+    Absent,
+    /// Left in place on purpose (state or secrets); `--purge` removes it.
+    Kept,
+}
+
+/// One line of an install or uninstall report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub what: String,
+    pub path: PathBuf,
+    pub change: Change,
+}
+
+/// Installs `bytes` at `path` unless identical.
+fn install_file(path: &Path, bytes: &[u8], mode: u32) -> Result<Change, SetupError> {
+    match std::fs::read(path) {
+        Ok(old) if old == bytes => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(io(path, "chmod"))?;
+            Ok(Change::Unchanged)
+        }
+        Ok(_) => write_atomic(path, bytes, mode).map(|()| Change::Updated),
+        Err(_) => write_atomic(path, bytes, mode).map(|()| Change::Created),
+    }
+}
+
+/// The configuration install writes: the shipped one with this TCTI and,
+/// for the embedded software TPM, its owner password file.
+pub fn config_text(tcti: &Tcti, owner_auth: Option<&Path>) -> String {
+    let mut out = String::new();
+    for line in DEFAULT_CONFIG.lines() {
+        if line.starts_with("tcti = ") {
+            out.push_str(&format!("tcti = \"{}\"\n", tcti.as_str()));
+        } else if line.starts_with("# owner_auth_file = ") {
+            match owner_auth {
+                Some(p) => out.push_str(&format!("owner_auth_file = \"{}\"\n", p.display())),
+                None => {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Installs the configuration; an edited one is never overwritten unless
+/// `force` (then it is saved as `.bak` first).
+fn install_config(path: &Path, text: &str, force: bool) -> Result<Change, SetupError> {
+    let old = match std::fs::read_to_string(path) {
+        Err(_) => {
+            write_atomic(path, text.as_bytes(), 0o644)?;
+            return Ok(Change::Created);
+        }
+        Ok(old) => old,
+    };
+    if old == text {
+        return Ok(Change::Unchanged);
+    }
+    if force {
+        let bak = path.with_extension("conf.bak");
+        write_atomic(&bak, old.as_bytes(), 0o644)?;
+        write_atomic(path, text.as_bytes(), 0o644)?;
+        return Ok(Change::Updated);
+    }
+    let proposed = path.with_extension("conf.new");
+    write_atomic(&proposed, text.as_bytes(), 0o644)?;
+    Ok(Change::KeptEdited { proposed })
+}
+
+/// Options of `dkey install`.
+#[derive(Debug, Clone, Default)]
+pub struct InstallOptions {
+    /// Use this TCTI; default: /dev/tpmrm0 if present, else the embedded swtpm.
+    pub tcti: Option<String>,
+    /// Replace an edited configuration (keeping a .bak).
+    pub force: bool,
+    /// Directory holding the build's `derived-key-helper` (and `dkey`).
+    pub build_dir: PathBuf,
+}
+
+/// Whether systemd manages this host (then the swtpm gets a unit).
+fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn listening(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+fn wait_listening(port: u16, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if listening(port) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn swtpm_args(layout: &Layout, daemon: bool) -> Vec<String> {
+    let mut a = vec![
+        "socket".to_owned(),
+        "--tpm2".into(),
+        "--server".into(),
+        format!("type=tcp,port={SWTPM_PORT},bindaddr=127.0.0.1"),
+        "--ctrl".into(),
+        format!("type=tcp,port={},bindaddr=127.0.0.1", SWTPM_PORT + 1),
+        "--tpmstate".into(),
+        format!("dir={}", layout.swtpm_state().display()),
+        "--flags".into(),
+        "not-need-init,startup-clear".into(),
+    ];
+    if daemon {
+        a.push("--daemon".into());
+        a.push("--pid".into());
+        a.push(format!("file={}", layout.swtpm_pid().display()));
+    }
+    a
+}
+
+fn swtpm_unit(layout: &Layout, dkey: &Path) -> String {
+    format!(
+        "[Unit]\nDescription=derived-keys embedded software TPM (swtpm): no hardware protection\n\
+         \n[Service]\nExecStart=/usr/bin/swtpm {}\nExecStartPost={} swtpm-lockdown\n\
+         Restart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
+        swtpm_args(layout, false).join(" "),
+        dkey.display()
+    )
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), SetupError> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| SetupError::Swtpm {
+            reason: format!("cannot run {cmd}: {e}"),
+        })?;
+    if !out.status.success() {
+        return Err(SetupError::Swtpm {
+            reason: format!(
+                "{cmd} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Starts the embedded swtpm unless it already runs; returns the step.
+fn start_embedded_swtpm(layout: &Layout) -> Result<Step, SetupError> {
+    let state = layout.swtpm_state();
+    std::fs::create_dir_all(&state).map_err(io(&state, "create directory"))?;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(&state, "chmod"))?;
+    let mut step = Step {
+        what: "software TPM (swtpm, no hardware protection)".into(),
+        path: state.clone(),
+        change: Change::Unchanged,
+    };
+    if systemd_running() {
+        let unit = layout.swtpm_unit();
+        step.change = install_file(&unit, swtpm_unit(layout, &layout.dkey()).as_bytes(), 0o644)?;
+        run("systemctl", &["daemon-reload"])?;
+        run(
+            "systemctl",
+            &["enable", "--now", "derived-keys-swtpm.service"],
+        )?;
+        step.path = unit;
+    } else if !listening(SWTPM_PORT) {
+        let pid = layout.swtpm_pid();
+        if let Some(dir) = pid.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        }
+        let args = swtpm_args(layout, true);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("swtpm", &args)?;
+        step.change = Change::Created;
+    }
+    if !wait_listening(SWTPM_PORT, Duration::from_secs(10)) {
+        return Err(SetupError::Swtpm {
+            reason: format!("nothing listens on 127.0.0.1:{SWTPM_PORT} after starting swtpm"),
+        });
+    }
+    Ok(step)
+}
+
+fn random_password() -> Result<SecretBuf, SetupError> {
+    let mut raw = SecretBuf::new(16)?;
+    getrandom::getrandom(raw.as_mut()).map_err(|e| SetupError::Swtpm {
+        reason: format!("no randomness: {e}"),
+    })?;
+    // Hex, so the files work as tpm2-tools `-P file:...` passwords too.
+    let mut text = SecretBuf::new(32)?;
+    hex::encode_to_slice(raw.as_ref(), text.as_mut()).map_err(|_| SetupError::Swtpm {
+        reason: "hex encoding".into(),
+    })?;
+    Ok(text)
+}
+
+/// Locks the embedded software TPM down (idempotent; run after each start):
+/// owner and lockout passwords set once and kept in root-only files, the
+/// platform password set to a random value nobody keeps.
+pub fn lockdown(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
+    let mut tpm = Tpm::open(tcti).map_err(SetupError::Lockdown)?;
+    let set = tpm.auth_set().map_err(SetupError::Lockdown)?;
+    for (which, is_set, path) in [
+        (HierarchyAuth::Owner, set.owner, layout.owner_auth()),
+        (HierarchyAuth::Lockout, set.lockout, layout.lockout_auth()),
+    ] {
+        if is_set {
+            if !path.exists() {
+                return Err(SetupError::LostOwnerAuth { path });
+            }
+            continue;
+        }
+        let pw = random_password()?;
+        // The file first: a password set but not saved would be lost.
+        write_atomic(&path, pw.as_ref(), 0o600)?;
+        tpm.change_auth(which, None, &pw)
+            .map_err(SetupError::Lockdown)?;
+    }
+    let throwaway = random_password()?;
+    match tpm.change_auth(HierarchyAuth::Platform, None, &throwaway) {
+        Ok(()) | Err(TpmError::OwnerAuth { .. }) => Ok(()), // already locked
+        Err(e) => Err(SetupError::Lockdown(e)),
+    }
+}
+
+/// `dkey install`.
+pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, SetupError> {
+    if !is_root() {
+        return Err(SetupError::NotRoot {
+            what: "dkey install",
+        });
+    }
+    let mut steps = Vec::new();
+    let helper_src = opts.build_dir.join("derived-key-helper");
+    let helper =
+        std::fs::read(&helper_src).map_err(|_| SetupError::NoHandlerBuild { path: helper_src })?;
+    steps.push(Step {
+        what: "request-key handler".into(),
+        path: layout.handler(),
+        change: install_file(&layout.handler(), &helper, 0o755)?,
+    });
+    let dkey_src = opts.build_dir.join("dkey");
+    if dkey_src != layout.dkey() {
+        if let Ok(bytes) = std::fs::read(&dkey_src) {
+            steps.push(Step {
+                what: "dkey command".into(),
+                path: layout.dkey(),
+                change: install_file(&layout.dkey(), &bytes, 0o755)?,
+            });
+        }
+    }
+    steps.push(Step {
+        what: "request-key rule".into(),
+        path: layout.rule(),
+        change: install_file(&layout.rule(), RULE.as_bytes(), 0o644)?,
+    });
+
+    let embedded = opts.tcti.is_none() && !layout.at("/dev/tpmrm0").exists();
+    let tcti_text = match (&opts.tcti, embedded) {
+        (Some(t), _) => t.clone(),
+        (None, true) => SWTPM_TCTI.to_owned(),
+        (None, false) => "device:/dev/tpmrm0".to_owned(),
+    };
+    let tcti = Tcti::parse(&tcti_text).map_err(SetupError::Tcti)?;
+    let owner_auth = if embedded {
+        steps.push(start_embedded_swtpm(layout)?);
+        lockdown(layout, &tcti)?;
+        Some(layout.owner_auth())
+    } else {
+        None
+    };
+    let text = config_text(&tcti, owner_auth.as_deref());
+    steps.push(Step {
+        what: "configuration".into(),
+        path: layout.config(),
+        change: install_config(&layout.config(), &text, opts.force)?,
+    });
+    Ok(steps)
+}
+
+/// `dkey uninstall`: removes the handler, the rule, the dkey copy and the
+/// embedded swtpm service. The configuration, the TPM passwords and the
+/// software TPM's state (its seed: every key) stay unless `purge`.
+pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> {
+    if !is_root() {
+        return Err(SetupError::NotRoot {
+            what: "dkey uninstall",
+        });
+    }
+    let mut steps = Vec::new();
+    let mut remove = |what: &str, path: PathBuf, really: bool| -> Result<(), SetupError> {
+        let change = if !path.exists() {
+            Change::Absent
+        } else if !really {
+            Change::Kept
+        } else {
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).map_err(io(&path, "remove"))?;
+            } else {
+                std::fs::remove_file(&path).map_err(io(&path, "remove"))?;
+            }
+            Change::Removed
+        };
+        steps.push(Step {
+            what: what.into(),
+            path,
+            change,
+        });
+        Ok(())
+    };
+    remove("request-key rule", layout.rule(), true)?;
+    remove("request-key handler", layout.handler(), true)?;
+    if layout.swtpm_unit().exists() {
+        let _ = run(
+            "systemctl",
+            &["disable", "--now", "derived-keys-swtpm.service"],
+        );
+        remove("software TPM service", layout.swtpm_unit(), true)?;
+        let _ = run("systemctl", &["daemon-reload"]);
+    }
+    if let Ok(pid) = std::fs::read_to_string(layout.swtpm_pid()) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        remove("software TPM process", layout.swtpm_pid(), true)?;
+    }
+    remove("configuration", layout.config(), purge)?;
+    let _ = std::fs::remove_file(layout.config().with_extension("conf.new"));
+    remove("owner password", layout.owner_auth(), purge)?;
+    remove("lockout password", layout.lockout_auth(), purge)?;
+    remove(
+        "software TPM state (its seed: every key)",
+        layout.swtpm_state(),
+        purge,
+    )?;
+    remove("dkey command", layout.dkey(), true)?;
+    Ok(steps)
+}
+
+/// What `dkey status` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub config_path: PathBuf,
+    pub config_valid: bool,
+    pub config_error: Option<String>,
+    pub tcti: Option<String>,
+    pub tpm_reachable: bool,
+    /// "hardware", "software" or null when unreachable.
+    pub tpm_kind: Option<&'static str>,
+    pub tpm_manufacturer: Option<String>,
+    pub tpm_vendor: Option<String>,
+    pub tpm_error: Option<String>,
+    /// A test derivation (owner password included) went through.
+    pub derivation_ok: bool,
+    pub protection: String,
+    pub rule_path: PathBuf,
+    pub rule_installed: bool,
+    pub rule_current: bool,
+    pub handler_path: PathBuf,
+    pub handler_installed: bool,
+    pub secret_memory: &'static str,
+    pub ima_available: bool,
+}
+
+/// `dkey status`: everything a request needs, checked.
+pub fn status(layout: &Layout, config_path: &Path) -> Status {
+    let rule = std::fs::read_to_string(layout.rule()).ok();
+    let handler_installed = std::fs::metadata(layout.handler())
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false);
+    let mut s = Status {
+        ready: false,
+        config_path: config_path.to_owned(),
+        config_valid: false,
+        config_error: None,
+        tcti: None,
+        tpm_reachable: false,
+        tpm_kind: None,
+        tpm_manufacturer: None,
+        tpm_vendor: None,
+        tpm_error: None,
+        derivation_ok: false,
+        protection: "none: no TPM reachable".into(),
+        rule_path: layout.rule(),
+        rule_installed: rule.is_some(),
+        rule_current: rule.as_deref() == Some(RULE),
+        handler_path: layout.handler(),
+        handler_installed,
+        secret_memory: secret::probe_backing().map_or("unavailable", |b| b.as_str()),
+        ima_available: crate::requester::ima_available(),
+    };
+    let config = match Config::load(config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            s.config_error = Some(e.to_string());
+            return s;
+        }
+    };
+    s.config_valid = true;
+    s.tcti = Some(config.tcti.to_string());
+    let probe = || -> Result<(), crate::error::HandlerError> {
+        let mut tpm = Tpm::open(&config.tcti)?;
+        let info = tpm.info()?;
+        s.tpm_reachable = true;
+        s.tpm_kind = Some(if info.software {
+            "software"
+        } else {
+            "hardware"
+        });
+        s.protection = if info.software {
+            "software only: a software TPM (swtpm) keeps its seed in a file; keys are as safe as that file and this host's root".into()
+        } else {
+            format!(
+                "hardware TPM ({}) through {}",
+                info.manufacturer,
+                config.tcti.device_path().unwrap_or(config.tcti.as_str())
+            )
+        };
+        s.tpm_manufacturer = Some(info.manufacturer);
+        s.tpm_vendor = Some(info.vendor);
+        let auth = config.owner_auth()?;
+        let probe_input = Input {
+            purpose: Purpose::Symmetric(32),
+            name: "dkey-status-self-test",
+            subject: Subject::Machine,
+            account: None,
+            client: None,
+            epoch: 0,
+        };
+        tpm.prk(auth.as_ref(), &probe_input.message())?;
+        s.derivation_ok = true;
+        Ok(())
+    };
+    // `probe` borrows `s` mutably; run it in a block.
+    let result = {
+        let mut p = probe;
+        p()
+    };
+    if let Err(e) = result {
+        s.tpm_error = Some(e.to_string());
+    }
+    s.ready = s.config_valid
+        && s.tpm_reachable
+        && s.derivation_ok
+        && s.rule_installed
+        && s.handler_installed;
+    s
+}
+
+/// The TCTI kind name for messages.
+pub fn kind_name(kind: TctiKind) -> &'static str {
+    match kind {
+        TctiKind::Device => "device",
+        TctiKind::Swtpm => "swtpm",
+        TctiKind::Mssim => "mssim",
+        TctiKind::Tabrmd => "tabrmd",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_text_sets_tcti_and_owner_auth() {
+        let t = Tcti::parse(SWTPM_TCTI).unwrap();
+        let text = config_text(&t, Some(Path::new("/etc/derived-keys/owner-auth")));
+        let c = Config::parse(&text, Path::new("/x")).unwrap();
+        assert_eq!(c.tcti.as_str(), SWTPM_TCTI);
+        assert_eq!(
+            c.owner_auth_file.as_deref(),
+            Some(Path::new("/etc/derived-keys/owner-auth"))
+        );
+        let d = Tcti::parse("device:/dev/tpmrm0").unwrap();
+        assert_eq!(config_text(&d, None), DEFAULT_CONFIG);
+    }
+
+    #[test]
+    fn edited_configuration_is_kept_and_said_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("derived-keys.conf");
+        assert_eq!(install_config(&p, "a\n", false).unwrap(), Change::Created);
+        assert_eq!(install_config(&p, "a\n", false).unwrap(), Change::Unchanged);
+        std::fs::write(&p, "edited\n").unwrap();
+        let c = install_config(&p, "a\n", false).unwrap();
+        let Change::KeptEdited { proposed } = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "edited\n");
+        assert_eq!(std::fs::read_to_string(proposed).unwrap(), "a\n");
+        assert_eq!(install_config(&p, "a\n", true).unwrap(), Change::Updated);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\n");
+        assert_eq!(
+            std::fs::read_to_string(p.with_extension("conf.bak")).unwrap(),
+            "edited\n"
+        );
+    }
+
+    #[test]
+    fn files_are_installed_idempotently_with_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/helper");
+        assert_eq!(install_file(&p, b"x", 0o755).unwrap(), Change::Created);
+        assert_eq!(install_file(&p, b"x", 0o755).unwrap(), Change::Unchanged);
+        assert_eq!(install_file(&p, b"y", 0o755).unwrap(), Change::Updated);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+    }
+
+    #[test]
+    fn unit_runs_swtpm_in_the_foreground_and_locks_it_down() {
+        let u = swtpm_unit(&Layout::default(), Path::new("/usr/local/bin/dkey"));
+        assert!(u.contains("ExecStart=/usr/bin/swtpm socket --tpm2"));
+        assert!(!u.contains("--daemon"));
+        assert!(u.contains("ExecStartPost=/usr/local/bin/dkey swtpm-lockdown"));
+        assert!(u.contains("bindaddr=127.0.0.1"));
+    }
+}

@@ -14,9 +14,10 @@ say "system packages"
 bash scripts/install-deps.sh
 say "build (release)"
 cargo build --release --locked
+bin="${CARGO_TARGET_DIR:-target}/release"
 say "install: handler, request-key rule, configuration"
-./target/release/dkey install
-./target/release/dkey status
+"$bin/dkey" install
+"$bin/dkey" status
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -42,6 +42,15 @@ pub struct Args {
     pub proc_root: PathBuf,
 }
 
+/// The kernel keeps key expiry in whole seconds (`now_seconds + timeout`)
+/// and checks it once more when the helper exits: a 1-second timeout set
+/// late in a second can already count as expired then, and the requester
+/// gets ENOKEY instead of our answer. One extra second makes a result live
+/// at least the configured time (and at most one second more).
+fn kernel_timeout(configured_s: u32) -> u32 {
+    configured_s.saturating_add(1)
+}
+
 /// State shared with the watchdog.
 struct Shared {
     answered: bool,
@@ -78,7 +87,7 @@ fn watchdog(key: i32, shared: Arc<Mutex<Shared>>) {
         }
         if !s.answered {
             s.answered = true;
-            let _ = keyring::reject(key, s.negative_s, libc::ETIMEDOUT);
+            let _ = keyring::reject(key, kernel_timeout(s.negative_s), libc::ETIMEDOUT);
             s.record.outcome = Some("ETIMEDOUT");
             s.record.reason = Some("the request did not finish within the configured bound".into());
             audit::emit(&s.log, &s.record);
@@ -126,7 +135,7 @@ pub fn run(args: &Args) -> u8 {
         }
     };
     if let Some(errno) = errno {
-        if let Err(e) = keyring::reject(args.key, s.negative_s, errno) {
+        if let Err(e) = keyring::reject(args.key, kernel_timeout(s.negative_s), errno) {
             s.record.reason = Some(format!(
                 "{}; and rejecting the key failed: {e}",
                 s.record.reason.take().unwrap_or_default()
@@ -242,7 +251,7 @@ fn serve(args: &Args, start: Instant, shared: &Mutex<Shared>) -> Result<(), Hand
         return Ok(()); // too late: the watchdog has answered
     }
     if matches!(req.want, Want::Sign(_)) {
-        keyring::set_timeout(args.key, config.signature_timeout_s)?;
+        keyring::set_timeout(args.key, kernel_timeout(config.signature_timeout_s))?;
     }
     keyring::instantiate(args.key, payload.bytes())?;
     s.answered = true;

@@ -503,7 +503,10 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
     remove("dkey command", layout.dkey(), true)?;
     if purge {
         // The directories install created, if nothing else is in them.
-        for dir in [layout.at("/etc/derived-keys"), layout.at("/var/lib/derived-keys")] {
+        for dir in [
+            layout.at("/etc/derived-keys"),
+            layout.at("/var/lib/derived-keys"),
+        ] {
             let _ = std::fs::remove_dir(dir);
         }
     }

@@ -15,7 +15,7 @@ pub struct Swtpm {
 }
 
 /// The swtpm TCTI expects the control port right after the server port.
-fn free_port_pair() -> (u16, u16) {
+pub fn free_port_pair() -> (u16, u16) {
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -333,4 +333,46 @@ impl Drop for KernelEnv {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.rule);
     }
+}
+
+/// A "TPM" that accepts connections on a server and control port pair and
+/// never answers; returns its TCTI.
+pub fn hung_tpm() -> String {
+    loop {
+        let (port, ctrl) = free_port_pair();
+        let (Ok(a), Ok(b)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", ctrl)),
+        ) else {
+            continue;
+        };
+        for l in [a, b] {
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for s in l.incoming().flatten() {
+                    held.push(s);
+                }
+            });
+        }
+        return format!("swtpm:host=127.0.0.1,port={port}");
+    }
+}
+
+/// Makes an executable copy of `src` at `dst`, plus `extra` bytes, in a
+/// child process: a write descriptor held by this (multi-threaded) test
+/// process could leak into a sibling test's fork and make exec fail with
+/// ETXTBSY.
+pub fn copy_executable(src: &str, dst: &Path, extra: &str) {
+    let st = Command::new("sh")
+        .args([
+            "-c",
+            "cp \"$1\" \"$2\" && printf '%s' \"$3\" >> \"$2\" && chmod 755 \"$2\"",
+            "sh",
+            src,
+        ])
+        .arg(dst)
+        .arg(extra)
+        .status()
+        .unwrap();
+    assert!(st.success());
 }

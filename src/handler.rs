@@ -96,8 +96,29 @@ fn watchdog(key: i32, shared: Arc<Mutex<Shared>>) {
     }
 }
 
+/// The key under construction, for the panic hook.
+static KEY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Should anything panic after all (a dependency, an allocation failure),
+/// the requester still gets an answer (EIO) instead of hanging on ENOKEY.
+/// The hook prints nothing: a panic message could carry data.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|_| {
+        let key = KEY.load(std::sync::atomic::Ordering::SeqCst);
+        if key != 0 {
+            let _ = keyring::reject(key, kernel_timeout(DEFAULT_NEGATIVE_S), libc::EIO);
+        }
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"derived-key-helper: internal error; the request was rejected with EIO\n",
+        );
+    }));
+}
+
 /// Runs one request to its end; returns the process exit status.
 pub fn run(args: &Args) -> u8 {
+    KEY.store(args.key, std::sync::atomic::Ordering::SeqCst);
+    install_panic_hook();
     let start = Instant::now();
     let shared = Arc::new(Mutex::new(Shared {
         answered: false,
@@ -111,10 +132,22 @@ pub fn run(args: &Args) -> u8 {
             ..Record::default()
         },
     }));
-    {
+    let spawned = {
         let shared = Arc::clone(&shared);
         let key = args.key;
-        std::thread::spawn(move || watchdog(key, shared));
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || watchdog(key, shared))
+    };
+    if spawned.is_err() {
+        // Without the watchdog the run time is unbounded: refuse to start.
+        let mut s = lock(&shared);
+        s.answered = true;
+        let _ = keyring::reject(args.key, kernel_timeout(s.negative_s), libc::EIO);
+        s.record.outcome = Some("EIO");
+        s.record.reason = Some("cannot start the watchdog thread".into());
+        audit::emit(&s.log, &s.record);
+        return 1;
     }
     let result = serve(args, start, &shared);
     let mut s = lock(&shared);

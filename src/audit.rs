@@ -78,7 +78,7 @@ fn kmsg(line: &str, severity: u8) -> std::io::Result<()> {
     f.write_all(format!("<{}>{line}\n", AUTHPRIV * 8 + severity).as_bytes())
 }
 
-fn syslog(socket: &Path, line: &str, granted: bool) -> Result<(), syslog::Error> {
+fn syslog(socket: &Path, line: &str, granted: bool) -> Result<(), Box<dyn std::error::Error>> {
     let formatter = syslog::Formatter3164 {
         facility: syslog::Facility::LOG_AUTHPRIV,
         hostname: None,
@@ -86,11 +86,20 @@ fn syslog(socket: &Path, line: &str, granted: bool) -> Result<(), syslog::Error>
         pid: std::process::id(),
     };
     let mut logger = syslog::unix_custom(formatter, socket)?;
-    if granted {
-        logger.info(line)
-    } else {
-        logger.notice(line)
+    // A syslog daemon that stops reading must not stall the handler (and
+    // with it the requester): sends give up after a short while.
+    let limit = Some(std::time::Duration::from_millis(250));
+    match &logger.backend {
+        syslog::LoggerBackend::Unix(d) => d.set_write_timeout(limit)?,
+        syslog::LoggerBackend::UnixStream(s) => s.get_ref().set_write_timeout(limit)?,
+        _ => {}
     }
+    if granted {
+        logger.info(line)?;
+    } else {
+        logger.notice(line)?;
+    }
+    Ok(())
 }
 
 /// Sends the line; falls back to the kernel log, then to stderr, so a
@@ -155,12 +164,35 @@ mod tests {
             name: Some("db".into()),
             ..Record::default()
         };
-        emit(&LogTarget::Syslog { socket: sock }, &r);
+        emit(
+            &LogTarget::Syslog {
+                socket: sock.clone(),
+            },
+            &r,
+        );
         let mut buf = [0u8; 1024];
         let n = rx.recv(&mut buf).unwrap();
         let got = String::from_utf8_lossy(&buf[..n]);
         // <86> = authpriv.info
         assert!(got.starts_with("<86>"), "{got}");
         assert!(got.contains("derived-keys: granted"), "{got}");
+
+        // A receiver that stops reading: once its queue is full, each send
+        // gives up after a moment, the line falls back to the kernel log,
+        // and emit returns instead of blocking the handler.
+        for _ in 0..30 {
+            let start = std::time::Instant::now();
+            emit(
+                &LogTarget::Syslog {
+                    socket: sock.clone(),
+                },
+                &r,
+            );
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(1),
+                "emit blocked"
+            );
+        }
+        drop(rx);
     }
 }

@@ -85,12 +85,17 @@ fn watchdog(key: i32, shared: Arc<Mutex<Shared>>) {
         if s.deadline > Instant::now() {
             continue; // moved while we slept
         }
+        let mut log = None;
         if !s.answered {
             s.answered = true;
             let _ = keyring::reject(key, kernel_timeout(s.negative_s), libc::ETIMEDOUT);
             s.record.outcome = Some("ETIMEDOUT");
             s.record.reason = Some("the request did not finish within the configured bound".into());
-            audit::emit(&s.log, &s.record);
+            log = Some((s.log.clone(), s.record.clone()));
+        }
+        drop(s);
+        if let Some((target, record)) = log {
+            audit::emit(&target, &record);
         }
         std::process::exit(1);
     }
@@ -146,13 +151,16 @@ pub fn run(args: &Args) -> u8 {
         let _ = keyring::reject(args.key, kernel_timeout(s.negative_s), libc::EIO);
         s.record.outcome = Some("EIO");
         s.record.reason = Some("cannot start the watchdog thread".into());
-        audit::emit(&s.log, &s.record);
+        let (target, record) = (s.log.clone(), s.record.clone());
+        drop(s);
+        audit::emit(&target, &record);
         return 1;
     }
     let result = serve(args, start, &shared);
     let mut s = lock(&shared);
     if s.answered {
-        return 1; // the watchdog answered already
+        // Granted (already logged by `serve`), or the watchdog answered.
+        return u8::from(result.is_err());
     }
     s.answered = true;
     let (status, errno) = match result {
@@ -175,7 +183,11 @@ pub fn run(args: &Args) -> u8 {
             ));
         }
     }
-    audit::emit(&s.log, &s.record);
+    // Logging happens outside the lock: a slow log must never keep the
+    // watchdog from enforcing the bound.
+    let (target, record) = (s.log.clone(), s.record.clone());
+    drop(s);
+    audit::emit(&target, &record);
     status
 }
 
@@ -289,7 +301,9 @@ fn serve(args: &Args, start: Instant, shared: &Mutex<Shared>) -> Result<(), Hand
     keyring::instantiate(args.key, payload.bytes())?;
     s.answered = true;
     s.record.outcome = Some("granted");
-    audit::emit(&s.log, &s.record);
+    let (target, record) = (s.log.clone(), s.record.clone());
+    drop(s);
+    audit::emit(&target, &record);
     Ok(())
 }
 

@@ -48,28 +48,34 @@ pub struct AuthRecord {
     pub callout_len: usize,
 }
 
-/// Finds the authorization key `auth` in the text of /proc/keys and parses
-/// its description. Lines are `serial flags usage expiry perm uid gid type
+fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    line.split(u8::is_ascii_whitespace)
+        .filter(|f| !f.is_empty())
+}
+
+/// Finds the authorization key `auth` in /proc/keys and parses its
+/// description. Lines are `serial flags usage expiry perm uid gid type
 /// description`, the serial in hex; the type is cut to 9 characters.
-pub fn parse_proc_keys(text: &str, auth: i32) -> Option<AuthRecord> {
+/// Works on bytes: other keys' descriptions may be anything but UTF-8, and
+/// must not stop us from finding ours.
+pub fn parse_proc_keys(text: &[u8], auth: i32) -> Option<AuthRecord> {
     let serial = format!("{:08x}", auth as u32);
     let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(&serial))?;
-    let mut fields = line.split_whitespace();
-    let ktype = fields.nth(7)?;
-    if ktype != ".request_" && ktype != ".request_key_auth" {
+        .split(|&b| b == b'\n')
+        .find(|l| fields(l).next() == Some(serial.as_bytes()))?;
+    let mut it = fields(line);
+    let ktype = it.nth(7)?;
+    if ktype != b".request_" && ktype != b".request_key_auth" {
         return None;
     }
-    let mut target = None;
-    let mut tid = None;
-    let mut ci = None;
-    for f in fields {
-        if let Some(v) = f.strip_prefix("key:") {
+    let (mut target, mut tid, mut ci) = (None, None, None);
+    for f in it {
+        let text = std::str::from_utf8(f).ok()?;
+        if let Some(v) = text.strip_prefix("key:") {
             target = u32::from_str_radix(v, 16).ok().map(|t| t as i32);
-        } else if let Some(v) = f.strip_prefix("pid:") {
+        } else if let Some(v) = text.strip_prefix("pid:") {
             tid = v.parse::<i32>().ok().filter(|t| *t > 0);
-        } else if let Some(v) = f.strip_prefix("ci:") {
+        } else if let Some(v) = text.strip_prefix("ci:") {
             ci = v.parse::<usize>().ok();
         }
     }
@@ -82,18 +88,19 @@ pub fn parse_proc_keys(text: &str, auth: i32) -> Option<AuthRecord> {
 
 /// The syscall number a blocked thread is in: the first field of
 /// /proc/<tid>/syscall ("running" or "-1 ..." when not in a syscall).
-pub fn parse_syscall(text: &str) -> Option<i64> {
-    text.split_whitespace().next()?.parse().ok()
+pub fn parse_syscall(text: &[u8]) -> Option<i64> {
+    std::str::from_utf8(fields(text).next()?).ok()?.parse().ok()
 }
 
-/// Supplementary groups from /proc/<tid>/status.
-pub fn parse_groups(status: &str) -> Vec<u32> {
+/// Supplementary groups from /proc/<tid>/status (bytes: the `Name:` line
+/// is the requester's choice).
+pub fn parse_groups(status: &[u8]) -> Vec<u32> {
     status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+        .split(|&b| b == b'\n')
+        .find_map(|l| l.strip_prefix(b"Groups:"))
         .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
+            fields(g)
+                .filter_map(|x| std::str::from_utf8(x).ok()?.parse().ok())
                 .collect()
         })
         .unwrap_or_default()
@@ -120,8 +127,8 @@ pub fn parse_ima(text: &str, path: &[u8]) -> Option<[u8; 32]> {
     found
 }
 
-fn read_to_string(path: &Path) -> Result<String, RequesterError> {
-    std::fs::read_to_string(path).map_err(|source| RequesterError::Read {
+fn read(path: &Path) -> Result<Vec<u8>, RequesterError> {
+    std::fs::read(path).map_err(|source| RequesterError::Read {
         path: path.to_owned(),
         source,
     })
@@ -144,7 +151,7 @@ pub struct Requester {
 
 /// Identifies the requester of `target` through authorization key `auth`.
 pub fn identify(proc_root: &Path, auth: i32, target: i32) -> Result<Requester, RequesterError> {
-    let keys = read_to_string(&proc_root.join("keys"))?;
+    let keys = read(&proc_root.join("keys"))?;
     let rec = parse_proc_keys(&keys, auth).ok_or(RequesterError::NoAuthKey { auth })?;
     if rec.target != target {
         return Err(RequesterError::WrongTarget {
@@ -155,11 +162,11 @@ pub fn identify(proc_root: &Path, auth: i32, target: i32) -> Result<Requester, R
     }
     let tid = rec.tid;
     let dir = proc_root.join(tid.to_string());
-    let syscall = read_to_string(&dir.join("syscall"))?;
+    let syscall = read(&dir.join("syscall"))?;
     if parse_syscall(&syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
         return Err(RequesterError::NotInRequestKey {
             tid,
-            syscall: syscall.chars().take(16).collect(),
+            syscall: String::from_utf8_lossy(&syscall[..syscall.len().min(16)]).into_owned(),
         });
     }
     let exe_link = dir.join("exe");
@@ -180,14 +187,14 @@ pub fn identify(proc_root: &Path, auth: i32, target: i32) -> Result<Requester, R
             .map_err(|source| RequesterError::Read { path: p, source })
     };
     let same_mount_ns = ns(proc_root.join("self/ns/mnt"))? == ns(dir.join("ns/mnt"))?;
-    let groups = parse_groups(&read_to_string(&dir.join("status"))?);
+    let groups = parse_groups(&read(&dir.join("status"))?);
     // Re-check that the thread is still the blocked requester: if the tid
     // had been reused in between, it would not be in request_key now.
-    let again = read_to_string(&dir.join("syscall"))?;
+    let again = read(&dir.join("syscall"))?;
     if parse_syscall(&again) != Some(crate::sys::SYS_REQUEST_KEY) {
         return Err(RequesterError::NotInRequestKey {
             tid,
-            syscall: again.chars().take(16).collect(),
+            syscall: String::from_utf8_lossy(&again[..again.len().min(16)]).into_owned(),
         });
     }
     Ok(Requester {
@@ -225,7 +232,8 @@ pub const IMA_MEASUREMENTS: &str = "/sys/kernel/security/ima/ascii_runtime_measu
 
 /// The IMA sha256 measurement of `exe`.
 pub fn ima_digest(list: &Path, exe: &Path) -> Result<[u8; 32], RequesterError> {
-    let text = read_to_string(list)?;
+    let bytes = read(list)?;
+    let text = String::from_utf8_lossy(&bytes);
     parse_ima(&text, exe.as_os_str().as_bytes()).ok_or_else(|| RequesterError::NoImaMeasurement {
         path: exe.display().to_string(),
     })
@@ -253,7 +261,8 @@ mod tests {
 
     #[test]
     fn proc_keys_auth_line() {
-        let r = parse_proc_keys(KEYS, 0x1f2e3d4c).unwrap();
+        let keys = KEYS.as_bytes();
+        let r = parse_proc_keys(keys, 0x1f2e3d4c).unwrap();
         assert_eq!(
             r,
             AuthRecord {
@@ -263,35 +272,40 @@ mod tests {
             }
         );
         assert!(
-            parse_proc_keys(KEYS, 0x2c9a1f3b).is_none(),
+            parse_proc_keys(keys, 0x2c9a1f3b).is_none(),
             "a user key is no auth key"
         );
-        assert!(parse_proc_keys(KEYS, 0x1234).is_none());
-        assert!(parse_proc_keys("", 1).is_none());
-        let bad = "1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:zz pid:1 ci:1";
+        assert!(parse_proc_keys(keys, 0x1234).is_none());
+        assert!(parse_proc_keys(b"", 1).is_none());
+        let bad = b"1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:zz pid:1 ci:1";
         assert!(parse_proc_keys(bad, 0x1f2e3d4c).is_none());
-        let neg = "1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:1 pid:-1 ci:1";
+        let neg = b"1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:1 pid:-1 ci:1";
         assert!(parse_proc_keys(neg, 0x1f2e3d4c).is_none());
         // Serials above 0x7fffffff do not occur, but must not confuse us.
-        assert!(parse_proc_keys(KEYS, -1).is_none());
+        assert!(parse_proc_keys(keys, -1).is_none());
+        // Someone else's key with a non-UTF-8 description is no obstacle.
+        let mut hostile =
+            b"0000abcd I--Q--- 1 perm 3f010000 0 0 user derived:\xff\xfe: 0\n".to_vec();
+        hostile.extend_from_slice(keys);
+        assert_eq!(parse_proc_keys(&hostile, 0x1f2e3d4c), Some(r));
     }
 
     #[test]
     fn syscall_field() {
         assert_eq!(
-            parse_syscall("249 0x5 0x6 0x7 0x0 0x0 0x0 0x7ffd 0x7f\n"),
+            parse_syscall(b"249 0x5 0x6 0x7 0x0 0x0 0x0 0x7ffd 0x7f\n"),
             Some(249)
         );
-        assert_eq!(parse_syscall("running\n"), None);
-        assert_eq!(parse_syscall("-1 0x7ffd 0x7f\n"), Some(-1));
-        assert_eq!(parse_syscall(""), None);
+        assert_eq!(parse_syscall(b"running\n"), None);
+        assert_eq!(parse_syscall(b"-1 0x7ffd 0x7f\n"), Some(-1));
+        assert_eq!(parse_syscall(b""), None);
     }
 
     #[test]
     fn groups_from_status() {
-        let s = "Name:\tx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 27 \nNgid:\t0\n";
+        let s = b"Name:\t\xffx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 27 \nNgid:\t0\n";
         assert_eq!(parse_groups(s), vec![4, 24, 27]);
-        assert!(parse_groups("Groups:\t\n").is_empty());
+        assert!(parse_groups(b"Groups:\t\n").is_empty());
     }
 
     #[test]
@@ -321,6 +335,18 @@ mod tests {
         assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
         let e = identify(dir.path(), 1, 3).unwrap_err();
         assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn requester_proc_entries_gone_is_an_error() {
+        // A tid that does not exist (its /proc directory is gone).
+        let keys =
+            "00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:999999999 ci:1\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("keys"), keys).unwrap();
+        let e = identify(dir.path(), 1, 2).unwrap_err();
+        assert!(matches!(e, RequesterError::Read { .. }), "{e:?}");
+        assert!(exe_digest(dir.path(), 999_999_999).is_err());
     }
 
     #[test]

@@ -1,0 +1,320 @@
+//! Request latency through the real kernel, on a private swtpm:
+//! derived-keys (symmetric, :pub, :sign:), the floor (a do-nothing Rust
+//! request-key handler), the incumbent (tpm2-tools signing with a stored key
+//! blob), and 8 parallel clients. Run as root: `cargo bench --bench requests`.
+//! Options (environment): DK_BENCH_N (requests per row, default 300),
+//! DK_BENCH_INCUMBENT_N (default 30).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::ffi::CString;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::KernelEnv;
+use derived_keys::client::KeyRequest;
+use derived_keys::request::Binding;
+
+fn env_n(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// request_key(2) into the process keyring, then drop the key.
+fn raw_request(desc: &str, callout: &str) -> Result<Duration, i32> {
+    let t = CString::new("user").unwrap();
+    let d = CString::new(desc).unwrap();
+    let c = CString::new(callout).unwrap();
+    let start = Instant::now();
+    // SAFETY: NUL-terminated strings alive for the call.
+    let id = unsafe {
+        libc::syscall(
+            libc::SYS_request_key,
+            t.as_ptr(),
+            d.as_ptr(),
+            c.as_ptr(),
+            -2i64,
+        )
+    };
+    let took = start.elapsed();
+    if id < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
+    }
+    // SAFETY: integer arguments only.
+    unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, id) };
+    Ok(took)
+}
+
+struct Row {
+    name: String,
+    samples: Vec<Duration>,
+    errors: usize,
+}
+
+impl Row {
+    fn pct(&self, p: f64) -> f64 {
+        let mut s = self.samples.clone();
+        s.sort();
+        if s.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((s.len() as f64 - 1.0) * p).round() as usize;
+        s[i].as_secs_f64() * 1000.0
+    }
+}
+
+fn measure(name: &str, n: usize, mut f: impl FnMut(usize) -> Result<Duration, i32>) -> Row {
+    // Warm up page cache and TPM state.
+    for i in 0..5 {
+        let _ = f(1_000_000 + i);
+    }
+    let mut row = Row {
+        name: name.into(),
+        samples: Vec::new(),
+        errors: 0,
+    };
+    for i in 0..n {
+        match f(i) {
+            Ok(d) => row.samples.push(d),
+            Err(_) => row.errors += 1,
+        }
+    }
+    row
+}
+
+fn floor_rule(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/floor_handler.rs");
+    let bin = dir.join("floor-handler");
+    let st = Command::new("rustc")
+        .args(["-O", "--edition", "2021", "-o"])
+        .arg(&bin)
+        .arg(src)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot build the floor handler");
+    let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
+    std::fs::write(
+        &rule,
+        format!("create user {prefix}:* * {} %k\n", bin.display()),
+    )
+    .unwrap();
+    rule
+}
+
+fn incumbent(env: &KernelEnv, n: usize) -> Row {
+    // The blob-keeping flow: an ECC key created once under an ECC primary
+    // and stored as files; each signature re-creates the primary, loads the
+    // blob, signs, and flushes, as a TPM key store does per operation.
+    let d = env.dir.path();
+    let p = |s: &str| d.join(s).to_str().unwrap().to_owned();
+    env.swtpm.tool(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-G",
+        "ecc256",
+        "-c",
+        &p("prim.ctx"),
+        "-Q",
+    ]);
+    env.swtpm.tool(&[
+        "tpm2_create",
+        "-C",
+        &p("prim.ctx"),
+        "-G",
+        "ecc256",
+        "-u",
+        &p("key.pub"),
+        "-r",
+        &p("key.priv"),
+        "-Q",
+    ]);
+    env.swtpm.tool(&["tpm2_flushcontext", "-t"]);
+    std::fs::write(d.join("digest"), [7u8; 32]).unwrap();
+    let tcti = env.swtpm.tcti();
+    let run = |args: &[&str]| {
+        Command::new(args[0])
+            .args(&args[1..])
+            .env("TPM2TOOLS_TCTI", &tcti)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
+    measure("incumbent: tpm2-tools createprimary+load+sign", n, |_| {
+        let start = Instant::now();
+        // swtpm has no resource manager: tpm2-tools' context files fill its
+        // three slots unless flushed between steps.
+        let ok = run(&[
+            "tpm2_createprimary",
+            "-C",
+            "o",
+            "-G",
+            "ecc256",
+            "-c",
+            &p("prim.ctx"),
+            "-Q",
+        ]) && run(&["tpm2_flushcontext", "-t"])
+            && run(&[
+                "tpm2_load",
+                "-C",
+                &p("prim.ctx"),
+                "-u",
+                &p("key.pub"),
+                "-r",
+                &p("key.priv"),
+                "-c",
+                &p("key.ctx"),
+                "-Q",
+            ])
+            && run(&["tpm2_flushcontext", "-t"])
+            && run(&[
+                "tpm2_sign",
+                "-c",
+                &p("key.ctx"),
+                "-g",
+                "sha256",
+                "-d",
+                "-o",
+                &p("sig"),
+                &p("digest"),
+            ])
+            && run(&["tpm2_flushcontext", "-t"]);
+        if !ok {
+            run(&["tpm2_flushcontext", "-t"]);
+        }
+        let took = start.elapsed();
+        if ok {
+            Ok(took)
+        } else {
+            Err(-1)
+        }
+    })
+}
+
+fn parallel(env: &KernelEnv, clients: usize, per_client: usize) -> Row {
+    let digest = "ab".repeat(32);
+    let prefix = env.prefix.clone();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (prefix, digest) = (prefix.clone(), digest.clone());
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..per_client {
+                    out.push(raw_request(
+                        &format!("{prefix}:par:sign:{digest}#c{c}i{i}"),
+                        "p256 machine",
+                    ));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut row = Row {
+        name: format!("{clients} parallel clients, :sign:"),
+        samples: Vec::new(),
+        errors: 0,
+    };
+    for h in handles {
+        for r in h.join().unwrap() {
+            match r {
+                Ok(d) => row.samples.push(d),
+                Err(_) => row.errors += 1,
+            }
+        }
+    }
+    row
+}
+
+fn main() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("requests bench: run as root (it installs a request-key rule)");
+        std::process::exit(1);
+    }
+    let n = env_n("DK_BENCH_N", 300);
+    let env = KernelEnv::new("[log]\ntarget = \"kmsg\"\n");
+    let floor_prefix = format!("{}f", env.prefix);
+    let rule = floor_rule(env.dir.path(), &floor_prefix);
+    let pre = env.prefix.clone();
+    let digest = "cd".repeat(32);
+
+    let mut rows = vec![
+        measure("floor: do-nothing Rust handler", n, |i| {
+            raw_request(&format!("{floor_prefix}:x#i{i}"), "1 user")
+        }),
+        measure("derived-keys symmetric (32 path)", n, |i| {
+            raw_request(&format!("{pre}:db#i{i}"), "32 path")
+        }),
+        measure("derived-keys :pub (p256 machine)", n, |i| {
+            raw_request(&format!("{pre}:host:pub#i{i}"), "p256 machine")
+        }),
+        measure("derived-keys :sign: (p256 machine)", n, |i| {
+            raw_request(&format!("{pre}:host:sign:{digest}#i{i}"), "p256 machine")
+        }),
+        measure("library: KeyRequest::sign_digest", n / 2, |_| {
+            let r = KeyRequest::new("host")
+                .unwrap()
+                .binding(Binding::Machine)
+                .prefix(&pre);
+            let start = Instant::now();
+            r.sign_digest(&[1; 32])
+                .map(|_| start.elapsed())
+                .map_err(|e| e.errno())
+        }),
+    ];
+    rows.push(parallel(&env, 8, n / 4));
+    let _ = std::fs::remove_file(rule);
+    // Objects our requests left in the TPM (the broker's primary excepted).
+    let leftover = {
+        let mut tpm = derived_keys::tpm::Tpm::open(
+            &derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap(),
+        )
+        .unwrap();
+        tpm.transient_count().unwrap()
+    };
+    rows.push(incumbent(&env, env_n("DK_BENCH_INCUMBENT_N", 30)));
+
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "\nmachine: {cpu}, {} cores, kernel {}, swtpm",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        kernel.trim()
+    );
+    println!("\n| request | n | p50 ms | p99 ms | errors |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.2} | {:.2} | {} |",
+            r.name,
+            r.samples.len(),
+            r.pct(0.5),
+            r.pct(0.99),
+            r.errors
+        );
+    }
+    let floor = rows[0].pct(0.5);
+    let sign = rows[3].pct(0.5);
+    let inc = rows[6].pct(0.5);
+    println!(
+        "\nsign p50 / floor p50: {:.2}x (goal <= 1.5x)",
+        sign / floor
+    );
+    println!("incumbent p50 / sign p50: {:.1}x (goal >= 20x)", inc / sign);
+    println!(
+        "8 clients: p99 {:.2} ms (goal <= 25), errors {}",
+        rows[5].pct(0.99),
+        rows[5].errors
+    );
+    println!("TPM transient objects left loaded: {leftover}");
+}

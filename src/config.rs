@@ -73,6 +73,8 @@ struct RawTpm {
     owner_auth_file: Option<PathBuf>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default = "default_broker_idle_s")]
+    broker_idle_s: u32,
 }
 
 impl Default for RawTpm {
@@ -81,8 +83,13 @@ impl Default for RawTpm {
             tcti: default_tcti(),
             owner_auth_file: None,
             timeout_ms: default_timeout_ms(),
+            broker_idle_s: default_broker_idle_s(),
         }
     }
+}
+
+fn default_broker_idle_s() -> u32 {
+    30
 }
 
 fn default_tcti() -> String {
@@ -185,6 +192,15 @@ fn default_log_socket() -> PathBuf {
     "/dev/log".into()
 }
 
+/// FNV-1a, 64 bits: names per-configuration runtime files. Not a security
+/// function; collisions would only make two configurations share a broker
+/// name, and the broker checks its configuration's fingerprint.
+pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 /// Where the executable digest for `csum` comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CsumSource {
@@ -212,6 +228,10 @@ pub struct Config {
     pub tcti: Tcti,
     pub owner_auth_file: Option<PathBuf>,
     pub tpm_timeout: Duration,
+    /// How long the TPM broker stays without requests before it exits.
+    pub broker_idle: Duration,
+    /// Identifies this configuration (path and content): one broker each.
+    pub fingerprint: u64,
     enabled: [bool; 4],
     pub machine_uids: Vec<u32>,
     pub machine_gids: Vec<u32>,
@@ -257,6 +277,9 @@ impl Config {
             Tcti::parse(&raw.tpm.tcti).map_err(|e: TpmError| value("tpm.tcti", e.to_string()))?;
         if !(100..=120_000).contains(&raw.tpm.timeout_ms) {
             return Err(value("tpm.timeout_ms", "must be 100 to 120000".into()));
+        }
+        if !(1..=3600).contains(&raw.tpm.broker_idle_s) {
+            return Err(value("tpm.broker_idle_s", "must be 1 to 3600".into()));
         }
         let csum_source = match raw.bindings.csum_source.as_str() {
             "file" => CsumSource::File,
@@ -307,6 +330,13 @@ impl Config {
             tcti,
             owner_auth_file: raw.tpm.owner_auth_file,
             tpm_timeout: Duration::from_millis(raw.tpm.timeout_ms),
+            broker_idle: Duration::from_secs(raw.tpm.broker_idle_s.into()),
+            fingerprint: fnv1a(
+                path.as_os_str()
+                    .as_encoded_bytes()
+                    .iter()
+                    .chain(text.as_bytes()),
+            ),
             enabled: [b.path, b.csum, b.user, b.machine],
             machine_uids: raw.bindings.machine_uids,
             machine_gids: raw.bindings.machine_gids,
@@ -425,6 +455,7 @@ mod tests {
         for (text, key) in [
             ("[tpm]\ntcti = \"floppy\"\n", "tpm.tcti"),
             ("[tpm]\ntimeout_ms = 0\n", "tpm.timeout_ms"),
+            ("[tpm]\nbroker_idle_s = 0\n", "tpm.broker_idle_s"),
             (
                 "[tpm]\nowner_auth_file = \"rel/path\"\n",
                 "tpm.owner_auth_file",

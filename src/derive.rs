@@ -12,12 +12,13 @@
 //! ```
 
 use hkdf::Hkdf;
-use p256::ecdsa::signature::hazmat::PrehashSigner;
-use p256::ecdsa::{Signature, SigningKey};
+use p256::ecdsa::Signature;
 use p256::elliptic_curve::hash2curve::{ExpandMsgXmd, GroupDigest};
+use p256::elliptic_curve::Field as _;
 use p256::pkcs8::EncodePublicKey;
-use p256::{NistP256, NonZeroScalar};
+use p256::{NistP256, ProjectivePoint, Scalar};
 use sha2::{Digest, Sha256};
+use zeroize::Zeroize;
 
 use crate::secret::{SecretAllocError, SecretBuf};
 
@@ -191,8 +192,17 @@ pub fn symmetric_key(prk: &Prk, len: usize) -> Result<SecretBuf, DeriveError> {
     Ok(out)
 }
 
-/// A P-256 key pair. No Debug or Display: it holds the private scalar.
-pub struct P256Key(SigningKey);
+/// A P-256 private key. No Debug or Display: it holds the secret scalar,
+/// zeroized on drop. The public point is computed only when asked for:
+/// a signature does not need it, and skipping it halves a signing request's
+/// elliptic-curve work.
+pub struct P256Key(Scalar);
+
+impl Drop for P256Key {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 impl P256Key {
     /// d = OS2IP(expand_message_xmd(PRK, DST_P256, 48)) mod n, as RFC 9380
@@ -201,14 +211,16 @@ impl P256Key {
         let scalar =
             NistP256::hash_to_scalar::<ExpandMsgXmd<Sha256>>(&[prk.as_bytes()], &[DST_P256])
                 .map_err(|_| DeriveError::HashToField)?;
-        let nz = Option::<NonZeroScalar>::from(NonZeroScalar::new(scalar))
-            .ok_or(DeriveError::ZeroScalar)?;
-        Ok(P256Key(SigningKey::from(nz)))
+        if bool::from(scalar.is_zero()) {
+            return Err(DeriveError::ZeroScalar);
+        }
+        Ok(P256Key(scalar))
     }
 
     /// SubjectPublicKeyInfo DER (id-ecPublicKey, prime256v1, uncompressed).
     pub fn spki_der(&self) -> Result<Vec<u8>, DeriveError> {
-        let public = p256::PublicKey::from(self.0.verifying_key());
+        let point = (ProjectivePoint::GENERATOR * self.0).to_affine();
+        let public = p256::PublicKey::from_affine(point).map_err(|_| DeriveError::Spki)?;
         public
             .to_public_key_der()
             .map(|d| d.as_bytes().to_vec())
@@ -217,7 +229,12 @@ impl P256Key {
 
     /// ECDSA over a SHA-256 digest, deterministic nonce (RFC 6979), DER.
     pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, DeriveError> {
-        let sig: Signature = self.0.sign_prehash(digest).map_err(|_| DeriveError::Sign)?;
+        use ecdsa::hazmat::SignPrimitive;
+        let z = p256::FieldBytes::from(*digest);
+        let (sig, _): (Signature, _) = self
+            .0
+            .try_sign_prehashed_rfc6979::<Sha256>(&z, &[])
+            .map_err(|_| DeriveError::Sign)?;
         Ok(sig.to_der().as_bytes().to_vec())
     }
 

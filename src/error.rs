@@ -22,6 +22,8 @@ pub enum HandlerError {
     Config(#[from] ConfigError),
     #[error("TPM: {0}")]
     Tpm(#[from] TpmError),
+    #[error("TPM broker: {0}")]
+    Broker(#[from] crate::broker::BrokerError),
     #[error("derivation: {0}")]
     Derive(#[from] DeriveError),
     #[error("keyring: {0}")]
@@ -47,6 +49,7 @@ impl HandlerError {
             H::Tpm(TpmError::BadTcti { .. } | TpmError::Unreachable { .. }) => libc::ENODEV,
             H::Tpm(_) | H::Derive(_) | H::Lock { .. } => libc::EIO,
             H::Keyring(k) => k.errno().unwrap_or(libc::EIO),
+            H::Broker(b) => b.errno(),
             H::TimedOut { .. } => libc::ETIMEDOUT,
         }
     }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::audit::{self, Record};
+use crate::broker;
 use crate::config::{Config, CsumSource, LogTarget};
 use crate::derive::{self, Input, P256Key, Purpose, Subject};
 use crate::error::{errno_name, HandlerError};
@@ -18,10 +19,7 @@ use crate::policy::{self, Facts};
 use crate::request::{Binding, Callout, Description, KeyType, Request, Want};
 use crate::requester::{self, Requester};
 use crate::secret::SecretBuf;
-use crate::tpm::{Tcti, Tpm};
 
-/// Where the TPM lock files live (tmpfs: nothing persists).
-pub const LOCK_DIR: &str = "/run/derived-keys";
 /// Bound and negative timeout used until the configuration is read.
 const DEFAULT_BOUND: Duration = Duration::from_secs(5);
 const DEFAULT_NEGATIVE_S: u32 = 1;
@@ -120,6 +118,21 @@ fn install_panic_hook() {
     }));
 }
 
+/// An error and its sources, for the audit line: what an operator needs.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// Runs one request to its end; returns the process exit status.
 pub fn run(args: &Args) -> u8 {
     KEY.store(args.key, std::sync::atomic::Ordering::SeqCst);
@@ -171,7 +184,7 @@ pub fn run(args: &Args) -> u8 {
         Err(e) => {
             let errno = e.errno();
             s.record.outcome = Some(errno_name(errno));
-            s.record.reason = Some(e.to_string());
+            s.record.reason = Some(chain(&e));
             (1, Some(errno))
         }
     };
@@ -275,14 +288,17 @@ fn serve(args: &Args, start: Instant, shared: &Mutex<Shared>) -> Result<(), Hand
         epoch: req.options.epoch,
     };
 
-    // 4. The TPM, one client at a time.
-    let owner_auth = config.owner_auth()?;
-    let prk = {
-        let _guard = tpm_lock(&config.tcti)?;
-        let mut tpm = Tpm::open(&config.tcti)?;
-        tpm.prk(owner_auth.as_ref(), &input.message())?
-    };
-    drop(owner_auth);
+    // 4. The TPM, through the broker (started here if none runs).
+    let broker = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(broker::BROKER_EXE)))
+        .unwrap_or_else(|| PathBuf::from(broker::BROKER_EXE));
+    let prk = broker::prk(
+        &config,
+        &broker,
+        &input.message(),
+        start + config.tpm_timeout,
+    )?;
 
     // 5. The result, then the answer.
     let payload: Payload = match req.want {
@@ -320,39 +336,4 @@ impl Payload {
             Payload::Public(p) => p,
         }
     }
-}
-
-/// An exclusive lock per TPM: swtpm takes one client at a time and has
-/// three object slots, so concurrent handlers must not interleave.
-fn tpm_lock(tcti: &Tcti) -> Result<nix::fcntl::Flock<std::fs::File>, HandlerError> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let dir = Path::new(LOCK_DIR);
-    let err = |path: &Path, source| HandlerError::Lock {
-        path: path.to_owned(),
-        source,
-    };
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(dir)
-            .map_err(|e| err(dir, e))?;
-    }
-    // FNV-1a of the TCTI: one lock file per TPM.
-    let hash = tcti
-        .as_str()
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
-    let path = dir.join(format!("tpm-{hash:016x}.lock"));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| err(&path, e))?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, errno)| err(&path, std::io::Error::from(errno)))
 }

@@ -135,6 +135,23 @@ pub fn read_callout() -> Result<Vec<u8>, KeyringError> {
     Ok(buf)
 }
 
+/// Leaves the request-key context a child process inherited: drops any
+/// instantiation authority and joins a fresh session keyring, so a
+/// long-lived process holds no reference to requests it did not answer.
+pub fn detach() -> Result<(), KeyringError> {
+    sys::keyctl_drop_authority().map_err(|source| KeyringError::Keyctl {
+        op: "assume_authority",
+        key: 0,
+        source,
+    })?;
+    sys::keyctl_new_session().map_err(|source| KeyringError::Keyctl {
+        op: "join_session_keyring",
+        key: 0,
+        source,
+    })?;
+    Ok(())
+}
+
 /// Sets the expiry of the key under construction (needs the authority,
 /// so it must come before instantiation).
 pub fn set_timeout(key: i32, seconds: u32) -> Result<(), KeyringError> {

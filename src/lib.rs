@@ -8,12 +8,15 @@
 //!   key bytes. They need neither a kernel nor a TPM to test.
 //! - [`tpm`] is the only module that uses tss-esapi; [`keyring`] the only
 //!   one that uses keyctl/linux-keyutils; `sys` the only one with `unsafe`.
-//! - [`handler`] is the request-key handler's flow; [`client`] is the
-//!   library programs use to ask for keys through the kernel.
+//! - [`handler`] is the request-key handler's flow; [`broker`] keeps the
+//!   TPM primary loaded for it (the handler itself never loads the TPM
+//!   stack); [`client`] is the library programs use to ask for keys
+//!   through the kernel.
 //! - [`error`] holds the one table from errors to errnos and exit codes.
 //!
 //! The derivation is specified in DERIVATION.md and frozen as v1.
 pub mod audit;
+pub mod broker;
 pub mod client;
 pub mod config;
 pub mod derive;

@@ -239,6 +239,40 @@ pub fn request_key(
 /// in the first field of /proc/<tid>/syscall.
 pub const SYS_REQUEST_KEY: i64 = libc::SYS_request_key;
 
+/// KEYCTL_JOIN_SESSION_KEYRING with no name: a fresh anonymous session
+/// keyring, leaving the one inherited from request-key.
+pub fn keyctl_new_session() -> io::Result<i32> {
+    // SAFETY: a NULL name pointer is allowed and means "anonymous".
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_JOIN_SESSION_KEYRING as libc::c_long,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
+}
+
+/// KEYCTL_ASSUME_AUTHORITY with 0: gives up any instantiation authority
+/// inherited from the handler.
+pub fn keyctl_drop_authority() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_ASSUME_AUTHORITY as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// KEYCTL_GET_KEYRING_ID without creating: resolves a special id such as
 /// KEY_SPEC_REQKEY_AUTH_KEY (-7) to a serial.
 pub fn keyctl_resolve(special: i32) -> io::Result<i32> {

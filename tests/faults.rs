@@ -22,21 +22,39 @@ fn quickly(env: &KernelEnv, rest: &str, callout: &str) -> Got {
 fn slots_exhausted_by_another_client_are_recovered() {
     let env = KernelEnv::new("");
     let reference = env.request("user", "db", "32 user").payload();
-    for i in 0..3 {
-        let ctx = env.dir.path().join(format!("o{i}.ctx"));
-        env.swtpm.tool(&[
-            "tpm2_createprimary",
-            "-C",
-            "o",
-            "-G",
-            "ecc",
-            "-c",
-            ctx.to_str().unwrap(),
-        ]);
-    }
+    let fill = |tag: &str| {
+        for i in 0..3 {
+            let ctx = env.dir.path().join(format!("{tag}{i}.ctx"));
+            env.swtpm.tool(&[
+                "tpm2_createprimary",
+                "-C",
+                "o",
+                "-G",
+                "ecc",
+                "-c",
+                ctx.to_str().unwrap(),
+            ]);
+        }
+    };
+    // Another client flushes everything (the broker's primary too) and
+    // fills all three slots of swtpm: the broker recovers.
+    env.swtpm.flush_all();
+    fill("o");
     assert_eq!(quickly(&env, "db#after", "32 user").payload(), reference);
-    let caps = env.swtpm.tool(&["tpm2_getcap", "handles-transient"]);
-    assert!(caps.stdout.is_empty(), "leftovers flushed, ours too");
+    // The same for a broker starting up into a full TPM.
+    env.stop_broker();
+    env.swtpm.flush_all();
+    fill("n");
+    assert_eq!(quickly(&env, "db#fresh", "32 user").payload(), reference);
+    // Only the broker's primary is left loaded; it goes when the broker does.
+    let handles = |env: &KernelEnv| {
+        String::from_utf8_lossy(&env.swtpm.tool(&["tpm2_getcap", "handles-transient"]).stdout)
+            .lines()
+            .count()
+    };
+    assert_eq!(handles(&env), 1);
+    env.stop_broker();
+    assert_eq!(handles(&env), 0);
 }
 
 #[test]
@@ -47,7 +65,11 @@ fn dictionary_attack_lockout_does_not_block_derivation() {
     let reference = env.request("user", "db", "32 user").payload();
     let d = env.dir.path();
     let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
-    env.swtpm.tool(&[
+    let tool = |args: &[&str]| {
+        env.swtpm.tool(args);
+        env.swtpm.flush_all(); // swtpm has three slots and no resource manager
+    };
+    tool(&[
         "tpm2_dictionarylockout",
         "-s",
         "-n",
@@ -58,9 +80,8 @@ fn dictionary_attack_lockout_does_not_block_derivation() {
         "600",
         "-Q",
     ]);
-    env.swtpm
-        .tool(&["tpm2_createprimary", "-C", "o", "-c", &p("p.ctx"), "-Q"]);
-    env.swtpm.tool(&[
+    tool(&["tpm2_createprimary", "-C", "o", "-c", &p("p.ctx"), "-Q"]);
+    tool(&[
         "tpm2_create",
         "-C",
         &p("p.ctx"),
@@ -74,8 +95,7 @@ fn dictionary_attack_lockout_does_not_block_derivation() {
         &p("k.priv"),
         "-Q",
     ]);
-    env.swtpm.tool(&["tpm2_flushcontext", "-t"]);
-    env.swtpm.tool(&[
+    tool(&[
         "tpm2_load",
         "-C",
         &p("p.ctx"),
@@ -87,14 +107,13 @@ fn dictionary_attack_lockout_does_not_block_derivation() {
         &p("k.ctx"),
         "-Q",
     ]);
-    env.swtpm.tool(&["tpm2_flushcontext", "-t"]);
     std::fs::write(d.join("m"), b"x").unwrap();
     for _ in 0..3 {
         let _ = std::process::Command::new("tpm2_hmac")
             .args(["-c", &p("k.ctx"), "-p", "wrong", &p("m")])
             .env("TPM2TOOLS_TCTI", env.swtpm.tcti())
             .output();
-        env.swtpm.tool(&["tpm2_flushcontext", "-t"]);
+        env.swtpm.flush_all();
     }
     let caps = env.swtpm.tool(&["tpm2_getcap", "properties-variable"]);
     assert!(String::from_utf8_lossy(&caps.stdout).contains("inLockout:                 1"));

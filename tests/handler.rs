@@ -425,8 +425,18 @@ fn eight_concurrent_requests_all_succeed_and_agree() {
     for h in handles {
         assert_eq!(h.join().unwrap().payload(), reference);
     }
-    let mut tpm =
-        derived_keys::tpm::Tpm::open(&derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap())
-            .unwrap();
-    assert_eq!(tpm.transient_count().unwrap(), 0);
+    let tcti = derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap();
+    // Exactly one object: the broker's primary, shared by all requests...
+    let loaded = derived_keys::tpm::Tpm::open(&tcti)
+        .unwrap()
+        .transient_count()
+        .unwrap();
+    assert_eq!(loaded, 1);
+    // ...and none once the broker has gone.
+    env.stop_broker();
+    let loaded = derived_keys::tpm::Tpm::open(&tcti)
+        .unwrap()
+        .transient_count()
+        .unwrap();
+    assert_eq!(loaded, 0);
 }

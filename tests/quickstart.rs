@@ -32,8 +32,10 @@ fn readme_quick_start_in_a_fresh_clone() {
         .status()
         .unwrap();
     assert!(st.success());
-    // Share the build cache; the clone still builds its own sources.
-    let target = Path::new(repo).join("target");
+    // A target directory of its own (under ours, so it stays cached across
+    // runs): sharing ours would overwrite this tree's binaries with the
+    // clone's.
+    let target = Path::new(repo).join("target").join("quickstart-clone");
     let out = Command::new("bash")
         .arg(clone.join("scripts/quickstart.sh"))
         .env("CARGO_TARGET_DIR", &target)

@@ -132,6 +132,12 @@ impl Swtpm {
         out
     }
 
+    /// Flushes every transient object, the broker's primary included (the
+    /// broker re-creates it on its next request), as another client might.
+    pub fn flush_all(&self) {
+        self.tool(&["tpm2_flushcontext", "-t"]);
+    }
+
     /// TPM2_Clear with the (empty) platform authorization.
     pub fn clear(&self) {
         self.tool(&["tpm2_clear", "-c", "p"]);
@@ -329,9 +335,26 @@ impl KernelEnv {
     }
 }
 
+impl KernelEnv {
+    /// Stops the TPM broker serving the current configuration and waits
+    /// until it has flushed its primary and gone.
+    pub fn stop_broker(&self) {
+        let Ok(config) = derived_keys::config::Config::load(&self.conf) else {
+            return;
+        };
+        let paths = derived_keys::broker::paths(&config);
+        derived_keys::broker::stop(&config);
+        let end = Instant::now() + Duration::from_secs(5);
+        while paths.pid.exists() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 impl Drop for KernelEnv {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.rule);
+        self.stop_broker();
     }
 }
 

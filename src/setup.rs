@@ -47,6 +47,10 @@ impl Layout {
     pub fn handler(&self) -> PathBuf {
         self.at("/usr/local/libexec/derived-key-helper")
     }
+    /// The TPM broker, beside the handler (which starts it from there).
+    pub fn broker(&self) -> PathBuf {
+        self.at("/usr/local/libexec/derived-keys-broker")
+    }
     pub fn dkey(&self) -> PathBuf {
         self.at("/usr/local/bin/dkey")
     }
@@ -403,6 +407,14 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
         path: layout.handler(),
         change: install_file(&layout.handler(), &helper, 0o755)?,
     });
+    let broker_src = opts.build_dir.join(crate::broker::BROKER_EXE);
+    let broker =
+        std::fs::read(&broker_src).map_err(|_| SetupError::NoHandlerBuild { path: broker_src })?;
+    steps.push(Step {
+        what: "TPM broker".into(),
+        path: layout.broker(),
+        change: install_file(&layout.broker(), &broker, 0o755)?,
+    });
     let dkey_src = opts.build_dir.join("dkey");
     if dkey_src != layout.dkey() {
         if let Ok(bytes) = std::fs::read(&dkey_src) {
@@ -474,6 +486,10 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
     };
     remove("request-key rule", layout.rule(), true)?;
     remove("request-key handler", layout.handler(), true)?;
+    if let Ok(config) = Config::load(&layout.config()) {
+        crate::broker::stop(&config);
+    }
+    remove("TPM broker", layout.broker(), true)?;
     if layout.swtpm_unit().exists() {
         let _ = run(
             "systemctl",
@@ -535,6 +551,7 @@ pub struct Status {
     pub rule_current: bool,
     pub handler_path: PathBuf,
     pub handler_installed: bool,
+    pub broker_installed: bool,
     pub secret_memory: &'static str,
     pub ima_available: bool,
 }
@@ -542,9 +559,13 @@ pub struct Status {
 /// `dkey status`: everything a request needs, checked.
 pub fn status(layout: &Layout, config_path: &Path) -> Status {
     let rule = std::fs::read_to_string(layout.rule()).ok();
-    let handler_installed = std::fs::metadata(layout.handler())
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false);
+    let executable = |p: PathBuf| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let handler_installed = executable(layout.handler());
+    let broker_installed = executable(layout.broker());
     let mut s = Status {
         ready: false,
         config_path: config_path.to_owned(),
@@ -563,6 +584,7 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         rule_current: rule.as_deref() == Some(RULE),
         handler_path: layout.handler(),
         handler_installed,
+        broker_installed,
         secret_memory: secret::probe_backing().map_or("unavailable", |b| b.as_str()),
         ima_available: crate::requester::ima_available(),
     };
@@ -576,6 +598,8 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
     s.config_valid = true;
     s.tcti = Some(config.tcti.to_string());
     let probe = || -> Result<(), crate::error::HandlerError> {
+        // Take turns with the broker: swtpm serves one client at a time.
+        let _lock = crate::broker::tpm_lock(config.tcti.as_str())?;
         let mut tpm = Tpm::open(&config.tcti)?;
         let info = tpm.info()?;
         s.tpm_reachable = true;
@@ -620,7 +644,8 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         && s.tpm_reachable
         && s.derivation_ok
         && s.rule_installed
-        && s.handler_installed;
+        && s.handler_installed
+        && s.broker_installed;
     s
 }
 

@@ -1,0 +1,19 @@
+#![no_main]
+//! The /proc parsers (keys, syscall, status, IMA list) and the keyctl
+//! describe record: never panic on any bytes.
+use derived_keys::keyring::KeyRecord;
+use derived_keys::requester::{parse_groups, parse_ima, parse_proc_keys, parse_syscall};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let serial = data.first().map_or(0, |b| i32::from(*b));
+    if let Some(r) = parse_proc_keys(data, serial) {
+        assert!(r.tid > 0);
+    }
+    let _ = parse_syscall(data);
+    let _ = parse_groups(data);
+    let _ = KeyRecord::parse(data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = parse_ima(text, b"/usr/bin/x");
+    }
+});

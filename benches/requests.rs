@@ -8,14 +8,16 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "measure.rs"]
+mod measure;
 
-use std::ffi::CString;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::KernelEnv;
 use derived_keys::client::KeyRequest;
 use derived_keys::request::Binding;
+use measure::Row;
 
 fn env_n(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -24,47 +26,8 @@ fn env_n(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// request_key(2) into the process keyring, then drop the key.
 fn raw_request(desc: &str, callout: &str) -> Result<Duration, i32> {
-    let t = CString::new("user").unwrap();
-    let d = CString::new(desc).unwrap();
-    let c = CString::new(callout).unwrap();
-    let start = Instant::now();
-    // SAFETY: NUL-terminated strings alive for the call.
-    let id = unsafe {
-        libc::syscall(
-            libc::SYS_request_key,
-            t.as_ptr(),
-            d.as_ptr(),
-            c.as_ptr(),
-            -2i64,
-        )
-    };
-    let took = start.elapsed();
-    if id < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1));
-    }
-    // SAFETY: integer arguments only.
-    unsafe { libc::syscall(libc::SYS_keyctl, libc::KEYCTL_INVALIDATE, id) };
-    Ok(took)
-}
-
-struct Row {
-    name: String,
-    samples: Vec<Duration>,
-    errors: usize,
-}
-
-impl Row {
-    fn pct(&self, p: f64) -> f64 {
-        let mut s = self.samples.clone();
-        s.sort();
-        if s.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((s.len() as f64 - 1.0) * p).round() as usize;
-        s[i].as_secs_f64() * 1000.0
-    }
+    measure::raw_request("user", desc, callout)
 }
 
 fn measure(name: &str, n: usize, mut f: impl FnMut(usize) -> Result<Duration, i32>) -> Row {

@@ -254,32 +254,8 @@ fn main() {
         },
     ));
 
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "\nmachine: {cpu}, {} cores, kernel {}, swtpm",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
-    );
-    println!("\n| request | n | p50 ms | p99 ms | errors |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    for r in &rows {
-        println!(
-            "| {} | {} | {:.2} | {:.2} | {} |",
-            r.name,
-            r.samples.len(),
-            r.pct(0.5),
-            r.pct(0.99),
-            r.errors
-        );
-    }
+    println!("\nmachine: {}", measure::machine());
+    measure::print_table(&rows);
     let floor = rows[0].pct(0.5);
     let sign = rows[3].pct(0.5);
     let inc = rows[6].pct(0.5);

@@ -204,45 +204,37 @@ pub fn request(
     })
 }
 
-/// Reads a key's payload into secret memory (user keys hold at most 32767 bytes).
-pub fn read_secret(key: i32) -> Result<SecretBuf, KeyringError> {
-    const MAX: usize = 32767;
-    let mut buf = SecretBuf::new(MAX)?;
+/// Reads a payload into `buf`; the kernel returns the full length even
+/// when the buffer is smaller, so that length is checked, not trusted.
+fn read_into(key: i32, buf: &mut [u8]) -> Result<usize, KeyringError> {
     let got = Key::from_id(KeySerialId::new(key))
-        .read(&mut buf.as_mut())
+        .read(&mut &mut *buf)
         .map_err(|source| KeyringError::Keyutils {
             op: "read",
             key,
             source,
         })?;
-    if got > MAX {
+    if got > buf.len() {
         return Err(KeyringError::Length {
             what: "key payload",
             got,
-            max: MAX,
+            max: buf.len(),
         });
     }
+    Ok(got)
+}
+
+/// Reads a key's payload into secret memory (user keys hold at most 32767 bytes).
+pub fn read_secret(key: i32) -> Result<SecretBuf, KeyringError> {
+    let mut buf = SecretBuf::new(32767)?;
+    let got = read_into(key, buf.as_mut())?;
     Ok(SecretBuf::copy_from(&buf.as_ref()[..got])?)
 }
 
 /// Reads a public payload (public key, signature).
 pub fn read_public(key: i32) -> Result<Vec<u8>, KeyringError> {
-    const MAX: usize = 4096;
-    let mut buf = vec![0u8; MAX];
-    let got = Key::from_id(KeySerialId::new(key))
-        .read(&mut buf)
-        .map_err(|source| KeyringError::Keyutils {
-            op: "read",
-            key,
-            source,
-        })?;
-    if got > MAX {
-        return Err(KeyringError::Length {
-            what: "key payload",
-            got,
-            max: MAX,
-        });
-    }
+    let mut buf = vec![0u8; 4096];
+    let got = read_into(key, &mut buf)?;
     buf.truncate(got);
     Ok(buf)
 }

@@ -442,20 +442,21 @@ impl Tpm {
         Ok(handles.len())
     }
 
+    /// TPM2_GetCapability(TPM_PROPERTIES) from `first`, `count` of them.
+    fn properties(&mut self, first: PropertyTag, count: u32) -> Result<CapabilityData, TpmError> {
+        let tcti = self.tcti.clone();
+        self.ctx
+            .execute_without_session(|ctx| {
+                ctx.get_capability(CapabilityType::TpmProperties, first.into(), count)
+            })
+            .map(|(data, _)| data)
+            .map_err(|e| classify(&tcti, "GetCapability", e))
+    }
+
     /// Which hierarchy passwords are set (TPM_PT_PERMANENT: ownerAuthSet,
     /// lockoutAuthSet).
     pub fn auth_set(&mut self) -> Result<AuthSet, TpmError> {
-        let tcti = self.tcti.clone();
-        let (data, _) = self
-            .ctx
-            .execute_without_session(|ctx| {
-                ctx.get_capability(
-                    CapabilityType::TpmProperties,
-                    PropertyTag::Permanent.into(),
-                    1,
-                )
-            })
-            .map_err(|e| classify(&tcti, "GetCapability", e))?;
+        let data = self.properties(PropertyTag::Permanent, 1)?;
         let bits = match data {
             CapabilityData::TpmProperties(list) => list
                 .find(PropertyTag::Permanent)
@@ -513,17 +514,7 @@ impl Tpm {
 
     /// Manufacturer and vendor strings, and whether this is a software TPM.
     pub fn info(&mut self) -> Result<TpmInfo, TpmError> {
-        let tcti = self.tcti.clone();
-        let (data, _) = self
-            .ctx
-            .execute_without_session(|ctx| {
-                ctx.get_capability(
-                    CapabilityType::TpmProperties,
-                    PropertyTag::Manufacturer.into(),
-                    6,
-                )
-            })
-            .map_err(|e| classify(&tcti, "GetCapability", e))?;
+        let data = self.properties(PropertyTag::Manufacturer, 6)?;
         let mut manufacturer = String::new();
         let mut vendor = String::new();
         if let CapabilityData::TpmProperties(list) = data {

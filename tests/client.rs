@@ -8,8 +8,7 @@ use derived_keys::client::{verify_message, ClientError, KeyRequest};
 use derived_keys::request::Binding;
 
 fn keys_with(prefix: &str) -> Vec<String> {
-    std::fs::read_to_string("/proc/keys")
-        .unwrap()
+    common::proc_keys()
         .lines()
         // Library requests always carry a #tag; keyctl's here do not.
         .filter(|l| l.contains(&format!(" {prefix}:")) && l.contains('#'))
@@ -101,6 +100,6 @@ fn logon_keys_are_kept_for_the_kernel() {
         .logon(64, -2)
         .unwrap();
     assert!(k.description.starts_with(&format!("{}:disk#", env.prefix)));
-    let desc = std::fs::read_to_string("/proc/keys").unwrap();
+    let desc = common::proc_keys();
     assert!(desc.contains(&k.description[..k.description.len().min(20)]));
 }

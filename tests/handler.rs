@@ -134,7 +134,7 @@ fn public_key_and_signature_verify_with_openssl() {
 
 /// The expiry column of /proc/keys for a key ("perm" when none).
 fn expiry(serial: i32) -> String {
-    let keys = std::fs::read_to_string("/proc/keys").unwrap();
+    let keys = common::proc_keys();
     let id = format!("{:08x}", serial as u32);
     keys.lines()
         .find(|l| l.starts_with(&id))

@@ -162,6 +162,11 @@ pub fn write(path: &Path, bytes: &[u8]) -> PathBuf {
     path.to_path_buf()
 }
 
+/// /proc/keys as text. Lossy: other keys' descriptions may be any bytes.
+pub fn proc_keys() -> String {
+    String::from_utf8_lossy(&std::fs::read("/proc/keys").unwrap()).into_owned()
+}
+
 /// The errno whose strerror text is `msg` (keyctl prints `request_key: <msg>`).
 pub fn errno_from_message(msg: &str) -> Option<i32> {
     (1..200).find(|&e| {

@@ -110,7 +110,8 @@ pub fn emit(target: &LogTarget, record: &Record) {
     let severity = if granted { 6 } else { 5 };
     let sent = match target {
         LogTarget::Syslog { socket } => {
-            syslog(socket, &line, granted).is_ok() || kmsg(&line, severity).is_ok()
+            (socket.exists() && syslog(socket, &line, granted).is_ok())
+                || kmsg(&line, severity).is_ok()
         }
         LogTarget::Kmsg => kmsg(&line, severity).is_ok(),
         LogTarget::Stderr => false,

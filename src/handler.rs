@@ -233,10 +233,9 @@ fn serve(args: &Args, start: Instant, shared: &Mutex<Shared>) -> Result<(), Hand
     // 2. The requester.
     if target.uid != args.uid {
         return Err(HandlerError::Requester(
-            requester::RequesterError::WrongTarget {
-                auth: 0,
-                found: target.uid as i32,
-                expected: args.uid as i32,
+            requester::RequesterError::UidMismatch {
+                key_uid: target.uid,
+                argv_uid: args.uid,
             },
         ));
     }

@@ -34,6 +34,8 @@ pub enum RequesterError {
         found: i32,
         expected: i32,
     },
+    #[error("the key under construction belongs to uid {key_uid}, but request-key passed uid {argv_uid}")]
+    UidMismatch { key_uid: u32, argv_uid: u32 },
     #[error("requester thread {tid} is not blocked in request_key (syscall {syscall:?})")]
     NotInRequestKey { tid: i32, syscall: String },
     #[error("the IMA measurement list has no sha256 entry for {path}")]

@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::config::{Config, DEFAULT_PATH};
 use crate::derive::{Input, Purpose, Subject};
 use crate::secret::{self, SecretBuf};
-use crate::tpm::{HierarchyAuth, Tcti, TctiKind, Tpm, TpmError};
+use crate::tpm::{HierarchyAuth, Tcti, Tpm, TpmError};
 
 /// The rule file shipped in request-key/.
 pub const RULE: &str = include_str!("../request-key/derived-keys.conf");
@@ -391,6 +391,17 @@ pub fn lockdown(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
     }
 }
 
+/// Locks down the embedded software TPM once it listens (its service runs
+/// this after every start: platform passwords do not survive a restart).
+pub fn lockdown_embedded(layout: &Layout) -> Result<(), SetupError> {
+    if !wait_listening(SWTPM_PORT, Duration::from_secs(5)) {
+        return Err(SetupError::Swtpm {
+            reason: format!("nothing listens on 127.0.0.1:{SWTPM_PORT}"),
+        });
+    }
+    lockdown(layout, &Tcti::parse(SWTPM_TCTI).map_err(SetupError::Tcti)?)
+}
+
 /// `dkey install`.
 pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, SetupError> {
     if !is_root() {
@@ -597,47 +608,7 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
     };
     s.config_valid = true;
     s.tcti = Some(config.tcti.to_string());
-    let probe = || -> Result<(), crate::error::HandlerError> {
-        // Take turns with the broker: swtpm serves one client at a time.
-        let _lock = crate::broker::tpm_lock(config.tcti.as_str())?;
-        let mut tpm = Tpm::open(&config.tcti)?;
-        let info = tpm.info()?;
-        s.tpm_reachable = true;
-        s.tpm_kind = Some(if info.software {
-            "software"
-        } else {
-            "hardware"
-        });
-        s.protection = if info.software {
-            "software only: a software TPM (swtpm) keeps its seed in a file; keys are as safe as that file and this host's root".into()
-        } else {
-            format!(
-                "hardware TPM ({}) through {}",
-                info.manufacturer,
-                config.tcti.device_path().unwrap_or(config.tcti.as_str())
-            )
-        };
-        s.tpm_manufacturer = Some(info.manufacturer);
-        s.tpm_vendor = Some(info.vendor);
-        let auth = config.owner_auth()?;
-        let probe_input = Input {
-            purpose: Purpose::Symmetric(32),
-            name: "dkey-status-self-test",
-            subject: Subject::Machine,
-            account: None,
-            client: None,
-            epoch: 0,
-        };
-        tpm.prk(auth.as_ref(), &probe_input.message())?;
-        s.derivation_ok = true;
-        Ok(())
-    };
-    // `probe` borrows `s` mutably; run it in a block.
-    let result = {
-        let mut p = probe;
-        p()
-    };
-    if let Err(e) = result {
+    if let Err(e) = probe_tpm(&config, &mut s) {
         s.tpm_error = Some(e.to_string());
     }
     s.ready = s.config_valid
@@ -649,14 +620,42 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
     s
 }
 
-/// The TCTI kind name for messages.
-pub fn kind_name(kind: TctiKind) -> &'static str {
-    match kind {
-        TctiKind::Device => "device",
-        TctiKind::Swtpm => "swtpm",
-        TctiKind::Mssim => "mssim",
-        TctiKind::Tabrmd => "tabrmd",
-    }
+/// Reaches the TPM, says what kind it is, and runs one test derivation
+/// (owner password included), filling in `s` as it goes.
+fn probe_tpm(config: &Config, s: &mut Status) -> Result<(), crate::error::HandlerError> {
+    // Take turns with the broker: swtpm serves one client at a time.
+    let _lock = crate::broker::tpm_lock(config.tcti.as_str())?;
+    let mut tpm = Tpm::open(&config.tcti)?;
+    let info = tpm.info()?;
+    s.tpm_reachable = true;
+    s.tpm_kind = Some(if info.software {
+        "software"
+    } else {
+        "hardware"
+    });
+    s.protection = if info.software {
+        "software only: a software TPM (swtpm) keeps its seed in a file; keys are as safe as that file and this host's root".into()
+    } else {
+        format!(
+            "hardware TPM ({}) through {}",
+            info.manufacturer,
+            config.tcti.device_path().unwrap_or(config.tcti.as_str())
+        )
+    };
+    s.tpm_manufacturer = Some(info.manufacturer);
+    s.tpm_vendor = Some(info.vendor);
+    let auth = config.owner_auth()?;
+    let probe_input = Input {
+        purpose: Purpose::Symmetric(32),
+        name: "dkey-status-self-test",
+        subject: Subject::Machine,
+        account: None,
+        client: None,
+        epoch: 0,
+    };
+    tpm.prk(auth.as_ref(), &probe_input.message())?;
+    s.derivation_ok = true;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -454,18 +454,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             print_steps(&steps);
         }
         Cmd::Uninstall { purge } => print_steps(&setup::uninstall(&Layout::default(), purge)?),
-        Cmd::SwtpmLockdown => {
-            let layout = Layout::default();
-            for _ in 0..100 {
-                if std::net::TcpStream::connect(("127.0.0.1", setup::SWTPM_PORT)).is_ok() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            let tcti = derived_keys::tpm::Tcti::parse(setup::SWTPM_TCTI)
-                .map_err(|e| fail(exit::FAILURE, e.to_string()))?;
-            setup::lockdown(&layout, &tcti)?;
-        }
+        Cmd::SwtpmLockdown => setup::lockdown_embedded(&Layout::default())?,
     }
     Ok(exit::OK)
 }

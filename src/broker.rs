@@ -1,44 +1,49 @@
-//! The TPM broker: the handler's fast path to the TPM.
+//! The broker: the resident half of the request-key handler.
 //!
-//! A request would otherwise pay, every time, for loading the TPM stack
-//! (libtss2 and libcrypto), opening the TCTI and creating the primary:
-//! about 3 of its 5.5 ms on swtpm, and far more on a real chip. The broker
-//! is a root process, started on demand by the handler, that keeps the
-//! derivation primary loaded and answers one question over a root-only
-//! unix socket: "HMAC these 32 bytes". It exits after a configured idle
-//! time, flushing the primary. Nothing is written to disk; the derivation
-//! is unchanged (the same primary, the same HMAC).
+//! Started on demand by the handler (`derived-key-helper`) and gone after
+//! a configured idle time, it keeps the derivation primary loaded and runs
+//! the whole request pipeline ([`crate::handler::decide`]): the handler is
+//! left with reading the kernel's facts and answering the kernel. Why: on
+//! a VM every exec of a glibc program pays for CPU feature probing and
+//! dynamic linking (~0.6 ms here), and a request that loads the TPM stack,
+//! opens the TCTI and creates the primary pays ~3 ms more on swtpm (far
+//! more on a chip). Here that is paid once per broker lifetime. Nothing is
+//! written to disk; the derivation is unchanged (the same primary, the
+//! same HMAC).
 //!
-//! Protocol (one exchange per connection):
-//! request `[VERSION, OP_PRK, m (32 bytes)]`, response `[errno, PRK (32 bytes)]`,
-//! errno 0 for success, else the contract errno the request should fail with.
-//!
-//! The client half (`prk`) does not touch the TPM stack, so the handler
-//! binary does not load it at all; the server half (`serve`) is the only
-//! user of [`crate::tpm`] on the request path.
+//! Protocol: [`crate::wire`]. The socket is 0600 in a 0700 root directory
+//! and the broker checks the peer is root. Several requests run at once
+//! (one per worker thread); TPM commands take turns, each waiting at most
+//! until its request's deadline.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::config::{Config, ConfigError};
+use crate::audit::{self, Record};
+use crate::config::{Config, ConfigError, LogTarget};
 use crate::derive::Prk;
+use crate::error::errno_name;
+use crate::handler::{self, kernel_timeout, Context};
 use crate::secret::{SecretAllocError, SecretBuf};
 use crate::tpm::{Primary, Tpm, TpmError};
+use crate::wire::{self, Answer, Hello, LogTo, Progress, Upcall};
 
 /// Where the broker's socket, lock and pid files live (tmpfs, root only).
 pub const RUN_DIR: &str = "/run/derived-keys";
 /// The broker's executable, beside the handler's.
 pub const BROKER_EXE: &str = "derived-keys-broker";
 
-const VERSION: u8 = 1;
-const OP_PRK: u8 = 1;
-const REQUEST_LEN: usize = 34;
-const RESPONSE_LEN: usize = 33;
+/// Requests served at once. More wait in the listen queue; a request
+/// stuck on a hung filesystem holds one until its handler gives up.
+const WORKERS: usize = 4;
+/// The broker answers ETIMEDOUT itself this long before the handler's
+/// deadline, so that the answer (and its audit line) is the broker's.
+const MARGIN: Duration = Duration::from_millis(25);
 
 /// The broker boundary's errors.
 #[derive(Debug, thiserror::Error)]
@@ -145,109 +150,6 @@ pub fn tpm_lock(tcti: &str) -> Result<nix::fcntl::Flock<std::fs::File>, BrokerEr
     })
 }
 
-// ---------------------------------------------------------------- client
-
-/// PRK for `msg` from the broker serving `config`, starting the broker
-/// (`broker_exe`) if none runs. Gives up at `deadline` with TimedOut.
-pub fn prk(
-    config: &Config,
-    broker_exe: &Path,
-    msg: &[u8; 32],
-    deadline: Instant,
-) -> Result<Prk, BrokerError> {
-    let p = paths(config);
-    let mut child: Option<std::process::Child> = None;
-    loop {
-        match UnixStream::connect(&p.socket) {
-            Ok(stream) => return exchange(stream, &p.socket, msg, deadline),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                ) =>
-            {
-                match child.as_mut() {
-                    None => child = Some(spawn(broker_exe, &config.path)?),
-                    // A broker that died before listening says why in its
-                    // exit code (a contract errno); 0 means another broker
-                    // holds the configuration, so keep connecting.
-                    Some(c) => {
-                        if let Ok(Some(status)) = c.try_wait() {
-                            match status.code() {
-                                Some(0) => {}
-                                Some(errno) => return Err(BrokerError::Refused { errno }),
-                                None => return Err(BrokerError::Refused { errno: libc::EIO }),
-                            }
-                        }
-                    }
-                }
-                if Instant::now() >= deadline {
-                    return Err(BrokerError::TimedOut);
-                }
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            Err(e) => return Err(io(&p.socket)(e)),
-        }
-    }
-}
-
-fn spawn(exe: &Path, config: &Path) -> Result<std::process::Child, BrokerError> {
-    std::process::Command::new(exe)
-        .arg("--config")
-        .arg(config)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|source| BrokerError::Spawn {
-            path: exe.to_owned(),
-            source,
-        })
-}
-
-fn remaining(deadline: Instant) -> Result<Duration, BrokerError> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-        .ok_or(BrokerError::TimedOut)
-}
-
-fn exchange(
-    mut s: UnixStream,
-    path: &Path,
-    msg: &[u8; 32],
-    deadline: Instant,
-) -> Result<Prk, BrokerError> {
-    let timeout = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => BrokerError::TimedOut,
-        _ => io(path)(e),
-    };
-    s.set_write_timeout(Some(remaining(deadline)?))
-        .map_err(io(path))?;
-    let mut req = [0u8; REQUEST_LEN];
-    req[0] = VERSION;
-    req[1] = OP_PRK;
-    req[2..].copy_from_slice(msg);
-    s.write_all(&req).map_err(timeout)?;
-    s.set_read_timeout(Some(remaining(deadline)?))
-        .map_err(io(path))?;
-    let eof = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => BrokerError::Protocol,
-        _ => timeout(e),
-    };
-    let mut status = [0u8; 1];
-    s.read_exact(&mut status).map_err(eof)?;
-    if status[0] != 0 {
-        return Err(BrokerError::Refused {
-            errno: i32::from(status[0]),
-        });
-    }
-    // Straight into the buffer the PRK lives in: no other copy of it.
-    let mut prk = SecretBuf::new(RESPONSE_LEN - 1)?;
-    s.read_exact(prk.as_mut()).map_err(eof)?;
-    Prk::new(prk).map_err(|_| BrokerError::Protocol)
-}
-
 /// Stops the broker serving `config`, if one runs (uninstall, tests).
 pub fn stop(config: &Config) {
     let p = paths(config);
@@ -269,14 +171,81 @@ struct Loaded {
     primary: Primary,
 }
 
+/// What only the holder of the TPM turn touches.
+struct TpmState {
+    loaded: Option<Loaded>,
+    /// The TPM lock file, opened once; locked around each command.
+    lock: Option<std::fs::File>,
+}
+
+/// One TPM command at a time; a waiter gives up at its deadline, or at
+/// once when the watchdog has declared the TPM hung.
+struct Turn {
+    busy: Mutex<bool>,
+    freed: Condvar,
+}
+
+struct TurnGuard<'a>(&'a Turn);
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        *relock(&self.0.busy) = false;
+        self.0.freed.notify_one();
+    }
+}
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a thread panicked holding it; the data
+    // (a flag, or TPM state rebuilt on the next error) stays usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Turn {
+    fn take(&self, deadline: Instant, hung: &AtomicBool) -> Result<TurnGuard<'_>, BrokerError> {
+        let mut busy = relock(&self.busy);
+        while *busy {
+            let left = remaining(deadline)?;
+            if hung.load(Ordering::SeqCst) {
+                return Err(BrokerError::TimedOut);
+            }
+            busy = self
+                .freed
+                .wait_timeout(busy, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *busy = true;
+        Ok(TurnGuard(self))
+    }
+}
+
+fn remaining(deadline: Instant) -> Result<Duration, BrokerError> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or(BrokerError::TimedOut)
+}
+
+/// Everything the worker threads share.
 struct Server {
     config: Config,
     owner_auth: Option<SecretBuf>,
-    loaded: Option<Loaded>,
-    /// The TPM lock file, opened once; locked around each request.
-    lock: Option<std::fs::File>,
-    /// One buffer for every PRK this broker computes, zeroized after each.
-    out: SecretBuf,
+    turn: Turn,
+    tpm: Mutex<TpmState>,
+    /// Microseconds since `epoch` when the current TPM command started; 0 if none.
+    busy_since: AtomicU64,
+    /// Set by the watchdog: the TPM stopped answering; the broker is ending.
+    hung: AtomicBool,
+    /// Set when the broker should end (idle, signal, TPM trouble).
+    stop: AtomicBool,
+    /// Requests being served, and when the last one ended (µs since `epoch`).
+    inflight: AtomicUsize,
+    last: AtomicU64,
+    epoch: Instant,
+    hello: Vec<u8>,
+    /// The listening socket and its path, to stop accepting at once.
+    listener: std::os::fd::RawFd,
+    socket: PathBuf,
 }
 
 /// The loaded TPM state, opened and created on first use.
@@ -297,21 +266,27 @@ fn load<'a>(
 }
 
 impl Server {
-    fn hmac(&mut self, msg: &[u8; 32]) -> Result<(), TpmError> {
-        let Server {
-            config,
-            owner_auth,
-            loaded,
-            out,
-            ..
-        } = self;
-        let l = load(loaded, config, owner_auth.as_ref())?;
-        l.tpm.prk_into(&l.primary, msg, out)
+    /// Ends accepting now: the socket disappears, so the next handler
+    /// starts a fresh broker instead of queueing for this one. Workers
+    /// blocked in accept wake up (shutdown makes it fail).
+    fn begin_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = nix::sys::socket::shutdown(self.listener, nix::sys::socket::Shutdown::Both);
     }
 
-    /// Computes the PRK for `msg` into `self.out`.
-    fn prk(&mut self, msg: &[u8; 32]) -> Result<(), BrokerError> {
-        let file = match self.lock.take() {
+    fn micros(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// The PRK for `msg`: one TPM2_HMAC, in turn with other requests.
+    fn prk(&self, msg: &[u8; 32], deadline: Instant) -> Result<Prk, BrokerError> {
+        let mut out = SecretBuf::new(32)?;
+        let _turn = self.turn.take(deadline, &self.hung)?;
+        let mut st = relock(&self.tpm);
+        let file = match st.lock.take() {
             Some(f) => f,
             None => open_lock(self.config.tcti.as_str())?,
         };
@@ -321,62 +296,198 @@ impl Server {
                 source: std::io::Error::from(errno),
             },
         )?;
-        let result = match self.hmac(msg) {
+        self.busy_since.store(self.micros(), Ordering::SeqCst);
+        let mut hmac = |loaded: &mut Option<Loaded>| {
+            let l = load(loaded, &self.config, self.owner_auth.as_ref())?;
+            l.tpm.prk_into(&l.primary, msg, &mut out)
+        };
+        let result = match hmac(&mut st.loaded) {
             Ok(()) => Ok(()),
             // The owner password will not get better by retrying.
-            Err(e @ (TpmError::OwnerAuth { .. } | TpmError::Lockout { .. })) => Err(e.into()),
+            Err(e @ (TpmError::OwnerAuth { .. } | TpmError::Lockout { .. })) => Err(e),
             // The TPM restarted, or someone flushed our primary: start over once.
             Err(_) => {
-                self.loaded = None;
-                self.hmac(msg).map_err(BrokerError::from)
+                st.loaded = None;
+                hmac(&mut st.loaded)
             }
         };
-        self.lock = guard.unlock().ok();
-        result
+        self.busy_since.store(0, Ordering::SeqCst);
+        if result.is_err() {
+            // Start fresh next time; and end this broker, so that a
+            // password fixed in its file is read again by the next one.
+            st.loaded = None;
+            self.begin_stop();
+        }
+        st.lock = guard.unlock().ok();
+        result?;
+        Prk::new(out).map_err(|_| BrokerError::Protocol)
     }
 
-    fn shutdown(&mut self) {
-        if let Some(mut l) = self.loaded.take() {
+    fn shutdown(&self) {
+        let Ok(_turn) = self
+            .turn
+            .take(Instant::now() + Duration::from_secs(1), &self.hung)
+        else {
+            return; // the TPM is busy or hung: the watchdog ends us
+        };
+        let mut st = relock(&self.tpm);
+        if let Some(mut l) = st.loaded.take() {
             let _lock = tpm_lock(self.config.tcti.as_str());
             let _ = l.tpm.flush_primary(l.primary);
         }
     }
 }
 
-fn answer(server: &mut Server, mut s: UnixStream) -> bool {
+/// Reads one upcall, however the kernel splits it.
+fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        let want = match Upcall::progress(buf) {
+            Progress::Complete(n) if n == buf.len() => return Some(()),
+            Progress::Complete(_) | Progress::Invalid => return None,
+            Progress::Need(n) => n,
+        };
+        let n = s
+            .read(&mut chunk[..(want - buf.len()).min(4096)])
+            .ok()
+            .filter(|&n| n > 0)?;
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Serves one connection: hello, upcall, answer, then the audit line
+/// (after the answer: the requester does not wait for the log).
+fn serve_one(server: &Server, mut s: UnixStream) {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    let received = Instant::now();
     // Root only: the socket is 0600 in a 0700 directory, and we check anyway.
     if getsockopt(&s, PeerCredentials).map(|c| c.uid()) != Ok(0) {
-        return true;
+        return;
     }
-    let mut req = [0u8; REQUEST_LEN];
-    if s.read_exact(&mut req).is_err() || req[0] != VERSION || req[1] != OP_PRK {
-        return true;
+    let bound = server.config.tpm_timeout;
+    let _ = s.set_write_timeout(Some(bound));
+    let _ = s.set_read_timeout(Some(bound));
+    if s.write_all(&server.hello).is_err() {
+        return;
     }
-    let mut msg = [0u8; 32];
-    msg.copy_from_slice(&req[2..]);
-    match server.prk(&msg) {
-        Ok(()) => {
-            // Status and PRK in one write, with no further copy of the PRK.
+    let mut buf = Vec::with_capacity(1024);
+    if read_upcall(&mut s, &mut buf).is_none() {
+        return;
+    }
+    let Some(up) = Upcall::decode(&buf) else {
+        return;
+    };
+    // The handler's clock started before ours (and before the broker, if
+    // it started this one): its deadline is what counts.
+    let spent = Duration::from_micros(up.elapsed_us.into());
+    let deadline = (received + bound)
+        .checked_sub(spent + MARGIN)
+        .unwrap_or(received);
+    let mut record = Record::default();
+    let ctx = Context {
+        config: &server.config,
+        proc_root: Path::new("/proc"),
+        prk: &|msg, deadline| server.prk(msg, deadline),
+    };
+    let result = handler::decide(&up, &ctx, deadline, &mut record);
+    let result = match result {
+        Ok(_) if Instant::now() > deadline => Err(crate::error::HandlerError::TimedOut {
+            ms: bound.as_millis(),
+        }),
+        other => other,
+    };
+    match result {
+        Ok(grant) => {
+            let payload = grant.payload.bytes();
+            let header = Answer {
+                errno: 0,
+                timeout_s: grant.timeout_s.unwrap_or(0),
+                len: u16::try_from(payload.len()).unwrap_or(0),
+            }
+            .encode();
+            record.outcome = Some("granted");
             let parts = [
-                std::io::IoSlice::new(&[0]),
-                std::io::IoSlice::new(server.out.as_ref()),
+                std::io::IoSlice::new(&header),
+                std::io::IoSlice::new(payload),
             ];
-            let _ = s.write_vectored(&parts);
-            zeroize::Zeroize::zeroize(server.out.as_mut());
-            true
+            if let Err(e) = write_all_vectored(&mut s, &parts, header.len() + payload.len()) {
+                record.outcome = Some(errno_name(libc::EIO));
+                record.reason = Some(format!("the handler went away: {e}"));
+            }
         }
         Err(e) => {
             let errno = e.errno();
-            let _ = s.write_all(&[u8::try_from(errno).unwrap_or(libc::EIO as u8)]);
-            // A wrong password may be fixed in its file: let the next
-            // broker read it again. An unreachable TPM: start fresh next time.
-            server.loaded = None;
-            errno != libc::EIO
+            record.outcome = Some(errno_name(errno));
+            record.reason = Some(handler::chain(&e));
+            let header = Answer {
+                errno: u8::try_from(errno).unwrap_or(libc::EIO as u8),
+                timeout_s: kernel_timeout(server.config.negative_timeout_s),
+                len: 0,
+            }
+            .encode();
+            let _ = s.write_all(&header);
         }
     }
+    drop(s);
+    audit::emit(&server.config.log, &record);
+}
+
+/// One write for header and payload (no copy of the payload); loops on
+/// the rare short write.
+fn write_all_vectored(
+    s: &mut UnixStream,
+    parts: &[std::io::IoSlice<'_>; 2],
+    total: usize,
+) -> std::io::Result<()> {
+    let n = s.write_vectored(parts)?;
+    if n < total {
+        let (a, b) = (&*parts[0], &*parts[1]);
+        if n < a.len() {
+            s.write_all(&a[n..])?;
+            s.write_all(b)?;
+        } else {
+            s.write_all(&b[n - a.len()..])?;
+        }
+    }
+    Ok(())
+}
+
+fn worker(server: &Server, listener: &UnixListener) {
+    while !server.stop.load(Ordering::SeqCst) {
+        let Ok((stream, _)) = listener.accept() else {
+            if server.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        };
+        server.inflight.fetch_add(1, Ordering::SeqCst);
+        serve_one(server, stream);
+        server.last.store(server.micros(), Ordering::SeqCst);
+        server.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn encode_hello(config: &Config) -> Vec<u8> {
+    let (log, path): (LogTo, &[u8]) = match &config.log {
+        LogTarget::Syslog { socket } => (LogTo::Syslog, socket.as_os_str().as_encoded_bytes()),
+        LogTarget::Kmsg => (LogTo::Kmsg, b""),
+        LogTarget::Stderr => (LogTo::Stderr, b""),
+    };
+    let hello = Hello {
+        log,
+        bound_ms: u32::try_from(config.tpm_timeout.as_millis()).unwrap_or(u32::MAX),
+        negative_s: kernel_timeout(config.negative_timeout_s),
+        // A socket path too long for a hello: the handler uses the default.
+        log_path: if path.len() <= wire::MAX_LOG_PATH {
+            path
+        } else {
+            b""
+        },
+    };
+    let mut buf = [0u8; wire::MAX_HELLO];
+    let n = hello.encode(&mut buf).unwrap_or(0);
+    buf[..n].to_vec()
 }
 
 /// The broker's main loop. Returns when idle, on SIGTERM, or when another
@@ -390,7 +501,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     // Leave the request-key context we were started from.
     let _ = nix::unistd::setsid();
     let _ = crate::keyring::detach();
-    crate::handler::harden();
+    handler::harden();
 
     // Everything that can fail for configuration reasons, before any
     // runtime file exists: a broker that cannot serve never listens.
@@ -418,6 +529,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         .map_err(io(&p.socket))?;
     std::fs::write(&p.pid, std::process::id().to_string()).map_err(io(&p.pid))?;
 
+    // Blocked in every thread (they inherit the mask); read from the fd.
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
@@ -425,71 +537,86 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
         .map_err(|e| io(&p.pid)(std::io::Error::from(e)))?;
 
-    // Our own watchdog: a TPM that hangs mid-command must not keep a
-    // broker around that every later request would wait on.
-    let busy_since = Arc::new(AtomicU64::new(0));
-    let epoch = Instant::now();
-    {
-        let busy = Arc::clone(&busy_since);
-        let limit = config.tpm_timeout;
-        let files = p.clone();
-        let _ = std::thread::Builder::new()
-            .name("watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(100));
-                let since = busy.load(Ordering::SeqCst);
-                if since != 0
-                    && epoch.elapsed().saturating_sub(Duration::from_micros(since)) > limit
-                {
-                    // exit() runs no destructors: clean up by hand.
-                    drop(RuntimeFiles(&files));
-                    std::process::exit(libc::ETIMEDOUT);
-                }
-            });
-    }
-
     let idle = config.broker_idle;
-    let mut server = Server {
+    let limit = config.tpm_timeout;
+    let server = Server {
+        hello: encode_hello(&config),
         owner_auth,
         config,
-        loaded: None,
-        lock: None,
-        out: SecretBuf::new(32)?,
+        turn: Turn {
+            busy: Mutex::new(false),
+            freed: Condvar::new(),
+        },
+        tpm: Mutex::new(TpmState {
+            loaded: None,
+            lock: None,
+        }),
+        busy_since: AtomicU64::new(0),
+        hung: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        inflight: AtomicUsize::new(0),
+        last: AtomicU64::new(0),
+        epoch: Instant::now(),
+        listener: std::os::fd::AsRawFd::as_raw_fd(&listener),
+        socket: p.socket.clone(),
     };
-    let idle_ms = u16::try_from(idle.as_millis()).unwrap_or(u16::MAX);
-    let mut last = Instant::now();
-    loop {
-        let left = idle.saturating_sub(last.elapsed());
-        if left.is_zero() {
-            break;
+    server.last.store(server.micros(), Ordering::SeqCst);
+
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            let _ = std::thread::Builder::new()
+                .name("worker".into())
+                .spawn_scoped(scope, || worker(&server, &listener));
         }
-        let wait = PollTimeout::from(u16::try_from(left.as_millis()).unwrap_or(idle_ms).max(1));
-        let mut fds = [
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(sigfd.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, wait) {
-            Ok(0) => continue, // re-check the idle time
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => break,
+        // Our own watchdog: a TPM that hangs mid-command must not keep a
+        // broker around that every later request would wait on. Waiting
+        // requests get ETIMEDOUT at once; then the broker exits.
+        let watchdog = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn_scoped(scope, || {
+                while !server.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let since = server.busy_since.load(Ordering::SeqCst);
+                    if since != 0
+                        && Duration::from_micros(server.micros().saturating_sub(since)) > limit
+                    {
+                        server.hung.store(true, Ordering::SeqCst);
+                        server.turn.freed.notify_all();
+                        std::thread::sleep(Duration::from_millis(50));
+                        // exit() runs no destructors: clean up by hand.
+                        drop(RuntimeFiles(&p));
+                        std::process::exit(libc::ETIMEDOUT);
+                    }
+                }
+            });
+        if watchdog.is_err() {
+            server.stop.store(true, Ordering::SeqCst);
         }
-        if fds[1].any().unwrap_or(false) {
-            break;
-        }
-        if let Ok((stream, _)) = listener.accept() {
-            busy_since.store(epoch.elapsed().as_micros().max(1) as u64, Ordering::SeqCst);
-            let keep = answer(&mut server, stream);
-            busy_since.store(0, Ordering::SeqCst);
-            last = Instant::now();
-            if !keep {
+        loop {
+            if server.stop.load(Ordering::SeqCst) {
                 break;
             }
+            let quiet = Duration::from_micros(
+                server
+                    .micros()
+                    .saturating_sub(server.last.load(Ordering::SeqCst)),
+            );
+            if server.inflight.load(Ordering::SeqCst) == 0 && quiet >= idle {
+                break;
+            }
+            let wait = idle.saturating_sub(quiet).min(Duration::from_millis(200));
+            let wait = PollTimeout::from(u16::try_from(wait.as_millis()).unwrap_or(200).max(1));
+            let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, wait) {
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+                Ok(_) | Err(_) => break,
+            }
         }
-    }
-    // Stop accepting first, then free the TPM slot.
-    drop(listener);
-    server.shutdown();
+        // Stop accepting, let requests in progress finish (the scope joins
+        // the workers), then free the TPM slot.
+        server.begin_stop();
+        server.shutdown();
+    });
     Ok(())
 }
 

@@ -7,11 +7,15 @@
 //!   [`derive`] are pure: strings become types, types become decisions and
 //!   key bytes. They need neither a kernel nor a TPM to test.
 //! - [`tpm`] is the only module that uses tss-esapi; [`keyring`] the only
-//!   one that uses keyctl/linux-keyutils; `sys` the only one with `unsafe`.
-//! - [`handler`] is the request-key handler's flow; [`broker`] keeps the
-//!   TPM primary loaded for it (the handler itself never loads the TPM
-//!   stack); [`client`] is the library programs use to ask for keys
-//!   through the kernel.
+//!   one that uses keyctl/linux-keyutils; `sys` the only one with `unsafe`
+//!   (and, in the handler binary, its own `sys`).
+//! - The request-key handler, `derived-key-helper`, is a small static
+//!   program without Rust's std or glibc's start-up: it reads the kernel's
+//!   facts, passes them over [`wire`] to the [`broker`] (starting it when
+//!   none runs), and instantiates or rejects as told. The broker keeps the
+//!   TPM primary loaded and runs the request pipeline, [`handler`].
+//! - [`client`] is the library programs use to ask for keys through the
+//!   kernel.
 //! - [`error`] holds the one table from errors to errnos and exit codes.
 //!
 //! The derivation is specified in DERIVATION.md and frozen as v1.
@@ -22,6 +26,7 @@ pub mod config;
 pub mod derive;
 pub mod error;
 pub mod handler;
+pub mod helper;
 pub mod keyring;
 pub mod policy;
 pub mod request;
@@ -30,3 +35,4 @@ pub mod secret;
 pub mod setup;
 mod sys;
 pub mod tpm;
+pub mod wire;

@@ -151,10 +151,16 @@ pub struct Requester {
     pub exe_at_path: bool,
 }
 
-/// Identifies the requester of `target` through authorization key `auth`.
-pub fn identify(proc_root: &Path, auth: i32, target: i32) -> Result<Requester, RequesterError> {
-    let keys = read(&proc_root.join("keys"))?;
-    let rec = parse_proc_keys(&keys, auth).ok_or(RequesterError::NoAuthKey { auth })?;
+/// Identifies the requester of `target` through authorization key `auth`,
+/// whose /proc/keys line (read by the handler, which possesses the key) is
+/// `keys`.
+pub fn identify(
+    proc_root: &Path,
+    keys: &[u8],
+    auth: i32,
+    target: i32,
+) -> Result<Requester, RequesterError> {
+    let rec = parse_proc_keys(keys, auth).ok_or(RequesterError::NoAuthKey { auth })?;
     if rec.target != target {
         return Err(RequesterError::WrongTarget {
             auth,
@@ -330,12 +336,11 @@ mod tests {
         let fake =
             format!("00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:{me} ci:1\n");
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("keys"), fake).unwrap();
         std::os::unix::fs::symlink(format!("/proc/{me}"), dir.path().join(me.to_string())).unwrap();
         std::os::unix::fs::symlink("/proc/self", dir.path().join("self")).unwrap();
-        let e = identify(dir.path(), 1, 2).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 2).unwrap_err();
         assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
-        let e = identify(dir.path(), 1, 3).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 3).unwrap_err();
         assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
     }
 
@@ -345,8 +350,7 @@ mod tests {
         let keys =
             "00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:999999999 ci:1\n";
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("keys"), keys).unwrap();
-        let e = identify(dir.path(), 1, 2).unwrap_err();
+        let e = identify(dir.path(), keys.as_bytes(), 1, 2).unwrap_err();
         assert!(matches!(e, RequesterError::Read { .. }), "{e:?}");
         assert!(exe_digest(dir.path(), 999_999_999).is_err());
     }

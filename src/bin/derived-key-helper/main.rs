@@ -1,0 +1,418 @@
+//! derived-key-helper: the request-key(8) handler. Started by
+//! /sbin/request-key as root for `derived:*` requests (see the rule file
+//! in request-key/), with the authority to instantiate the key.
+//!
+//! Every request pays for this program's start, so it is small and has no
+//! std and no libc start-up (linked statically against musl where it is
+//! installed; see build.rs). It reads what the kernel says about the
+//! request, hands that to the broker (`derived-keys-broker`, started here
+//! when none runs) over [`wire`], and instantiates or rejects the key as
+//! the broker answers. It enforces the configured time bound itself: a
+//! broker that does not answer in time gets the request rejected with
+//! ETIMEDOUT. Every path ends in an answer to the kernel.
+//!
+//! Usage (from a request-key rule): `derived-key-helper [--config FILE]
+//! [--prefix PREFIX] %k %u %g`.
+#![no_std]
+#![no_main]
+
+#[path = "../../helper.rs"]
+#[allow(dead_code)]
+mod helper;
+mod sys;
+#[path = "../../wire.rs"]
+#[allow(dead_code)]
+mod wire;
+
+use core::ffi::{c_char, c_int};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicI32, Ordering};
+
+use helper::errno::{EINVAL, EIO, ENODEV, ETIMEDOUT};
+use helper::{exit_errno, parse_args, socket_name, Args, Cli, Fnv, KeysLine, Line};
+use sys::{CPath, Errno, Fd};
+use wire::{Answer, Hello, LogTo, Upcall};
+
+const RUN_DIR: &str = "/run/derived-keys";
+const BROKER_EXE: &[u8] = b"derived-keys-broker";
+/// The bound until the broker has told us the configured one.
+const DEFAULT_BOUND_US: u64 = 5_000_000;
+/// Negative-result timeout (seconds, as given to the kernel) until then.
+const DEFAULT_NEGATIVE_S: u32 = 2;
+
+/// The key under construction, for the panic handler.
+static KEY: AtomicI32 = AtomicI32::new(0);
+
+/// Nothing here should panic; if something does, the requester still gets
+/// an answer (EIO) instead of hanging until ENOKEY.
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    let key = KEY.load(Ordering::SeqCst);
+    if key != 0 {
+        let _ = sys::reject(key, DEFAULT_NEGATIVE_S, EIO);
+    }
+    sys::exit(1)
+}
+
+/// Only referenced by unoptimized builds of `core`; this program aborts on
+/// panic and never unwinds.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+#[no_mangle]
+pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
+    sys::harden();
+    let start = sys::now_us();
+    let args = match parse_args(sys::args(argc, argv)) {
+        Cli::Run(a) => a,
+        Cli::Version => {
+            sys::stderr(concat!("derived-key-helper ", env!("CARGO_PKG_VERSION"), "\n").as_bytes());
+            return 0;
+        }
+        Cli::Usage => {
+            // Without a key id there is nothing to reject; the kernel
+            // gives the requester ENOKEY when we exit.
+            sys::stderr(
+                b"usage: derived-key-helper [--config FILE] [--prefix PREFIX] KEY UID GID\n\
+                  (started by request-key(8); not for running by hand)\n",
+            );
+            return 2;
+        }
+    };
+    KEY.store(args.key, Ordering::SeqCst);
+    let mut payload = [0u8; wire::MAX_PAYLOAD];
+    let mut session = Session {
+        negative_s: DEFAULT_NEGATIVE_S,
+        log: None,
+    };
+    let status = match request(&args, start, &mut payload, &mut session) {
+        Ok((answer, len)) if answer.errno == 0 => {
+            let bytes = &payload[..usize::from(answer.len).min(len)];
+            let result = if answer.timeout_s > 0 {
+                sys::set_timeout(args.key, answer.timeout_s)
+            } else {
+                Ok(())
+            }
+            .and_then(|()| sys::instantiate(args.key, bytes));
+            sys::wipe(&mut payload);
+            match result {
+                Ok(()) => 0,
+                Err(Errno(e)) => {
+                    let _ = sys::reject(args.key, DEFAULT_NEGATIVE_S, EIO);
+                    let mut r = Line::new();
+                    let _ = write!(r, "instantiating the key failed: errno {e}");
+                    audit(session.log.as_ref(), &args, "EIO", r.as_bytes());
+                    1
+                }
+            }
+        }
+        // The broker decided, and logged the refusal.
+        Ok((answer, _)) => {
+            let _ = sys::reject(args.key, answer.timeout_s, answer.errno.into());
+            1
+        }
+        Err(fail) => {
+            let errno = fail.errno();
+            let _ = sys::reject(args.key, session.negative_s, errno);
+            let name = helper::errno::name(errno);
+            let mut reason = Line::new();
+            fail.reason(&mut reason);
+            audit(session.log.as_ref(), &args, name, reason.as_bytes());
+            1
+        }
+    };
+    sys::wipe(&mut payload);
+    status
+}
+
+/// Why this handler answered by itself, without the broker's verdict.
+#[derive(Debug, Clone, Copy)]
+enum Fail {
+    Describe(i32),
+    NoAuthKey(i32),
+    Callout(i32),
+    TooLarge,
+    Connect(i32),
+    NoBrokerExe,
+    ConfigPath,
+    Spawn(i32),
+    BrokerExit(i32),
+    Socket(i32),
+    Closed(i32),
+    Protocol,
+    TimedOut,
+}
+
+impl Fail {
+    fn errno(self) -> i32 {
+        match self {
+            Fail::TimedOut => ETIMEDOUT,
+            Fail::TooLarge => EINVAL,
+            Fail::ConfigPath => ENODEV,
+            Fail::BrokerExit(code) => exit_errno(code),
+            _ => EIO,
+        }
+    }
+
+    fn reason(self, w: &mut Line) {
+        let _ = match self {
+            Fail::Describe(e) => write!(w, "cannot describe the key: errno {e}"),
+            Fail::NoAuthKey(e) => write!(w, "no authorization key: errno {e}"),
+            Fail::Callout(e) => write!(w, "cannot read the callout info: errno {e}"),
+            Fail::TooLarge => write!(w, "request too large for the broker protocol"),
+            Fail::Connect(e) => write!(w, "cannot connect to the broker: errno {e}"),
+            Fail::NoBrokerExe => write!(w, "cannot find the broker executable"),
+            Fail::ConfigPath => write!(w, "unusable configuration path"),
+            Fail::Spawn(e) => write!(w, "cannot start the broker: errno {e}"),
+            Fail::BrokerExit(c) => write!(w, "the broker could not start (exit code {c})"),
+            Fail::Socket(e) => write!(w, "broker socket: errno {e}"),
+            Fail::Closed(e) => write!(w, "the broker closed the connection (errno {e})"),
+            Fail::Protocol => write!(w, "malformed answer from the broker"),
+            Fail::TimedOut => write!(w, "the request did not finish within the configured bound"),
+        };
+    }
+}
+
+/// What the broker's hello said, for answering by ourselves.
+struct Session {
+    negative_s: u32,
+    log: Option<LogConf>,
+}
+
+#[derive(Clone, Copy)]
+struct LogConf {
+    to: LogTo,
+    path: [u8; wire::MAX_LOG_PATH],
+    path_len: usize,
+}
+
+/// The whole exchange: the answer header and the payload length read.
+fn request(
+    args: &Args<'_>,
+    start: u64,
+    payload: &mut [u8],
+    session: &mut Session,
+) -> Result<(Answer, usize), Fail> {
+    // 1. What the kernel says.
+    let mut describe = [0u8; wire::MAX_DESCRIBE];
+    let dlen = sys::describe(args.key, &mut describe).map_err(|Errno(e)| Fail::Describe(e))?;
+    let auth = sys::auth_key().map_err(|Errno(e)| Fail::NoAuthKey(e))?;
+    let mut callout = [0u8; wire::MAX_CALLOUT];
+    let clen = sys::read_key(auth, &mut callout).map_err(|Errno(e)| Fail::Callout(e))?;
+    let mut line = [0u8; wire::MAX_KEYS_LINE];
+    // A missing line is the broker's to refuse (it names the reason).
+    let llen = auth_line(auth, &mut line).unwrap_or(0);
+
+    // 2. The broker.
+    let mut deadline = start + DEFAULT_BOUND_US;
+    let conn = connect_broker(args, deadline)?;
+    conn.set_timeouts(left(deadline)?)
+        .map_err(|Errno(e)| Fail::Socket(e))?;
+    let mut hello_buf = [0u8; wire::MAX_HELLO];
+    let fixed = &mut hello_buf[..Hello::FIXED];
+    conn.read_exact(fixed)
+        .map_err(|e| exchange_fail(e, deadline))?;
+    let hlen = Hello::len(fixed).ok_or(Fail::Protocol)?;
+    conn.read_exact(&mut hello_buf[Hello::FIXED..hlen])
+        .map_err(|e| exchange_fail(e, deadline))?;
+    let hello = Hello::decode(&hello_buf[..hlen]).ok_or(Fail::Protocol)?;
+    let mut log = LogConf {
+        to: hello.log,
+        path: [0; wire::MAX_LOG_PATH],
+        path_len: hello.log_path.len(),
+    };
+    log.path[..hello.log_path.len()].copy_from_slice(hello.log_path);
+    session.log = Some(log);
+    session.negative_s = hello.negative_s;
+    deadline = start + u64::from(hello.bound_ms) * 1000;
+
+    let up = Upcall {
+        key: args.key,
+        uid: args.uid,
+        gid: args.gid,
+        auth,
+        elapsed_us: u32::try_from(sys::now_us().saturating_sub(start)).unwrap_or(u32::MAX),
+        prefix: args.prefix,
+        describe: &describe[..dlen],
+        callout: &callout[..clen],
+        keys_line: &line[..llen],
+    };
+    let mut msg = [0u8; wire::MAX_UPCALL];
+    let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
+    conn.write_all(&msg[..n])
+        .map_err(|e| exchange_fail(e, deadline))?;
+
+    // 3. Its answer, within the bound.
+    conn.set_timeouts(left(deadline)?)
+        .map_err(|Errno(e)| Fail::Socket(e))?;
+    let mut head = [0u8; wire::ANSWER_HEADER];
+    conn.read_exact(&mut head)
+        .map_err(|e| exchange_fail(e, deadline))?;
+    let answer = Answer::decode(&head).ok_or(Fail::Protocol)?;
+    let len = usize::from(answer.len);
+    let body = payload.get_mut(..len).ok_or(Fail::Protocol)?;
+    conn.read_exact(body)
+        .map_err(|e| exchange_fail(e, deadline))?;
+    Ok((answer, len))
+}
+
+fn left(deadline: u64) -> Result<u64, Fail> {
+    match deadline.checked_sub(sys::now_us()) {
+        Some(us) if us > 0 => Ok(us),
+        _ => Err(Fail::TimedOut),
+    }
+}
+
+/// A failed read or write on the broker connection: a timeout, or the
+/// broker went away (which, past the deadline, is a timeout too).
+fn exchange_fail(Errno(e): Errno, deadline: u64) -> Fail {
+    if e == sys::EAGAIN || sys::now_us() >= deadline {
+        Fail::TimedOut
+    } else {
+        Fail::Closed(e)
+    }
+}
+
+/// The authorization key's line in /proc/keys, which names the requesting
+/// thread (`pid:`); only a possessor of the key sees it.
+fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<usize> {
+    let f = Fd::open_read(c"/proc/keys").ok()?;
+    let mut chunk = [0u8; 8192];
+    let mut scan = KeysLine::new(auth);
+    loop {
+        let n = f.read(&mut chunk).ok()?;
+        if n == 0 {
+            return scan.finish(out);
+        }
+        if let Some(len) = scan.feed(&chunk[..n], out) {
+            return Some(len);
+        }
+    }
+}
+
+/// The broker's socket: named by the configuration's path and content, so
+/// an edited configuration gets a fresh broker. None if the file cannot be
+/// read.
+fn socket_path(config: &[u8]) -> Option<CPath> {
+    let path = CPath::new(&[config])?;
+    let f = Fd::open_path(&path, false).ok()?;
+    let mut h = Fnv::default();
+    h.feed(config);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match f.read(&mut chunk).ok()? {
+            0 => break,
+            n => h.feed(&chunk[..n]),
+        }
+    }
+    CPath::new(&[socket_name(RUN_DIR, h.0).as_bytes()])
+}
+
+fn broker_exe() -> Option<CPath> {
+    let mut buf = [0u8; 240];
+    let n = sys::self_exe(&mut buf).ok()?;
+    let dir = buf[..n].rsplitn(2, |&b| b == b'/').nth(1)?;
+    CPath::new(&[dir, b"/", BROKER_EXE])
+}
+
+/// The broker this handler started, if any.
+enum Child {
+    None,
+    Running(i32),
+    /// It exited at once, leaving the work to another broker (at this time).
+    Yielded(u64),
+}
+
+/// Connects to the broker for this configuration, starting one if none
+/// listens. A broker that cannot serve exits with the errno to answer.
+fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
+    let sock = socket_path(args.config);
+    let mut child = Child::None;
+    loop {
+        if let Some(p) = &sock {
+            match sys::connect_stream(p.bytes()) {
+                Ok(fd) => return Ok(fd),
+                Err(Errno(sys::ENOENT | sys::ECONNREFUSED)) => {}
+                Err(Errno(e)) => return Err(Fail::Connect(e)),
+            }
+        }
+        match child {
+            Child::None => {
+                let exe = broker_exe().ok_or(Fail::NoBrokerExe)?;
+                let config = CPath::new(&[args.config]).ok_or(Fail::ConfigPath)?;
+                let flag = CPath::new(&[b"--config"]).ok_or(Fail::ConfigPath)?;
+                let pid =
+                    sys::spawn(&exe, &[&exe, &flag, &config]).map_err(|Errno(e)| Fail::Spawn(e))?;
+                child = Child::Running(pid);
+            }
+            Child::Running(pid) => {
+                if let Some(code) = sys::try_wait(pid) {
+                    if code != 0 || sock.is_none() {
+                        return Err(Fail::BrokerExit(code));
+                    }
+                    // 0: another broker holds this configuration. It may
+                    // be on its way out: if it never listens, start
+                    // another one after a moment.
+                    child = Child::Yielded(sys::now_us());
+                }
+            }
+            Child::Yielded(at) => {
+                if sys::now_us().saturating_sub(at) > 20_000 {
+                    child = Child::None;
+                }
+            }
+        }
+        if sys::now_us() >= deadline {
+            return Err(Fail::TimedOut);
+        }
+        sys::sleep_us(500);
+    }
+}
+
+/// The audit line for a request this handler answered itself, in the
+/// broker's format, to where the broker said (syslog if it did not).
+fn audit(log: Option<&LogConf>, args: &Args<'_>, outcome: &str, reason: &[u8]) {
+    let mut line = Line::new();
+    let _ = write!(
+        line,
+        "derived-keys: {outcome} uid={} pid=- exe=- name=- op=- binding=- type=- reason=\"",
+        args.uid
+    );
+    line.push(reason);
+    line.push(b"\"");
+    let (to, path) = match log {
+        Some(l) if !(l.to == LogTo::Syslog && l.path_len == 0) => (l.to, &l.path[..l.path_len]),
+        Some(l) => (l.to, &b"/dev/log"[..]),
+        None => (LogTo::Syslog, &b"/dev/log"[..]),
+    };
+    // authpriv (10) * 8 + notice (5)
+    const PRI: u8 = 85;
+    let mut msg = Line::new();
+    let sent = match to {
+        LogTo::Syslog => {
+            let _ = write!(msg, "<{PRI}>derived-key-helper[{}]: ", sys::pid());
+            msg.push(line.as_bytes());
+            sys::send_datagram(path, msg.as_bytes(), 250_000).is_ok() || kmsg(&line)
+        }
+        LogTo::Kmsg => kmsg(&line),
+        LogTo::Stderr => false,
+    };
+    if !sent {
+        line.push(b"\n");
+        sys::stderr(line.as_bytes());
+    }
+}
+
+fn kmsg(line: &Line) -> bool {
+    let Some(path) = CPath::new(&[b"/dev/kmsg"]) else {
+        return false;
+    };
+    let Ok(f) = Fd::open_path(&path, true) else {
+        return false;
+    };
+    let mut msg = Line::new();
+    let _ = write!(msg, "<85>");
+    msg.push(line.as_bytes());
+    msg.push(b"\n");
+    f.write_all(msg.as_bytes()).is_ok()
+}

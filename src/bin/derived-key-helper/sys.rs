@@ -1,0 +1,479 @@
+//! Every system call the handler makes, and the only `unsafe` in it.
+//!
+//! The handler has no std: these are the C library's wrappers (musl's,
+//! linked statically, or the system's), declared here by hand so that no
+//! crate drags in another libc. Each wrapper checks what the kernel
+//! returns and turns failures into an errno.
+
+use core::ffi::{c_char, c_int, c_long, c_void, CStr};
+
+/// An errno, as the kernel reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+pub const ENOENT: i32 = 2;
+pub const EINTR: i32 = 4;
+pub const EIO: i32 = 5;
+pub const E2BIG: i32 = 7;
+pub const EAGAIN: i32 = 11;
+pub const EINVAL: i32 = 22;
+pub const ECONNREFUSED: i32 = 111;
+
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+#[repr(C)]
+struct Timeval {
+    sec: i64,
+    usec: i64,
+}
+
+#[repr(C)]
+struct Rlimit {
+    cur: u64,
+    max: u64,
+}
+
+#[repr(C)]
+struct SockaddrUn {
+    family: u16,
+    path: [u8; 108],
+}
+
+extern "C" {
+    fn syscall(n: c_long, ...) -> c_long;
+    fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
+    fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
+    fn open(path: *const c_char, flags: c_int, ...) -> c_int;
+    fn close(fd: c_int) -> c_int;
+    fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int;
+    fn connect(fd: c_int, addr: *const c_void, len: u32) -> c_int;
+    fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: u32) -> c_int;
+    fn sendto(
+        fd: c_int,
+        buf: *const c_void,
+        n: usize,
+        flags: c_int,
+        addr: *const c_void,
+        len: u32,
+    ) -> isize;
+    fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
+    fn nanosleep(req: *const Timespec, rem: *mut Timespec) -> c_int;
+    fn fork() -> c_int;
+    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char)
+        -> c_int;
+    fn waitpid(pid: c_int, status: *mut c_int, options: c_int) -> c_int;
+    fn readlink(path: *const c_char, buf: *mut c_char, n: usize) -> isize;
+    fn prctl(op: c_int, ...) -> c_int;
+    fn setrlimit(resource: c_int, limit: *const Rlimit) -> c_int;
+    fn getpid() -> c_int;
+    fn signal(sig: c_int, handler: usize) -> usize;
+    fn __errno_location() -> *mut c_int;
+    fn _exit(code: c_int) -> !;
+    static environ: *const *const c_char;
+}
+
+const SYS_KEYCTL: c_long = 250;
+const KEYCTL_GET_KEYRING_ID: c_long = 0;
+const KEYCTL_DESCRIBE: c_long = 6;
+const KEYCTL_READ: c_long = 11;
+const KEYCTL_INSTANTIATE: c_long = 12;
+const KEYCTL_SET_TIMEOUT: c_long = 15;
+const KEYCTL_REJECT: c_long = 19;
+const O_RDONLY: c_int = 0;
+const O_WRONLY: c_int = 1;
+const O_CLOEXEC: c_int = 0o2000000;
+const AF_UNIX: c_int = 1;
+const SOCK_STREAM: c_int = 1;
+const SOCK_DGRAM: c_int = 2;
+const SOCK_CLOEXEC: c_int = 0o2000000;
+const SOL_SOCKET: c_int = 1;
+const SO_RCVTIMEO: c_int = 20;
+const SO_SNDTIMEO: c_int = 21;
+const MSG_NOSIGNAL: c_int = 0x4000;
+const CLOCK_MONOTONIC: c_int = 1;
+const WNOHANG: c_int = 1;
+const PR_SET_DUMPABLE: c_int = 4;
+const RLIMIT_CORE: c_int = 4;
+
+fn errno() -> Errno {
+    // SAFETY: __errno_location returns this thread's errno slot, valid
+    // for the thread's lifetime.
+    Errno(unsafe { *__errno_location() })
+}
+
+fn check(ret: c_long) -> Result<usize, Errno> {
+    usize::try_from(ret).map_err(|_| errno())
+}
+
+/// A NUL-terminated path built from bytes, without allocation.
+pub struct CPath {
+    buf: [u8; 256],
+}
+
+impl CPath {
+    /// None if too long or holding a NUL.
+    pub fn new(parts: &[&[u8]]) -> Option<CPath> {
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        for p in parts {
+            if p.contains(&0) {
+                return None;
+            }
+            buf.get_mut(n..n + p.len())?.copy_from_slice(p);
+            n += p.len();
+        }
+        // At least one NUL must remain after the bytes.
+        (n < buf.len()).then_some(CPath { buf })
+    }
+
+    fn ptr(&self) -> *const c_char {
+        self.buf.as_ptr().cast()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        let n = self.buf.iter().position(|&b| b == 0).unwrap_or(0);
+        &self.buf[..n]
+    }
+}
+
+// ---------------------------------------------------------------- process
+
+/// The command line, as byte strings that live as long as the process.
+pub fn args(argc: c_int, argv: *const *const c_char) -> impl Iterator<Item = &'static [u8]> {
+    let n = usize::try_from(argc).unwrap_or(0);
+    (0..n).filter_map(move |i| {
+        // SAFETY: the C runtime passes argc valid, NUL-terminated strings
+        // in argv, which stay alive and unchanged until the process exits.
+        unsafe {
+            let p = *argv.add(i);
+            (!p.is_null()).then(|| CStr::from_ptr(p).to_bytes())
+        }
+    })
+}
+
+/// No core dumps and no ptrace by non-root: key material stays in memory.
+/// A broker that goes away mid-write gives EPIPE, not a fatal SIGPIPE.
+pub fn harden() {
+    const SIGPIPE: c_int = 13;
+    const SIG_IGN: usize = 1;
+    let zero = Rlimit { cur: 0, max: 0 };
+    // SAFETY: integer arguments; `zero` outlives the call.
+    unsafe {
+        prctl(
+            PR_SET_DUMPABLE,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+        );
+        setrlimit(RLIMIT_CORE, &zero);
+        signal(SIGPIPE, SIG_IGN);
+    }
+}
+
+pub fn pid() -> i32 {
+    // SAFETY: no arguments, cannot fail.
+    unsafe { getpid() }
+}
+
+/// Monotonic time in microseconds.
+pub fn now_us() -> u64 {
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.nsec).unwrap_or(0) / 1000
+}
+
+pub fn sleep_us(us: u64) {
+    let ts = Timespec {
+        sec: i64::try_from(us / 1_000_000).unwrap_or(0),
+        nsec: i64::try_from((us % 1_000_000) * 1000).unwrap_or(0),
+    };
+    // SAFETY: valid request; no remainder wanted.
+    unsafe { nanosleep(&ts, core::ptr::null_mut()) };
+}
+
+/// The path of this executable, into `buf`; the length.
+pub fn self_exe(buf: &mut [u8]) -> Result<usize, Errno> {
+    // SAFETY: readlink writes at most buf.len() bytes into buf.
+    let n = unsafe {
+        readlink(
+            c"/proc/self/exe".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let n = check(n as c_long)?;
+    // A full buffer may mean a truncated path.
+    if n >= buf.len() {
+        return Err(Errno(E2BIG));
+    }
+    Ok(n)
+}
+
+/// Starts `exe` with `args` (argv[0] included) and our environment.
+pub fn spawn(exe: &CPath, args: &[&CPath]) -> Result<i32, Errno> {
+    let mut argv: [*const c_char; 8] = [core::ptr::null(); 8];
+    if args.len() >= argv.len() {
+        return Err(Errno(E2BIG));
+    }
+    for (slot, a) in argv.iter_mut().zip(args) {
+        *slot = a.ptr();
+    }
+    // SAFETY: fork has no memory arguments. In the child only execve and
+    // _exit run (both async-signal-safe); argv and the paths were built
+    // before the fork and stay valid; environ is the C runtime's.
+    unsafe {
+        let pid = fork();
+        if pid == 0 {
+            execve(exe.ptr(), argv.as_ptr(), environ);
+            _exit(127);
+        }
+        if pid < 0 {
+            return Err(errno());
+        }
+        Ok(pid)
+    }
+}
+
+/// The exit code of child `pid` if it has ended (-1 if killed by a signal).
+pub fn try_wait(pid: i32) -> Option<i32> {
+    let mut status: c_int = 0;
+    // SAFETY: `status` is a valid, writable int.
+    let r = unsafe { waitpid(pid, &mut status, WNOHANG) };
+    if r != pid {
+        return None;
+    }
+    Some(if status & 0x7f == 0 {
+        (status >> 8) & 0xff
+    } else {
+        -1
+    })
+}
+
+/// Overwrites `buf` with zeros in a way the compiler cannot elide.
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        // SAFETY: `b` is a valid, exclusive reference to one byte.
+        unsafe { core::ptr::write_volatile(b, 0) };
+    }
+    core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+}
+
+// ---------------------------------------------------------------- keys
+
+fn keyctl(op: c_long, a: c_long, b: c_long, c: c_long, d: c_long) -> Result<usize, Errno> {
+    // SAFETY: callers pass integers, or pointers with their true lengths.
+    check(unsafe { syscall(SYS_KEYCTL, op, a, b, c, d) })
+}
+
+/// KEYCTL_DESCRIBE into `buf`: the length without the NUL.
+pub fn describe(key: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+    let ptr = buf.as_mut_ptr() as c_long;
+    let n = keyctl(KEYCTL_DESCRIBE, key.into(), ptr, buf.len() as c_long, 0)?;
+    // The kernel reports the full size even when it did not fit.
+    if n == 0 || n > buf.len() {
+        return Err(Errno(E2BIG));
+    }
+    Ok(n - 1)
+}
+
+/// The instantiation authorization key this process holds.
+pub fn auth_key() -> Result<i32, Errno> {
+    const REQKEY_AUTH_KEY: c_long = -7;
+    let n = keyctl(KEYCTL_GET_KEYRING_ID, REQKEY_AUTH_KEY, 0, 0, 0)?;
+    i32::try_from(n).map_err(|_| Errno(EINVAL))
+}
+
+/// KEYCTL_READ of `key` into `buf`: the length.
+pub fn read_key(key: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+    let ptr = buf.as_mut_ptr() as c_long;
+    let n = keyctl(KEYCTL_READ, key.into(), ptr, buf.len() as c_long, 0)?;
+    if n > buf.len() {
+        return Err(Errno(E2BIG));
+    }
+    Ok(n)
+}
+
+pub fn set_timeout(key: i32, seconds: u32) -> Result<(), Errno> {
+    keyctl(KEYCTL_SET_TIMEOUT, key.into(), seconds.into(), 0, 0).map(|_| ())
+}
+
+pub fn instantiate(key: i32, payload: &[u8]) -> Result<(), Errno> {
+    let ptr = payload.as_ptr() as c_long;
+    keyctl(
+        KEYCTL_INSTANTIATE,
+        key.into(),
+        ptr,
+        payload.len() as c_long,
+        0,
+    )
+    .map(|_| ())
+}
+
+pub fn reject(key: i32, timeout_s: u32, errno: i32) -> Result<(), Errno> {
+    keyctl(KEYCTL_REJECT, key.into(), timeout_s.into(), errno.into(), 0).map(|_| ())
+}
+
+// ---------------------------------------------------------------- files and sockets
+
+/// An owned file descriptor, closed on drop.
+pub struct Fd(c_int);
+
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor and close it once.
+        unsafe { close(self.0) };
+    }
+}
+
+fn fd(ret: c_int) -> Result<Fd, Errno> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(Fd(ret))
+    }
+}
+
+impl Fd {
+    pub fn open_read(path: &CStr) -> Result<Fd, Errno> {
+        // SAFETY: NUL-terminated path.
+        fd(unsafe { open(path.as_ptr(), O_RDONLY | O_CLOEXEC) })
+    }
+
+    pub fn open_path(path: &CPath, write: bool) -> Result<Fd, Errno> {
+        let flags = if write { O_WRONLY } else { O_RDONLY };
+        // SAFETY: NUL-terminated path.
+        fd(unsafe { open(path.ptr(), flags | O_CLOEXEC) })
+    }
+
+    /// One read; 0 at end of file. Retries on EINTR.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
+        loop {
+            // SAFETY: read writes at most buf.len() bytes into buf.
+            let n = unsafe { read(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+            match check(n as c_long) {
+                Err(Errno(EINTR)) => continue,
+                Ok(n) if n > buf.len() => return Err(Errno(EIO)),
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes; EIO at an early end.
+    pub fn read_exact(&self, buf: &mut [u8]) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read(&mut buf[done..])? {
+                0 => return Err(Errno(EIO)),
+                n => done += n,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_all(&self, mut buf: &[u8]) -> Result<(), Errno> {
+        while !buf.is_empty() {
+            // SAFETY: write reads at most buf.len() bytes from buf.
+            let n = unsafe { write(self.0, buf.as_ptr().cast(), buf.len()) };
+            match check(n as c_long) {
+                Err(Errno(EINTR)) => continue,
+                Err(e) => return Err(e),
+                Ok(0) => return Err(Errno(EIO)),
+                Ok(n) => buf = buf.get(n..).ok_or(Errno(EIO))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Send and receive timeouts (0: none).
+    pub fn set_timeouts(&self, us: u64) -> Result<(), Errno> {
+        let tv = Timeval {
+            sec: i64::try_from(us / 1_000_000).unwrap_or(i64::MAX),
+            usec: i64::try_from(us % 1_000_000).unwrap_or(0),
+        };
+        for opt in [SO_RCVTIMEO, SO_SNDTIMEO] {
+            // SAFETY: `tv` is a valid timeval of the size we pass.
+            let r = unsafe {
+                setsockopt(
+                    self.0,
+                    SOL_SOCKET,
+                    opt,
+                    (&tv as *const Timeval).cast(),
+                    core::mem::size_of::<Timeval>() as u32,
+                )
+            };
+            if r < 0 {
+                return Err(errno());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn sockaddr(path: &[u8]) -> Result<SockaddrUn, Errno> {
+    let mut addr = SockaddrUn {
+        family: AF_UNIX as u16,
+        path: [0; 108],
+    };
+    if path.len() >= addr.path.len() || path.contains(&0) {
+        return Err(Errno(EINVAL));
+    }
+    addr.path[..path.len()].copy_from_slice(path);
+    Ok(addr)
+}
+
+/// A connected unix stream socket.
+pub fn connect_stream(path: &[u8]) -> Result<Fd, Errno> {
+    let addr = sockaddr(path)?;
+    // SAFETY: integer arguments.
+    let s = fd(unsafe { socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) })?;
+    // SAFETY: `addr` is a valid sockaddr_un of the size we pass.
+    let r = unsafe {
+        connect(
+            s.0,
+            (&addr as *const SockaddrUn).cast(),
+            core::mem::size_of::<SockaddrUn>() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(s)
+}
+
+/// One datagram to a unix socket (syslog), giving up after `timeout_us`.
+pub fn send_datagram(path: &[u8], msg: &[u8], timeout_us: u64) -> Result<(), Errno> {
+    let addr = sockaddr(path)?;
+    // SAFETY: integer arguments.
+    let s = fd(unsafe { socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0) })?;
+    s.set_timeouts(timeout_us)?;
+    // SAFETY: `msg` and `addr` are valid for the lengths we pass.
+    let n = unsafe {
+        sendto(
+            s.0,
+            msg.as_ptr().cast(),
+            msg.len(),
+            MSG_NOSIGNAL,
+            (&addr as *const SockaddrUn).cast(),
+            core::mem::size_of::<SockaddrUn>() as u32,
+        )
+    };
+    check(n as c_long).map(|_| ())
+}
+
+/// Writes to standard error (best effort).
+pub fn stderr(msg: &[u8]) {
+    // SAFETY: write reads at most msg.len() bytes from msg.
+    unsafe { write(2, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Ends the process at once (no destructors, nothing flushed).
+pub fn exit(code: i32) -> ! {
+    // SAFETY: _exit takes an integer and does not return.
+    unsafe { _exit(code) }
+}

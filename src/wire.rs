@@ -1,0 +1,433 @@
+//! The protocol between the request-key handler and the broker.
+//!
+//! The handler (`derived-key-helper`) is a small static program with no
+//! libc start-up to pay for; it only collects what the kernel tells it and
+//! answers the kernel. This module is `core`-only so that the handler and
+//! the broker share one definition of the bytes on the socket.
+//!
+//! One exchange per connection:
+//! 1. broker → handler, at accept: [`Hello`] (how long the handler may
+//!    wait, the negative-result timeout, where audit lines go).
+//! 2. handler → broker: [`Upcall`], the kernel's facts, unparsed.
+//! 3. broker → handler: an [`Answer`] header, then the payload.
+//!
+//! Every length is checked against the buffer it describes; a malformed
+//! message decodes to `None` and the connection is dropped.
+
+/// Protocol version; both ends are built from one tree.
+pub const VERSION: u8 = 2;
+
+/// Largest `KEYCTL_DESCRIBE` answer we accept: type, ids, permissions and
+/// a description of up to 4095 bytes.
+pub const MAX_DESCRIBE: usize = 4200;
+/// Largest callout: the kernel limits it to one page.
+pub const MAX_CALLOUT: usize = 4096;
+/// Largest /proc/keys line we pass on (the authorization key's is short).
+pub const MAX_KEYS_LINE: usize = 512;
+/// Largest description prefix.
+pub const MAX_PREFIX: usize = 64;
+/// Largest result: a 1024-byte symmetric key.
+pub const MAX_PAYLOAD: usize = 1024;
+/// Largest syslog socket path in a hello.
+pub const MAX_LOG_PATH: usize = 108;
+
+const UPCALL_FIXED: usize = 1 + 5 * 4 + 2 * 4;
+/// Largest encoded upcall.
+pub const MAX_UPCALL: usize =
+    UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT + MAX_KEYS_LINE;
+/// Size of the answer header.
+pub const ANSWER_HEADER: usize = 1 + 4 + 2;
+const HELLO_FIXED: usize = 1 + 1 + 4 + 4 + 2;
+/// Largest encoded hello.
+pub const MAX_HELLO: usize = HELLO_FIXED + MAX_LOG_PATH;
+
+/// Where the handler sends the audit line of a request it had to answer
+/// itself (the broker did not answer in time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTo {
+    Syslog = 0,
+    Kmsg = 1,
+    Stderr = 2,
+}
+
+/// What the broker tells the handler as soon as it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hello<'a> {
+    pub log: LogTo,
+    /// The configured bound for the whole request, in milliseconds.
+    pub bound_ms: u32,
+    /// The timeout to give the kernel for a negative result, in seconds.
+    pub negative_s: u32,
+    /// The syslog socket (for `LogTo::Syslog`).
+    pub log_path: &'a [u8],
+}
+
+impl<'a> Hello<'a> {
+    /// Encodes into `out`; the length used, or None if it does not fit.
+    pub fn encode(&self, out: &mut [u8]) -> Option<usize> {
+        let mut w = Writer::new(out);
+        w.u8(VERSION)?;
+        w.u8(self.log as u8)?;
+        w.u32(self.bound_ms)?;
+        w.u32(self.negative_s)?;
+        w.field(self.log_path, MAX_LOG_PATH)?;
+        Some(w.pos)
+    }
+
+    /// How many bytes the hello starting with `head` takes, once at least
+    /// `HELLO_FIXED` bytes are known.
+    pub fn len(head: &[u8]) -> Option<usize> {
+        let n = usize::from(u16::from_le_bytes([
+            *head.get(HELLO_FIXED - 2)?,
+            *head.get(HELLO_FIXED - 1)?,
+        ]));
+        (n <= MAX_LOG_PATH).then_some(HELLO_FIXED + n)
+    }
+
+    /// The fixed part every hello starts with.
+    pub const FIXED: usize = HELLO_FIXED;
+
+    pub fn decode(bytes: &'a [u8]) -> Option<Hello<'a>> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let log = match r.u8()? {
+            0 => LogTo::Syslog,
+            1 => LogTo::Kmsg,
+            2 => LogTo::Stderr,
+            _ => return None,
+        };
+        let bound_ms = r.u32()?;
+        let negative_s = r.u32()?;
+        let log_path = r.field(MAX_LOG_PATH)?;
+        r.end()?;
+        Some(Hello {
+            log,
+            bound_ms,
+            negative_s,
+            log_path,
+        })
+    }
+}
+
+/// What the kernel told the handler, passed on as bytes: the broker
+/// parses it (parse, don't validate, happens in one place).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upcall<'a> {
+    /// The key under construction (`%k`).
+    pub key: i32,
+    /// The requester's fsuid and fsgid (`%u`, `%g`).
+    pub uid: u32,
+    pub gid: u32,
+    /// The instantiation authorization key the handler holds.
+    pub auth: i32,
+    /// How long the handler had been running when it sent this, in
+    /// microseconds: the broker's deadline is the handler's.
+    pub elapsed_us: u32,
+    /// The description prefix the rule serves.
+    pub prefix: &'a [u8],
+    /// `KEYCTL_DESCRIBE` of the key under construction.
+    pub describe: &'a [u8],
+    /// The callout information (read through the authorization key).
+    pub callout: &'a [u8],
+    /// The authorization key's line of /proc/keys (names the requester).
+    pub keys_line: &'a [u8],
+}
+
+impl<'a> Upcall<'a> {
+    pub fn encode(&self, out: &mut [u8]) -> Option<usize> {
+        let mut w = Writer::new(out);
+        w.u8(VERSION)?;
+        w.u32(self.key as u32)?;
+        w.u32(self.uid)?;
+        w.u32(self.gid)?;
+        w.u32(self.auth as u32)?;
+        w.u32(self.elapsed_us)?;
+        w.field(self.prefix, MAX_PREFIX)?;
+        w.field(self.describe, MAX_DESCRIBE)?;
+        w.field(self.callout, MAX_CALLOUT)?;
+        w.field(self.keys_line, MAX_KEYS_LINE)?;
+        Some(w.pos)
+    }
+
+    /// Decodes a whole upcall; None if malformed, short or too long.
+    pub fn decode(bytes: &'a [u8]) -> Option<Upcall<'a>> {
+        let mut r = Reader::new(bytes);
+        if r.u8()? != VERSION {
+            return None;
+        }
+        let up = Upcall {
+            key: r.u32()? as i32,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            auth: r.u32()? as i32,
+            elapsed_us: r.u32()?,
+            prefix: r.field(MAX_PREFIX)?,
+            describe: r.field(MAX_DESCRIBE)?,
+            callout: r.field(MAX_CALLOUT)?,
+            keys_line: r.field(MAX_KEYS_LINE)?,
+        };
+        r.end()?;
+        Some(up)
+    }
+
+    /// How many bytes of a message starting with `head` are still needed
+    /// to know its full length: the reader reads until this returns
+    /// `Complete(n)`.
+    pub fn progress(head: &[u8]) -> Progress {
+        let mut r = Reader::new(head);
+        let mut need = 1 + 5 * 4;
+        if r.skip(need).is_none() {
+            return Progress::Need(need);
+        }
+        for max in [MAX_PREFIX, MAX_DESCRIBE, MAX_CALLOUT, MAX_KEYS_LINE] {
+            need += 2;
+            let Some(n) = r.u16() else {
+                return Progress::Need(need);
+            };
+            let n = usize::from(n);
+            if n > max {
+                return Progress::Invalid;
+            }
+            need += n;
+            if r.skip(n).is_none() {
+                return Progress::Need(need);
+            }
+        }
+        Progress::Complete(need)
+    }
+}
+
+/// How far a partly read message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// At least this many bytes in all are needed.
+    Need(usize),
+    /// The message is exactly this long.
+    Complete(usize),
+    /// A length field is out of range.
+    Invalid,
+}
+
+/// The broker's verdict, followed by `len` payload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Answer {
+    /// 0: instantiate with the payload; else the errno to reject with.
+    pub errno: u8,
+    /// The key's timeout for the kernel, in seconds; 0 for none.
+    pub timeout_s: u32,
+    /// Payload length (0 for a rejection).
+    pub len: u16,
+}
+
+impl Answer {
+    pub fn encode(&self) -> [u8; ANSWER_HEADER] {
+        let mut out = [0u8; ANSWER_HEADER];
+        out[0] = self.errno;
+        out[1..5].copy_from_slice(&self.timeout_s.to_le_bytes());
+        out[5..7].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8; ANSWER_HEADER]) -> Option<Answer> {
+        let a = Answer {
+            errno: b[0],
+            timeout_s: u32::from_le_bytes([b[1], b[2], b[3], b[4]]),
+            len: u16::from_le_bytes([b[5], b[6]]),
+        };
+        let ok = if a.errno == 0 {
+            (1..=MAX_PAYLOAD).contains(&usize::from(a.len))
+        } else {
+            a.len == 0
+        };
+        ok.then_some(a)
+    }
+}
+
+struct Writer<'b> {
+    out: &'b mut [u8],
+    pos: usize,
+}
+
+impl<'b> Writer<'b> {
+    fn new(out: &'b mut [u8]) -> Writer<'b> {
+        Writer { out, pos: 0 }
+    }
+
+    fn bytes(&mut self, b: &[u8]) -> Option<()> {
+        let end = self.pos.checked_add(b.len())?;
+        self.out.get_mut(self.pos..end)?.copy_from_slice(b);
+        self.pos = end;
+        Some(())
+    }
+
+    fn u8(&mut self, v: u8) -> Option<()> {
+        self.bytes(&[v])
+    }
+
+    fn u32(&mut self, v: u32) -> Option<()> {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn field(&mut self, b: &[u8], max: usize) -> Option<()> {
+        if b.len() > max {
+            return None;
+        }
+        self.bytes(&u16::try_from(b.len()).ok()?.to_le_bytes())?;
+        self.bytes(b)
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(b: &'a [u8]) -> Reader<'a> {
+        Reader { b, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.b.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+
+    fn skip(&mut self, n: usize) -> Option<()> {
+        self.take(n).map(|_| ())
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn field(&mut self, max: usize) -> Option<&'a [u8]> {
+        let n = usize::from(self.u16()?);
+        if n > max {
+            return None;
+        }
+        self.take(n)
+    }
+
+    fn end(&self) -> Option<()> {
+        (self.pos == self.b.len()).then_some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Upcall<'static> {
+        Upcall {
+            key: 0x1234_5678,
+            uid: 1000,
+            gid: 100,
+            auth: 0x0a0b_0c0d,
+            elapsed_us: 250,
+            prefix: b"derived",
+            describe: b"user;1000;100;3f010000;derived:db",
+            callout: b"32 path",
+            keys_line: b"0a0b0c0d I--Q--- 1 perm 3f010000 1000 100 .request_key_auth 12345678: key:12345678 pid:42 ci:7",
+        }
+    }
+
+    #[test]
+    fn upcall_round_trip_and_progress() {
+        let up = sample();
+        let mut buf = [0u8; MAX_UPCALL];
+        let n = up.encode(&mut buf).unwrap();
+        assert_eq!(Upcall::decode(&buf[..n]), Some(up));
+        assert_eq!(Upcall::progress(&buf[..n]), Progress::Complete(n));
+        // Every prefix knows it is incomplete, and asks for more than it has.
+        for k in 0..n {
+            match Upcall::progress(&buf[..k]) {
+                Progress::Need(m) => assert!(m > k && m <= n, "k={k} m={m}"),
+                other => panic!("k={k}: {other:?}"),
+            }
+            assert_eq!(Upcall::decode(&buf[..k]), None);
+        }
+        // Trailing bytes are an error, not ignored.
+        assert_eq!(Upcall::decode(&buf[..n + 1]), None);
+    }
+
+    #[test]
+    fn oversized_fields_are_refused_both_ways() {
+        let long = [b'a'; MAX_CALLOUT + 1];
+        let up = Upcall {
+            callout: &long,
+            ..sample()
+        };
+        let mut buf = [0u8; MAX_UPCALL + 16];
+        assert_eq!(up.encode(&mut buf), None);
+        // A forged length beyond the maximum.
+        let mut forged = [0u8; 1 + 20 + 2];
+        forged[0] = VERSION;
+        forged[21..23].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert_eq!(Upcall::progress(&forged), Progress::Invalid);
+        assert_eq!(Upcall::decode(&forged), None);
+        // Too small an output buffer.
+        assert_eq!(sample().encode(&mut [0u8; 20]), None);
+    }
+
+    #[test]
+    fn wrong_version_is_refused() {
+        let mut buf = [0u8; MAX_UPCALL];
+        let n = sample().encode(&mut buf).unwrap();
+        buf[0] = 1;
+        assert_eq!(Upcall::decode(&buf[..n]), None);
+    }
+
+    #[test]
+    fn hello_round_trip() {
+        let h = Hello {
+            log: LogTo::Kmsg,
+            bound_ms: 3000,
+            negative_s: 2,
+            log_path: b"/dev/log",
+        };
+        let mut buf = [0u8; MAX_HELLO];
+        let n = h.encode(&mut buf).unwrap();
+        assert_eq!(Hello::len(&buf[..Hello::FIXED]), Some(n));
+        assert_eq!(Hello::decode(&buf[..n]), Some(h));
+        buf[1] = 9;
+        assert_eq!(Hello::decode(&buf[..n]), None);
+    }
+
+    #[test]
+    fn answers() {
+        let a = Answer {
+            errno: 0,
+            timeout_s: 31,
+            len: 72,
+        };
+        assert_eq!(Answer::decode(&a.encode()), Some(a));
+        let r = Answer {
+            errno: 13,
+            timeout_s: 2,
+            len: 0,
+        };
+        assert_eq!(Answer::decode(&r.encode()), Some(r));
+        // A grant without payload, a refusal with one, an oversized payload.
+        for bad in [(0, 0), (13, 5), (0, (MAX_PAYLOAD + 1) as u16)] {
+            let a = Answer {
+                errno: bad.0,
+                timeout_s: 0,
+                len: bad.1,
+            };
+            assert_eq!(Answer::decode(&a.encode()), None);
+        }
+    }
+}

@@ -49,16 +49,17 @@ fn measure(name: &str, n: usize, mut f: impl FnMut(usize) -> Result<Duration, i3
     row
 }
 
-fn floor_rule(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
-    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/floor_handler.rs");
-    let bin = dir.join("floor-handler");
+/// Builds a do-nothing handler with rustc and routes `prefix:*` to it.
+fn floor_rule(dir: &std::path::Path, prefix: &str, src: &str, link: &[&str]) -> std::path::PathBuf {
+    let bin = dir.join(format!("floor-{prefix}"));
     let st = Command::new("rustc")
-        .args(["-O", "--edition", "2021", "-o"])
+        .args(["-O", "-C", "panic=abort", "--edition", "2021", "-o"])
         .arg(&bin)
         .arg(src)
+        .args(link.iter().map(|a| format!("-Clink-arg={a}")))
         .status()
         .unwrap();
-    assert!(st.success(), "cannot build the floor handler");
+    assert!(st.success(), "cannot build the floor handler {src}");
     let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
     std::fs::write(
         &rule,
@@ -66,6 +67,26 @@ fn floor_rule(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
     )
     .unwrap();
     rule
+}
+
+const MUSL: &str = "/usr/lib/x86_64-linux-musl";
+
+/// The static floor's link arguments, as build.rs gives derived-key-helper.
+fn musl_link() -> Option<Vec<String>> {
+    std::path::Path::new(MUSL)
+        .join("libc.a")
+        .is_file()
+        .then(|| {
+            ["-nostartfiles", "-static", "-no-pie"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain(
+                    ["crt1.o", "crti.o", "libc.a", "crtn.o"]
+                        .iter()
+                        .map(|o| format!("{MUSL}/{o}")),
+                )
+                .collect()
+        })
 }
 
 fn incumbent(env: &KernelEnv, n: usize) -> Row {
@@ -203,10 +224,32 @@ fn main() {
     let n = if smoke { 8 } else { env_n("DK_BENCH_N", 300) };
     let env = KernelEnv::new("[log]\ntarget = \"kmsg\"\n");
     let floor_prefix = format!("{}f", env.prefix);
-    let rule = floor_rule(env.dir.path(), &floor_prefix);
+    let static_prefix = format!("{}s", env.prefix);
+    let benches = concat!(env!("CARGO_MANIFEST_DIR"), "/benches");
+    let mut rules = vec![floor_rule(
+        env.dir.path(),
+        &floor_prefix,
+        &format!("{benches}/floor_handler.rs"),
+        &[],
+    )];
+    let musl = musl_link();
+    if let Some(link) = &musl {
+        let link: Vec<&str> = link.iter().map(String::as_str).collect();
+        rules.push(floor_rule(
+            env.dir.path(),
+            &static_prefix,
+            &format!("{benches}/floor_static.rs"),
+            &link,
+        ));
+    }
     let pre = env.prefix.clone();
     let digest = "cd".repeat(32);
 
+    let static_floor = musl.as_ref().map(|_| {
+        measure("floor, static: do-nothing no_std handler (musl)", n, |i| {
+            raw_request(&format!("{static_prefix}:x#i{i}"), "1 user")
+        })
+    });
     let mut rows = vec![
         measure("floor: do-nothing Rust handler", n, |i| {
             raw_request(&format!("{floor_prefix}:x#i{i}"), "1 user")
@@ -232,7 +275,9 @@ fn main() {
         }),
     ];
     rows.push(parallel(&env, 8, n / 4));
-    let _ = std::fs::remove_file(rule);
+    for rule in rules {
+        let _ = std::fs::remove_file(rule);
+    }
     // Objects our requests left in the TPM: the broker's primary while it
     // runs, and nothing once it has gone.
     let tcti = derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap();
@@ -254,15 +299,20 @@ fn main() {
         },
     ));
 
-    println!("\nmachine: {}", measure::machine());
-    measure::print_table(&rows);
     let floor = rows[0].pct(0.5);
     let sign = rows[3].pct(0.5);
     let inc = rows[6].pct(0.5);
+    let static_p50 = static_floor.as_ref().map(|r| r.pct(0.5));
+    rows.extend(static_floor);
+    println!("\nmachine: {}", measure::machine());
+    measure::print_table(&rows);
     println!(
         "\nsign p50 / floor p50: {:.2}x (goal <= 1.5x)",
         sign / floor
     );
+    if let Some(s) = static_p50 {
+        println!("sign p50 / static floor p50: {:.2}x", sign / s);
+    }
     println!("incumbent p50 / sign p50: {:.1}x (goal >= 20x)", inc / sign);
     println!(
         "8 clients: p99 {:.2} ms (goal <= 25), errors {}",

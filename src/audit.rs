@@ -73,8 +73,18 @@ impl Record {
 /// LOG_AUTHPRIV facility code.
 const AUTHPRIV: u8 = 10;
 
+/// /dev/kmsg, opened once per process: opening it costs more than a write
+/// (the kernel positions a reader on its ring), and the broker logs every
+/// request.
+static KMSG: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
+
 fn kmsg(line: &str, severity: u8) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?;
+    let mut slot = KMSG.lock().unwrap_or_else(|p| p.into_inner());
+    let f = match slot.take() {
+        Some(f) => f,
+        None => std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?,
+    };
+    let f = slot.insert(f);
     f.write_all(format!("<{}>{line}\n", AUTHPRIV * 8 + severity).as_bytes())
 }
 

@@ -2,10 +2,25 @@
 //! mlock(2) otherwise, zeroized on drop. They have no `Debug` or `Display`
 //! so a secret cannot end up in a log line or a panic message by accident.
 
+use std::sync::Mutex;
+
 use zeroize::Zeroize;
 
 pub use crate::sys::Backing;
 use crate::sys::Region;
+
+/// Freed one-page buffers kept for reuse, zeroized. Making secret memory
+/// takes its pages out of the kernel's direct map, which costs a TLB flush
+/// on every CPU; a resident process (the broker, several buffers per
+/// request) reuses a few instead.
+static POOL: Mutex<Vec<Region>> = Mutex::new(Vec::new());
+const POOL_MAX: usize = 16;
+
+fn pool() -> std::sync::MutexGuard<'static, Vec<Region>> {
+    // The pool holds only zeroized regions; a panic elsewhere cannot
+    // leave it in a state worse than that.
+    POOL.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Why a secret buffer could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -18,15 +33,25 @@ pub struct SecretAllocError {
 
 /// A fixed-length secret. Dropping it overwrites it with zeros and unmaps it.
 pub struct SecretBuf {
-    region: Region,
+    /// None only while dropping.
+    region: Option<Region>,
     len: usize,
 }
 
 impl SecretBuf {
     /// A zero-filled secret of `len` bytes.
     pub fn new(len: usize) -> Result<SecretBuf, SecretAllocError> {
-        let region = Region::new(len, true).map_err(|source| SecretAllocError { len, source })?;
-        Ok(SecretBuf { region, len })
+        let page = crate::sys::page_len();
+        let reused = if len <= page { pool().pop() } else { None };
+        let region = match reused {
+            Some(r) => r,
+            // Rounded up to whole pages: small buffers are one page each.
+            None => Region::new(len, true).map_err(|source| SecretAllocError { len, source })?,
+        };
+        Ok(SecretBuf {
+            region: Some(region),
+            len,
+        })
     }
 
     /// A secret holding a copy of `bytes`.
@@ -46,25 +71,29 @@ impl SecretBuf {
 
     /// Which protection this buffer got.
     pub fn backing(&self) -> Backing {
-        self.region.backing()
+        self.region.as_ref().map_or(Backing::Plain, Region::backing)
     }
 
     /// Start address of the mapping: lets tests look for it in /proc.
     pub fn addr(&self) -> usize {
-        self.region.addr()
+        self.region.as_ref().map_or(0, Region::addr)
     }
 }
 
 impl AsRef<[u8]> for SecretBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.region.as_slice()[..self.len]
+        self.region
+            .as_ref()
+            .map_or(&[], |r| &r.as_slice()[..self.len])
     }
 }
 
 impl AsMut<[u8]> for SecretBuf {
     fn as_mut(&mut self) -> &mut [u8] {
         let len = self.len;
-        &mut self.region.as_mut_slice()[..len]
+        self.region
+            .as_mut()
+            .map_or(&mut [], |r| &mut r.as_mut_slice()[..len])
     }
 }
 
@@ -78,7 +107,15 @@ impl PartialEq for SecretBuf {
 
 impl Drop for SecretBuf {
     fn drop(&mut self) {
-        self.region.as_mut_slice().zeroize();
+        if let Some(mut region) = self.region.take() {
+            region.as_mut_slice().zeroize();
+            if region.map_len() == crate::sys::page_len() {
+                let mut pool = pool();
+                if pool.len() < POOL_MAX {
+                    pool.push(region);
+                }
+            }
+        }
     }
 }
 
@@ -105,6 +142,23 @@ mod tests {
         assert!(a == b);
         assert!(a != c);
         assert_eq!(a.len(), 12);
+    }
+
+    #[test]
+    fn reused_buffers_come_back_zeroed() {
+        let mut a = SecretBuf::new(64).unwrap();
+        a.as_mut().fill(0xa5);
+        let addr = a.addr();
+        drop(a);
+        // Whichever page we get (the pool is shared with other tests), it
+        // holds zeros, and its length is ours.
+        for _ in 0..POOL_MAX + 1 {
+            let b = SecretBuf::new(16).unwrap();
+            assert_eq!(b.as_ref(), &[0u8; 16]);
+            if b.addr() == addr {
+                return;
+            }
+        }
     }
 
     #[test]

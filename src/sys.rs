@@ -170,6 +170,16 @@ impl Region {
     pub fn addr(&self) -> usize {
         self.ptr.as_ptr() as usize
     }
+
+    /// The mapped length (whole pages).
+    pub fn map_len(&self) -> usize {
+        self.map_len
+    }
+}
+
+/// The length of a one-page mapping.
+pub fn page_len() -> usize {
+    round_up(1)
 }
 
 impl Drop for Region {

@@ -6,10 +6,14 @@
 //! the broker share one definition of the bytes on the socket.
 //!
 //! One exchange per connection:
-//! 1. broker → handler, at accept: [`Hello`] (how long the handler may
-//!    wait, the negative-result timeout, where audit lines go).
-//! 2. handler → broker: [`Upcall`], the kernel's facts, unparsed.
-//! 3. broker → handler: an [`Answer`] header, then the payload.
+//! - handler → broker, right after connecting: [`Upcall`], the kernel's
+//!   facts, unparsed;
+//! - broker → handler, at accept: [`Hello`] (how long the handler may
+//!   wait, the negative-result timeout, where audit lines go);
+//! - broker → handler: an [`Answer`] header, then the payload.
+//!
+//! Neither side waits for the other's first message before sending its
+//! own, so an exchange costs one round trip.
 //!
 //! Every length is checked against the buffer it describes; a malformed
 //! message decodes to `None` and the connection is dropped.

@@ -208,6 +208,24 @@ fn request(
     let conn = connect_broker(args, deadline)?;
     conn.set_timeouts(left(deadline)?)
         .map_err(|Errno(e)| Fail::Socket(e))?;
+    // The upcall goes out at once (the socket buffers it until the
+    // broker accepts); the hello comes back meanwhile.
+    let up = Upcall {
+        key: args.key,
+        uid: args.uid,
+        gid: args.gid,
+        auth,
+        elapsed_us: u32::try_from(sys::now_us().saturating_sub(start)).unwrap_or(u32::MAX),
+        prefix: args.prefix,
+        describe: &describe[..dlen],
+        callout: &callout[..clen],
+        keys_line: &line[..llen],
+    };
+    let mut msg = [0u8; wire::MAX_UPCALL];
+    let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
+    conn.write_all(&msg[..n])
+        .map_err(|e| exchange_fail(e, deadline))?;
+
     let mut hello_buf = [0u8; wire::MAX_HELLO];
     let fixed = &mut hello_buf[..Hello::FIXED];
     conn.read_exact(fixed)
@@ -225,22 +243,6 @@ fn request(
     session.log = Some(log);
     session.negative_s = hello.negative_s;
     deadline = start + u64::from(hello.bound_ms) * 1000;
-
-    let up = Upcall {
-        key: args.key,
-        uid: args.uid,
-        gid: args.gid,
-        auth,
-        elapsed_us: u32::try_from(sys::now_us().saturating_sub(start)).unwrap_or(u32::MAX),
-        prefix: args.prefix,
-        describe: &describe[..dlen],
-        callout: &callout[..clen],
-        keys_line: &line[..llen],
-    };
-    let mut msg = [0u8; wire::MAX_UPCALL];
-    let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
-    conn.write_all(&msg[..n])
-        .map_err(|e| exchange_fail(e, deadline))?;
 
     // 3. Its answer, within the bound.
     conn.set_timeouts(left(deadline)?)

@@ -440,3 +440,34 @@ fn eight_concurrent_requests_all_succeed_and_agree() {
         .unwrap();
     assert_eq!(loaded, 0);
 }
+
+/// The handler is the one program every request starts: it must stay a
+/// static binary without the TPM stack (docs/SPEED.md says why).
+#[test]
+fn handler_binary_is_small_static_and_without_the_tpm_stack() {
+    let exe = env!("CARGO_BIN_EXE_derived-key-helper");
+    let elf = std::fs::read(exe).unwrap();
+    let u16_at = |o: usize| usize::from(u16::from_le_bytes([elf[o], elf[o + 1]]));
+    let phoff = usize::try_from(u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap())).unwrap();
+    let (entsize, count) = (u16_at(0x36), u16_at(0x38));
+    const PT_INTERP: u32 = 3;
+    let interp = (0..count).any(|i| {
+        let o = phoff + i * entsize;
+        u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) == PT_INTERP
+    });
+    if std::path::Path::new("/usr/lib/x86_64-linux-musl/libc.a").is_file() {
+        assert!(!interp, "built against musl, the handler must be static");
+    }
+    let has = |needle: &[u8]| elf.windows(needle.len()).any(|w| w == needle);
+    assert!(!has(b"Esys_Initialize") && !has(b"libtss2"));
+    assert!(elf.len() < 2 << 20, "{} bytes", elf.len());
+
+    // By hand: usage errors exit 2 without touching any key; --version works.
+    let run = |args: &[&str]| std::process::Command::new(exe).args(args).output().unwrap();
+    assert_eq!(run(&[]).status.code(), Some(2));
+    assert_eq!(run(&["1", "2"]).status.code(), Some(2));
+    assert_eq!(run(&["x", "0", "0"]).status.code(), Some(2));
+    let v = run(&["--version"]);
+    assert_eq!(v.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&v.stderr).starts_with("derived-key-helper "));
+}

@@ -1,0 +1,38 @@
+//! The broker's side of the handler protocol: any bytes a peer sends must
+//! decode to a well-formed upcall or to None, never panic; whatever decodes
+//! must re-encode to the same bytes; and the handler's /proc/keys scanner
+//! must cope with any input split anywhere.
+#![no_main]
+
+use derived_keys::helper::KeysLine;
+use derived_keys::wire::{Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_UPCALL};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(up) = Upcall::decode(data) {
+        let mut buf = vec![0u8; MAX_UPCALL];
+        let n = up.encode(&mut buf).expect("a decoded upcall re-encodes");
+        assert_eq!(&buf[..n], data);
+        assert_eq!(Upcall::progress(data), Progress::Complete(n));
+    }
+    match Upcall::progress(data) {
+        Progress::Need(n) => assert!(n > data.len()),
+        Progress::Complete(n) => assert!(n <= MAX_UPCALL),
+        Progress::Invalid => {}
+    }
+    if let Some(h) = Hello::decode(data) {
+        assert_eq!(Hello::len(data), Some(data.len()));
+        let _ = h;
+    }
+    if let Ok(head) = <&[u8; ANSWER_HEADER]>::try_from(data.get(..ANSWER_HEADER).unwrap_or(&[])) {
+        if let Some(a) = Answer::decode(head) {
+            assert_eq!(&a.encode(), head);
+        }
+    }
+    let split = data.first().map_or(0, |&b| usize::from(b)).min(data.len());
+    let mut scan = KeysLine::new(0x1234_5678);
+    let mut out = [0u8; 64];
+    if let Some(n) = scan.feed(&data[..split], &mut out).or_else(|| scan.feed(&data[split..], &mut out)) {
+        assert!(out[..n].starts_with(b"12345678 "));
+    }
+});

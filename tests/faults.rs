@@ -164,3 +164,51 @@ fn owner_password_file_must_be_private() {
     ));
     assert_eq!(quickly(&env, "db", "32 user"), Got::Err(libc::ENODEV));
 }
+
+/// The broker dies in the middle of a request (here: killed while the TPM
+/// is stopped and its command hangs). The handler answers EIO at once
+/// instead of waiting out its bound, and the next request starts a fresh
+/// broker over the dead one's socket and pid files.
+#[test]
+fn broker_killed_mid_request_gives_eio_and_is_replaced() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let env = KernelEnv::new("");
+    env.write_conf(&format!(
+        "[tpm]\ntcti = \"{}\"\ntimeout_ms = 8000\n",
+        env.swtpm.tcti()
+    ));
+    let first = quickly(&env, "db", "32 user");
+    assert!(matches!(first, Got::Key { .. }), "{first:?}");
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let paths = derived_keys::broker::paths(&config);
+    let broker = Pid::from_raw(
+        std::fs::read_to_string(&paths.pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+    );
+    let swtpm = Pid::from_raw(env.swtpm.pid());
+
+    kill(swtpm, Signal::SIGSTOP).unwrap();
+    let t = Instant::now();
+    let got = std::thread::scope(|s| {
+        let pending = s.spawn(|| env.request("user", "db#2", "32 user"));
+        std::thread::sleep(Duration::from_millis(300));
+        kill(broker, Signal::SIGKILL).unwrap();
+        pending.join().unwrap()
+    });
+    kill(swtpm, Signal::SIGCONT).unwrap();
+    assert_eq!(got, Got::Err(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(paths.socket.exists(), "a killed broker leaves its socket");
+
+    let again = quickly(&env, "db#3", "32 user");
+    match (first, again) {
+        (Got::Key { payload: a, .. }, Got::Key { payload: b, .. }) => assert_eq!(a, b),
+        other => panic!("{other:?}"),
+    }
+    let new = std::fs::read_to_string(&paths.pid).unwrap();
+    assert_ne!(new.trim(), broker.as_raw().to_string());
+}

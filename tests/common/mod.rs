@@ -37,6 +37,13 @@ pub fn free_port_pair() -> (u16, u16) {
 }
 
 impl Swtpm {
+    /// The swtpm process id (0 if it is not running).
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map_or(0, |c| i32::try_from(c.id()).unwrap_or(0))
+    }
+
     pub fn start() -> Swtpm {
         let mut last = String::new();
         // Ports are picked free, then released; retry if another test won the race.

@@ -28,12 +28,6 @@ pub enum HandlerError {
     Derive(#[from] DeriveError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
-    #[error("cannot take the TPM lock {path}")]
-    Lock {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("no answer within {ms} ms")]
     TimedOut { ms: u128 },
 }
@@ -47,7 +41,7 @@ impl HandlerError {
             H::Policy(_) | H::Requester(_) => libc::EACCES,
             H::Config(_) => libc::ENODEV,
             H::Tpm(TpmError::BadTcti { .. } | TpmError::Unreachable { .. }) => libc::ENODEV,
-            H::Tpm(_) | H::Derive(_) | H::Lock { .. } => libc::EIO,
+            H::Tpm(_) | H::Derive(_) => libc::EIO,
             H::Keyring(k) => k.errno().unwrap_or(libc::EIO),
             H::Broker(b) => b.errno(),
             H::TimedOut { .. } => libc::ETIMEDOUT,

@@ -17,7 +17,7 @@ use crate::derive::{self, Input, P256Key, Prk, Purpose, Subject};
 use crate::error::HandlerError;
 use crate::keyring::{KeyRecord, KeyringError};
 use crate::policy::{self, Facts};
-use crate::request::{Binding, Callout, Description, KeyType, Request, Want};
+use crate::request::{Binding, Callout, Description, KeyType, Request, RequestError, Want};
 use crate::requester::{self, Requester};
 use crate::secret::SecretBuf;
 use crate::wire::Upcall;
@@ -83,8 +83,11 @@ pub fn decide(
     let config = ctx.config;
     record.uid = Some(up.uid);
     let target = KeyRecord::parse(up.describe).ok_or(KeyringError::Describe { key: up.key })?;
-    let prefix =
-        std::str::from_utf8(up.prefix).map_err(|_| KeyringError::Describe { key: up.key })?;
+    // The prefix comes from the rule file; one that is not text matches
+    // no description.
+    let prefix = std::str::from_utf8(up.prefix).map_err(|_| RequestError::BadPrefix {
+        prefix: String::from_utf8_lossy(up.prefix).into_owned(),
+    })?;
 
     // 1. The typed request.
     let key_type = KeyType::parse(&target.key_type)?;
@@ -174,5 +177,112 @@ impl Payload {
             Payload::Secret(s) => s.as_ref(),
             Payload::Public(p) => p,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up<'a>(describe: &'a [u8], callout: &'a [u8], keys_line: &'a [u8]) -> Upcall<'a> {
+        Upcall {
+            key: 0x11,
+            uid: 1000,
+            gid: 1000,
+            auth: 0x22,
+            elapsed_us: 0,
+            prefix: b"derived",
+            describe,
+            callout,
+            keys_line,
+        }
+    }
+
+    fn run(u: &Upcall<'_>) -> (Result<Grant, HandlerError>, Record) {
+        let config = Config::parse("", Path::new("/t.conf")).unwrap();
+        let no_tpm = |_: &[u8; 32], _: Instant| -> Result<Prk, BrokerError> {
+            panic!("the TPM must not be reached")
+        };
+        let ctx = Context {
+            config: &config,
+            proc_root: Path::new("/nonexistent-proc"),
+            prk: &no_tpm,
+        };
+        let mut record = Record::default();
+        let r = decide(
+            u,
+            &ctx,
+            Instant::now() + std::time::Duration::from_secs(5),
+            &mut record,
+        );
+        (r, record)
+    }
+
+    fn errno(r: Result<Grant, HandlerError>) -> i32 {
+        match r {
+            Ok(_) => 0,
+            Err(e) => e.errno(),
+        }
+    }
+
+    #[test]
+    fn malformed_requests_never_reach_the_tpm() {
+        let line = b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:1 ci:7";
+        for (describe, callout, want) in [
+            (
+                &b"user;1000;1000;3f010000;derived:db"[..],
+                &b"32 nobinding"[..],
+                libc::EINVAL,
+            ),
+            (
+                b"user;1000;1000;3f010000;other:db",
+                b"32 user",
+                libc::EINVAL,
+            ),
+            (
+                b"logon;1000;1000;3f010000;derived:db:pub",
+                b"p256 user",
+                libc::EINVAL,
+            ),
+            (b"garbage", b"32 user", libc::EIO),
+        ] {
+            let (r, _) = run(&up(describe, callout, line));
+            assert_eq!(errno(r), want, "{:?}", String::from_utf8_lossy(describe));
+        }
+    }
+
+    #[test]
+    fn identity_problems_are_eacces_and_the_record_says_what_was_asked() {
+        // The key belongs to another uid than request-key reported.
+        let (r, rec) = run(&up(b"user;0;0;3f010000;derived:db", b"32 user", b""));
+        assert_eq!(errno(r), libc::EACCES);
+        assert_eq!(rec.name.as_deref(), Some("db"));
+        assert_eq!(rec.binding, Some("user"));
+        assert_eq!(rec.uid, Some(1000));
+        // No /proc/keys line for the authorization key.
+        let (r, rec) = run(&up(b"user;1000;1000;3f010000;derived:db", b"32 path", b""));
+        assert_eq!(errno(r), libc::EACCES);
+        assert_eq!(rec.pid, None);
+        // A line naming another key.
+        let other = b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000099 pid:1 ci:7";
+        let (r, _) = run(&up(
+            b"user;1000;1000;3f010000;derived:db",
+            b"32 path",
+            other,
+        ));
+        assert_eq!(errno(r), libc::EACCES);
+    }
+
+    #[test]
+    fn a_prefix_that_is_not_text_matches_nothing() {
+        let mut u = up(b"user;1000;1000;3f010000;derived:db", b"32 user", b"");
+        u.prefix = b"\xff";
+        assert_eq!(errno(run(&u).0), libc::EINVAL);
+    }
+
+    #[test]
+    fn results_outlive_the_kernels_whole_second_rounding() {
+        assert_eq!(kernel_timeout(1), 2);
+        assert_eq!(kernel_timeout(u32::MAX), u32::MAX);
     }
 }

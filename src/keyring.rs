@@ -1,6 +1,8 @@
-//! The kernel keyring boundary: the only module that uses linux-keyutils
-//! or keyctl. The handler side reads its request through the authorization
-//! key and answers it; the client side asks with request_key(2).
+//! The kernel keyring boundary: the only module of the library that uses
+//! linux-keyutils or keyctl. The client side asks with request_key(2) and
+//! reads results; the broker leaves the request-key context it was started
+//! from. (The request-key handler, a no-std program, makes its own few
+//! keyctl calls in `src/bin/derived-key-helper/sys.rs`.)
 
 use std::ffi::CString;
 
@@ -9,12 +11,8 @@ use linux_keyutils::{Key, KeyError, KeySerialId};
 use crate::secret::{SecretAllocError, SecretBuf};
 use crate::sys;
 
-/// KEY_SPEC_REQKEY_AUTH_KEY: the authorization key the handler inherits.
-const REQKEY_AUTH_KEY: i32 = -7;
 /// KEY_SPEC_PROCESS_KEYRING.
 pub const PROCESS_KEYRING: i32 = -2;
-/// Callout info is at most one page (the kernel copies it with strndup_user).
-const MAX_CALLOUT: usize = 4096;
 
 /// The keyring boundary's errors; `op` names the keyctl operation.
 #[derive(Debug, thiserror::Error)]
@@ -94,47 +92,6 @@ impl KeyRecord {
     }
 }
 
-/// Describes any key the caller may view or holds authority over.
-pub fn describe(key: i32) -> Result<KeyRecord, KeyringError> {
-    let raw = sys::keyctl_describe(key).map_err(|source| KeyringError::Keyctl {
-        op: "describe",
-        key,
-        source,
-    })?;
-    KeyRecord::parse(&raw).ok_or(KeyringError::Describe { key })
-}
-
-/// The serial of the authorization key this handler was started with.
-pub fn auth_key_serial() -> Result<i32, KeyringError> {
-    sys::keyctl_resolve(REQKEY_AUTH_KEY).map_err(|source| KeyringError::Keyctl {
-        op: "get_keyring_id",
-        key: REQKEY_AUTH_KEY,
-        source,
-    })
-}
-
-/// The callout info, read through the authorization key.
-pub fn read_callout() -> Result<Vec<u8>, KeyringError> {
-    let key = Key::from_id(KeySerialId::new(REQKEY_AUTH_KEY));
-    let mut buf = vec![0u8; MAX_CALLOUT];
-    let got = key
-        .read(&mut buf)
-        .map_err(|source| KeyringError::Keyutils {
-            op: "read",
-            key: REQKEY_AUTH_KEY,
-            source,
-        })?;
-    if got > buf.len() {
-        return Err(KeyringError::Length {
-            what: "callout info",
-            got,
-            max: MAX_CALLOUT,
-        });
-    }
-    buf.truncate(got);
-    Ok(buf)
-}
-
 /// Leaves the request-key context a child process inherited: drops any
 /// instantiation authority and joins a fresh session keyring, so a
 /// long-lived process holds no reference to requests it did not answer.
@@ -150,39 +107,6 @@ pub fn detach() -> Result<(), KeyringError> {
         source,
     })?;
     Ok(())
-}
-
-/// Sets the expiry of the key under construction (needs the authority,
-/// so it must come before instantiation).
-pub fn set_timeout(key: i32, seconds: u32) -> Result<(), KeyringError> {
-    Key::from_id(KeySerialId::new(key))
-        .set_timeout(seconds as usize)
-        .map_err(|source| KeyringError::Keyutils {
-            op: "set_timeout",
-            key,
-            source,
-        })
-}
-
-/// Positively instantiates the key under construction with `payload`.
-pub fn instantiate(key: i32, payload: &[u8]) -> Result<(), KeyringError> {
-    Key::from_id(KeySerialId::new(key))
-        .instantiate(payload, KeySerialId::new(0))
-        .map_err(|source| KeyringError::Keyutils {
-            op: "instantiate",
-            key,
-            source,
-        })
-}
-
-/// Negatively instantiates the key: the requester gets `errno`, and the
-/// kernel caches that for `timeout_s` seconds.
-pub fn reject(key: i32, timeout_s: u32, errno: i32) -> Result<(), KeyringError> {
-    sys::keyctl_reject(key, timeout_s, errno).map_err(|source| KeyringError::Keyctl {
-        op: "reject",
-        key,
-        source,
-    })
 }
 
 /// request_key(2) into `dest` (a keyring serial or special id).

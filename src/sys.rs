@@ -200,26 +200,6 @@ pub fn memfd_secret_available() -> bool {
     }
 }
 
-/// KEYCTL_REJECT: negatively instantiates `key` so the requester's
-/// request_key(2) fails with `errno`, cached for `timeout_s` seconds.
-pub fn keyctl_reject(key: i32, timeout_s: u32, errno: i32) -> io::Result<()> {
-    // SAFETY: KEYCTL_REJECT takes four integer arguments; no pointers.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_keyctl,
-            libc::KEYCTL_REJECT as libc::c_long,
-            key as libc::c_long,
-            timeout_s as libc::c_long,
-            errno as libc::c_long,
-            0 as libc::c_long,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// request_key(2) for any key type (linux-keyutils only asks for `user`).
 pub fn request_key(
     key_type: &CStr,
@@ -281,59 +261,6 @@ pub fn keyctl_drop_authority() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// KEYCTL_GET_KEYRING_ID without creating: resolves a special id such as
-/// KEY_SPEC_REQKEY_AUTH_KEY (-7) to a serial.
-pub fn keyctl_resolve(special: i32) -> io::Result<i32> {
-    // SAFETY: integer arguments only.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_keyctl,
-            libc::KEYCTL_GET_KEYRING_ID as libc::c_long,
-            special as libc::c_long,
-            0 as libc::c_long,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
-}
-
-/// KEYCTL_DESCRIBE: `type;uid;gid;perm;description`, without the NUL. Sized
-/// by asking the kernel, and the returned length is checked, not trusted.
-pub fn keyctl_describe(key: i32) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
-    for _ in 0..4 {
-        // SAFETY: the kernel writes at most `buf.len()` bytes into `buf`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_keyctl,
-                libc::KEYCTL_DESCRIBE as libc::c_long,
-                key as libc::c_long,
-                buf.as_mut_ptr(),
-                buf.len() as libc::c_long,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let needed = r as usize;
-        if needed <= buf.len() {
-            buf.truncate(needed);
-            if buf.last() == Some(&0) {
-                buf.pop();
-            }
-            return Ok(buf);
-        }
-        // Descriptions are at most 4095 bytes; anything larger is refused.
-        if needed > 8192 {
-            return Err(io::Error::from_raw_os_error(libc::E2BIG));
-        }
-        buf = vec![0u8; needed];
-    }
-    Err(io::Error::from_raw_os_error(libc::EAGAIN))
 }
 
 #[cfg(test)]

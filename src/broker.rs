@@ -563,6 +563,10 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     server.last.store(server.micros(), Ordering::SeqCst);
 
     std::thread::scope(|scope| {
+        // The signing table builds beside the first request's TPM work.
+        let _ = std::thread::Builder::new()
+            .name("warm-up".into())
+            .spawn_scoped(scope, crate::derive::warm_up);
         for _ in 0..WORKERS {
             let _ = std::thread::Builder::new()
                 .name("worker".into())

@@ -301,6 +301,12 @@ pub fn mul_generator(k: &Scalar) -> ProjectivePoint {
     acc
 }
 
+/// Builds the k×G table now (a resident process calls this at start, so
+/// that its first signature does not wait ~8 ms for it).
+pub fn warm_up() {
+    let _ = mul_generator(&Scalar::ONE);
+}
+
 /// Verifies a DER (or raw r||s) ECDSA P-256 signature over a SHA-256 digest
 /// with a DER SubjectPublicKeyInfo. Pure software; no TPM.
 pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], signature: &[u8]) -> bool {

@@ -173,10 +173,15 @@ fn owner_password_file_must_be_private() {
 fn broker_killed_mid_request_gives_eio_and_is_replaced() {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
+    let sock_dir = common::scratch_dir();
+    let sock = sock_dir.path().join("log");
+    let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let env = KernelEnv::new("");
     env.write_conf(&format!(
-        "[tpm]\ntcti = \"{}\"\ntimeout_ms = 8000\n",
-        env.swtpm.tcti()
+        "[tpm]\ntcti = \"{}\"\ntimeout_ms = 8000\n[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
+        env.swtpm.tcti(),
+        sock.display()
     ));
     let first = quickly(&env, "db", "32 user");
     assert!(matches!(first, Got::Key { .. }), "{first:?}");
@@ -203,6 +208,21 @@ fn broker_killed_mid_request_gives_eio_and_is_replaced() {
     assert_eq!(got, Got::Err(libc::EIO));
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(paths.socket.exists(), "a killed broker leaves its socket");
+    // The handler answered alone, so it wrote the audit line, to the
+    // syslog socket the broker's hello named.
+    let mut buf = [0u8; 2048];
+    let line = loop {
+        let n = rx.recv(&mut buf).expect("the handler's audit line");
+        let l = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if l.contains("derived-keys: EIO") {
+            break l;
+        }
+    };
+    assert!(line.starts_with("<85>derived-key-helper["), "{line}");
+    assert!(
+        line.contains("uid=0 ") && line.contains("the broker closed the connection"),
+        "{line}"
+    );
 
     let again = quickly(&env, "db#3", "32 user");
     match (first, again) {

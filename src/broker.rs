@@ -359,7 +359,6 @@ fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
 /// (after the answer: the requester does not wait for the log).
 fn serve_one(server: &Server, mut s: UnixStream) {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
-    let received = Instant::now();
     // Root only: the socket is 0600 in a 0700 directory, and we check anyway.
     if getsockopt(&s, PeerCredentials).map(|c| c.uid()) != Ok(0) {
         return;
@@ -377,12 +376,19 @@ fn serve_one(server: &Server, mut s: UnixStream) {
     let Some(up) = Upcall::decode(&buf) else {
         return;
     };
-    // The handler's clock started before ours (and before the broker, if
-    // it started this one): its deadline is what counts.
-    let spent = Duration::from_micros(up.elapsed_us.into());
-    let deadline = (received + bound)
+    // The handler's deadline is what counts: it started before us (before
+    // the broker itself, if it started this one), and its connection may
+    // have waited for a free worker. Both clocks are CLOCK_MONOTONIC.
+    let now_us = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000
+        })
+        .unwrap_or(0);
+    let spent = Duration::from_micros(now_us.saturating_sub(up.started_us));
+    let deadline = (Instant::now() + bound)
         .checked_sub(spent + MARGIN)
-        .unwrap_or(received);
+        .unwrap_or_else(Instant::now);
     let mut record = Record::default();
     let ctx = Context {
         config: &server.config,

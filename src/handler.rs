@@ -190,7 +190,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             auth: 0x22,
-            elapsed_us: 0,
+            started_us: 0,
             prefix: b"derived",
             describe,
             callout,

@@ -35,7 +35,7 @@ pub const MAX_PAYLOAD: usize = 1024;
 /// Largest syslog socket path in a hello.
 pub const MAX_LOG_PATH: usize = 108;
 
-const UPCALL_FIXED: usize = 1 + 5 * 4 + 2 * 4;
+const UPCALL_FIXED: usize = 1 + 4 * 4 + 8 + 2 * 4;
 /// Largest encoded upcall.
 pub const MAX_UPCALL: usize =
     UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT + MAX_KEYS_LINE;
@@ -126,9 +126,9 @@ pub struct Upcall<'a> {
     pub gid: u32,
     /// The instantiation authorization key the handler holds.
     pub auth: i32,
-    /// How long the handler had been running when it sent this, in
-    /// microseconds: the broker's deadline is the handler's.
-    pub elapsed_us: u32,
+    /// When the handler started (CLOCK_MONOTONIC, microseconds): the
+    /// broker's deadline is the handler's.
+    pub started_us: u64,
     /// The description prefix the rule serves.
     pub prefix: &'a [u8],
     /// `KEYCTL_DESCRIBE` of the key under construction.
@@ -147,7 +147,7 @@ impl<'a> Upcall<'a> {
         w.u32(self.uid)?;
         w.u32(self.gid)?;
         w.u32(self.auth as u32)?;
-        w.u32(self.elapsed_us)?;
+        w.bytes(&self.started_us.to_le_bytes())?;
         w.field(self.prefix, MAX_PREFIX)?;
         w.field(self.describe, MAX_DESCRIBE)?;
         w.field(self.callout, MAX_CALLOUT)?;
@@ -166,7 +166,7 @@ impl<'a> Upcall<'a> {
             uid: r.u32()?,
             gid: r.u32()?,
             auth: r.u32()? as i32,
-            elapsed_us: r.u32()?,
+            started_us: r.u64()?,
             prefix: r.field(MAX_PREFIX)?,
             describe: r.field(MAX_DESCRIBE)?,
             callout: r.field(MAX_CALLOUT)?,
@@ -181,7 +181,7 @@ impl<'a> Upcall<'a> {
     /// `Complete(n)`.
     pub fn progress(head: &[u8]) -> Progress {
         let mut r = Reader::new(head);
-        let mut need = 1 + 5 * 4;
+        let mut need = 1 + 4 * 4 + 8;
         if r.skip(need).is_none() {
             return Progress::Need(need);
         }
@@ -317,6 +317,12 @@ impl<'a> Reader<'a> {
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    fn u64(&mut self) -> Option<u64> {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(self.take(8)?);
+        Some(u64::from_le_bytes(v))
+    }
+
     fn field(&mut self, max: usize) -> Option<&'a [u8]> {
         let n = usize::from(self.u16()?);
         if n > max {
@@ -340,7 +346,7 @@ mod tests {
             uid: 1000,
             gid: 100,
             auth: 0x0a0b_0c0d,
-            elapsed_us: 250,
+            started_us: 0x0102_0304_0506_0708,
             prefix: b"derived",
             describe: b"user;1000;100;3f010000;derived:db",
             callout: b"32 path",
@@ -377,9 +383,9 @@ mod tests {
         let mut buf = [0u8; MAX_UPCALL + 16];
         assert_eq!(up.encode(&mut buf), None);
         // A forged length beyond the maximum.
-        let mut forged = [0u8; 1 + 20 + 2];
+        let mut forged = [0u8; 1 + 24 + 2];
         forged[0] = VERSION;
-        forged[21..23].copy_from_slice(&u16::MAX.to_le_bytes());
+        forged[25..27].copy_from_slice(&u16::MAX.to_le_bytes());
         assert_eq!(Upcall::progress(&forged), Progress::Invalid);
         assert_eq!(Upcall::decode(&forged), None);
         // Too small an output buffer.

@@ -215,7 +215,7 @@ fn request(
         uid: args.uid,
         gid: args.gid,
         auth,
-        elapsed_us: u32::try_from(sys::now_us().saturating_sub(start)).unwrap_or(u32::MAX),
+        started_us: start,
         prefix: args.prefix,
         describe: &describe[..dlen],
         callout: &callout[..clen],

@@ -19,9 +19,13 @@ fn arg(a: &str) {
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed={MUSL}/libc.a");
+    // DERIVED_KEYS_MUSL=0 forces the system-libc build (to test it).
+    println!("cargo:rerun-if-env-changed=DERIVED_KEYS_MUSL");
+    let wanted = std::env::var("DERIVED_KEYS_MUSL").map_or(true, |v| v != "0");
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let musl = Path::new(MUSL);
-    if arch == "x86_64" && musl.join("libc.a").is_file() && musl.join("crt1.o").is_file() {
+    if wanted && arch == "x86_64" && musl.join("libc.a").is_file() && musl.join("crt1.o").is_file()
+    {
         for a in ["-nostartfiles", "-static", "-no-pie"] {
             arg(a);
         }

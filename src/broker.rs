@@ -17,6 +17,7 @@
 //! until its request's deadline.
 
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,8 +34,7 @@ use crate::secret::{SecretAllocError, SecretBuf};
 use crate::tpm::{Primary, Tpm, TpmError};
 use crate::wire::{self, Answer, Hello, LogTo, Progress, Upcall};
 
-/// Where the broker's socket, lock and pid files live (tmpfs, root only).
-pub const RUN_DIR: &str = "/run/derived-keys";
+pub use crate::helper::RUN_DIR;
 /// The broker's executable, beside the handler's.
 pub const BROKER_EXE: &str = "derived-keys-broker";
 
@@ -98,11 +98,14 @@ pub struct Paths {
 }
 
 pub fn paths(config: &Config) -> Paths {
-    let base = Path::new(RUN_DIR).join(format!("broker-{:016x}", config.fingerprint));
+    let path = |ext| {
+        let name = crate::helper::runtime_path(config.fingerprint, ext);
+        PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()))
+    };
     Paths {
-        socket: base.with_extension("sock"),
-        lock: base.with_extension("lock"),
-        pid: base.with_extension("pid"),
+        socket: path("sock"),
+        lock: path("lock"),
+        pid: path("pid"),
     }
 }
 
@@ -125,10 +128,15 @@ fn run_dir() -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// The lock file serializing access to the TPM a TCTI names.
+pub fn tpm_lock_path(tcti: &str) -> PathBuf {
+    let hash = crate::config::fnv1a(tcti.as_bytes());
+    Path::new(RUN_DIR).join(format!("tpm-{hash:016x}.lock"))
+}
+
 fn open_lock(tcti: &str) -> Result<std::fs::File, BrokerError> {
     run_dir()?;
-    let hash = crate::config::fnv1a(tcti.as_bytes());
-    let path = Path::new(RUN_DIR).join(format!("tpm-{hash:016x}.lock"));
+    let path = tpm_lock_path(tcti);
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -515,16 +523,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let owner_auth = config.owner_auth()?;
     let p = paths(&config);
     run_dir()?;
-    let lock_file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&p.lock)
-        .map_err(io(&p.lock))?;
-    let Ok(_instance) =
-        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-    else {
+    let Some(_instance) = instance_lock(&p.lock)? else {
         return Ok(()); // another broker serves this configuration
     };
     let _ = std::fs::remove_file(&p.socket);
@@ -637,6 +636,34 @@ impl Drop for RuntimeFiles<'_> {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0.socket);
         let _ = std::fs::remove_file(&self.0.pid);
+        // Still locked by us: a broker that opened this file meanwhile
+        // sees it unlinked and starts over (see `instance_lock`).
+        let _ = std::fs::remove_file(&self.0.lock);
+    }
+}
+
+/// The one-broker-per-configuration lock, or None if another broker holds
+/// it. A lock on a file that has been unlinked meanwhile (its broker was
+/// leaving) does not count: open the path again.
+fn instance_lock(path: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, BrokerError> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io(path))?;
+        let Ok(lock) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            return Ok(None);
+        };
+        let held = lock.metadata().map_err(io(path))?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(lock)),
+            _ => continue,
+        }
     }
 }
 

@@ -174,10 +174,22 @@ impl Fnv {
     }
 }
 
-/// The broker's socket for a configuration fingerprint (see `broker::paths`).
-pub fn socket_name(run_dir: &str, fingerprint: u64) -> Line {
+/// Where brokers keep their socket, lock and pid files (tmpfs, root only).
+pub const RUN_DIR: &str = "/run/derived-keys";
+
+/// The path of a broker's runtime file (`ext`: sock, lock or pid). One
+/// broker per configuration (its fingerprint), release and protocol
+/// version: after an upgrade, a new handler starts a broker of its own
+/// instead of talking to one still running from the old release, which
+/// idles out beside it.
+pub fn runtime_path(fingerprint: u64, ext: &str) -> Line {
     let mut name = Line::new();
-    let _ = write!(name, "{run_dir}/broker-{fingerprint:016x}.sock");
+    let _ = write!(
+        name,
+        "{RUN_DIR}/broker-{fingerprint:016x}-{}-w{}.{ext}",
+        env!("CARGO_PKG_VERSION"),
+        crate::wire::VERSION
+    );
     name
 }
 
@@ -296,10 +308,11 @@ mod tests {
         f.feed(b"/etc/x.conf");
         f.feed(b"[tpm]\n");
         assert_eq!(f.0, crate::config::fnv1a(b"/etc/x.conf[tpm]\n"));
-        assert_eq!(
-            socket_name("/run/d", 0xab).as_bytes(),
-            b"/run/d/broker-00000000000000ab.sock"
-        );
+        let name = runtime_path(0xab, "sock");
+        let name = std::str::from_utf8(name.as_bytes()).unwrap();
+        assert!(name.starts_with("/run/derived-keys/broker-00000000000000ab-"));
+        assert!(name.ends_with(&format!("-w{}.sock", crate::wire::VERSION)));
+        assert!(name.contains(env!("CARGO_PKG_VERSION")));
     }
 
     #[test]

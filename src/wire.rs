@@ -19,7 +19,7 @@
 //! message decodes to `None` and the connection is dropped.
 
 /// Protocol version; both ends are built from one tree.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 
 /// Largest `KEYCTL_DESCRIBE` answer we accept: type, ids, permissions and
 /// a description of up to 4095 bytes.

@@ -154,6 +154,8 @@ impl Swtpm {
 impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
+        // Its TPM lock file; nothing uses this TPM any more.
+        let _ = std::fs::remove_file(derived_keys::broker::tpm_lock_path(&self.tcti()));
     }
 }
 

@@ -29,11 +29,10 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, Ordering};
 
 use helper::errno::{EINVAL, EIO, ENODEV, ETIMEDOUT};
-use helper::{exit_errno, parse_args, socket_name, Args, Cli, Fnv, KeysLine, Line};
+use helper::{exit_errno, parse_args, runtime_path, Args, Cli, Fnv, KeysLine, Line};
 use sys::{CPath, Errno, Fd};
 use wire::{Answer, Hello, LogTo, Upcall};
 
-const RUN_DIR: &str = "/run/derived-keys";
 const BROKER_EXE: &[u8] = b"derived-keys-broker";
 /// The bound until the broker has told us the configured one.
 const DEFAULT_BOUND_US: u64 = 5_000_000;
@@ -307,7 +306,7 @@ fn socket_path(config: &[u8]) -> Option<CPath> {
             n => h.feed(&chunk[..n]),
         }
     }
-    CPath::new(&[socket_name(RUN_DIR, h.0).as_bytes()])
+    CPath::new(&[runtime_path(h.0, "sock").as_bytes()])
 }
 
 fn broker_exe() -> Option<CPath> {

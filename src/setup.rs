@@ -563,6 +563,9 @@ pub struct Status {
     pub handler_path: PathBuf,
     pub handler_installed: bool,
     pub broker_installed: bool,
+    /// The broker serving this configuration, if one runs now (it starts
+    /// with the first request and exits when idle).
+    pub broker_pid: Option<u32>,
     pub secret_memory: &'static str,
     pub ima_available: bool,
 }
@@ -596,6 +599,7 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         handler_path: layout.handler(),
         handler_installed,
         broker_installed,
+        broker_pid: None,
         secret_memory: secret::probe_backing().map_or("unavailable", |b| b.as_str()),
         ima_available: crate::requester::ima_available(),
     };
@@ -608,6 +612,10 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
     };
     s.config_valid = true;
     s.tcti = Some(config.tcti.to_string());
+    s.broker_pid = std::fs::read_to_string(crate::broker::paths(&config).pid)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
     if let Err(e) = probe_tpm(&config, &mut s) {
         s.tpm_error = Some(e.to_string());
     }

@@ -263,6 +263,18 @@ fn status_json_describes_the_tpm_and_secret_memory() {
         .as_str()
         .unwrap()
         .ends_with("derived-key-helper"));
+    // No request yet: no broker. After one, status names it.
+    assert_eq!(s["broker_pid"], serde_json::Value::Null);
+    assert!(matches!(
+        env.request("user", "db", "32 user"),
+        Got::Key { .. }
+    ));
+    let out = Command::new(DKEY)
+        .args(["status", "--json", "--config", env.conf.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(s["broker_pid"].as_u64().is_some_and(|p| p > 1), "{s}");
     // Human form names the same things.
     let human = Command::new(DKEY)
         .args(["status", "--config", env.conf.to_str().unwrap()])
@@ -270,7 +282,9 @@ fn status_json_describes_the_tpm_and_secret_memory() {
         .unwrap();
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(
-        text.contains("software TPM") && text.contains("secret memory:  memfd_secret"),
+        text.contains("software TPM")
+            && text.contains("secret memory:  memfd_secret")
+            && text.contains("running, pid "),
         "{text}"
     );
 

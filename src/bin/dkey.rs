@@ -336,6 +336,14 @@ fn status(json: bool, config: &Path) -> Result<u8, Failure> {
             yes(s.handler_installed),
             s.handler_path.display()
         );
+        println!(
+            "broker:         {} {}",
+            yes(s.broker_installed),
+            match s.broker_pid {
+                Some(pid) => format!("running, pid {pid}"),
+                None => "not running (starts with the next request)".into(),
+            }
+        );
         println!("secret memory:  {}", s.secret_memory);
         println!(
             "IMA:            {}",

@@ -48,24 +48,16 @@ const MARGIN: Duration = Duration::from_millis(25);
 /// The broker boundary's errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("cannot start the TPM broker {path}")]
-    Spawn {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("TPM broker I/O on {path}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the TPM broker did not answer in time")]
+    #[error("no TPM turn before the request's deadline")]
     TimedOut,
-    #[error("the TPM broker answered errno {errno}")]
-    Refused { errno: i32 },
-    #[error("malformed answer from the TPM broker")]
-    Protocol,
+    #[error("the TPM's answer is not a 32-byte PRK")]
+    BadPrk,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -79,7 +71,6 @@ impl BrokerError {
     pub fn errno(&self) -> i32 {
         match self {
             BrokerError::TimedOut => libc::ETIMEDOUT,
-            BrokerError::Refused { errno } => *errno,
             BrokerError::Config(_) => libc::ENODEV,
             BrokerError::Tpm(TpmError::BadTcti { .. } | TpmError::Unreachable { .. }) => {
                 libc::ENODEV
@@ -328,7 +319,7 @@ impl Server {
         }
         st.lock = guard.unlock().ok();
         result?;
-        Prk::new(out).map_err(|_| BrokerError::Protocol)
+        Prk::new(out).map_err(|_| BrokerError::BadPrk)
     }
 
     fn shutdown(&self) {
@@ -686,12 +677,13 @@ mod tests {
     fn errnos() {
         assert_eq!(BrokerError::TimedOut.errno(), libc::ETIMEDOUT);
         assert_eq!(
-            BrokerError::Refused {
-                errno: libc::ENODEV
-            }
+            BrokerError::Config(ConfigError::Read {
+                path: "/x".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
+            })
             .errno(),
             libc::ENODEV
         );
-        assert_eq!(BrokerError::Protocol.errno(), libc::EIO);
+        assert_eq!(BrokerError::BadPrk.errno(), libc::EIO);
     }
 }

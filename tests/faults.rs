@@ -232,3 +232,35 @@ fn broker_killed_mid_request_gives_eio_and_is_replaced() {
     let new = std::fs::read_to_string(&paths.pid).unwrap();
     assert_ne!(new.trim(), broker.as_raw().to_string());
 }
+
+/// A broker that closes connections without answering (one stopping just
+/// as a request arrives, before any worker took it): the handler goes
+/// again, to the broker that follows, instead of failing the request.
+#[test]
+fn connections_dropped_before_the_hello_are_retried() {
+    use std::os::unix::fs::DirBuilderExt;
+    let env = KernelEnv::new("");
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let socket = derived_keys::broker::paths(&config).socket;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(derived_keys::broker::RUN_DIR)
+        .unwrap();
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let dropped = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            // Close two connections unanswered, then go away.
+            for _ in 0..2 {
+                drop(listener.accept().unwrap());
+            }
+            std::fs::remove_file(&socket).unwrap();
+            2
+        }
+    });
+    let got = quickly(&env, "db", "32 user");
+    assert!(matches!(got, Got::Key { .. }), "{got:?}");
+    assert_eq!(dropped.join().unwrap(), 2);
+}

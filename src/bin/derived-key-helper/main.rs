@@ -202,13 +202,8 @@ fn request(
     // A missing line is the broker's to refuse (it names the reason).
     let llen = auth_line(auth, &mut line).unwrap_or(0);
 
-    // 2. The broker.
-    let mut deadline = start + DEFAULT_BOUND_US;
-    let conn = connect_broker(args, deadline)?;
-    conn.set_timeouts(left(deadline)?)
-        .map_err(|Errno(e)| Fail::Socket(e))?;
-    // The upcall goes out at once (the socket buffers it until the
-    // broker accepts); the hello comes back meanwhile.
+    // 2. The broker. The upcall goes out at once (the socket buffers it
+    // until the broker accepts); the hello comes back meanwhile.
     let up = Upcall {
         key: args.key,
         uid: args.uid,
@@ -222,13 +217,27 @@ fn request(
     };
     let mut msg = [0u8; wire::MAX_UPCALL];
     let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
-    conn.write_all(&msg[..n])
-        .map_err(|e| exchange_fail(e, deadline))?;
-
+    let mut deadline = start + DEFAULT_BOUND_US;
     let mut hello_buf = [0u8; wire::MAX_HELLO];
-    let fixed = &mut hello_buf[..Hello::FIXED];
-    conn.read_exact(fixed)
-        .map_err(|e| exchange_fail(e, deadline))?;
+    let mut attempts = 0;
+    let conn = loop {
+        let conn = connect_broker(args, deadline)?;
+        conn.set_timeouts(left(deadline)?)
+            .map_err(|Errno(e)| Fail::Socket(e))?;
+        let sent = conn.write_all(&msg[..n]);
+        match sent.and_then(|()| conn.read_exact(&mut hello_buf[..Hello::FIXED])) {
+            Ok(()) => break conn,
+            // Closed before any worker took the connection: that broker
+            // was stopping (idle, or a TPM password to re-read). Nothing
+            // was decided; go again, to its successor.
+            Err(Errno(e)) if e != sys::EAGAIN && attempts < 3 => {
+                attempts += 1;
+                sys::sleep_us(1000);
+            }
+            Err(e) => return Err(exchange_fail(e, deadline)),
+        }
+    };
+    let fixed = &hello_buf[..Hello::FIXED];
     let hlen = Hello::len(fixed).ok_or(Fail::Protocol)?;
     conn.read_exact(&mut hello_buf[Hello::FIXED..hlen])
         .map_err(|e| exchange_fail(e, deadline))?;

@@ -289,6 +289,8 @@ fn status_json_describes_the_tpm_and_secret_memory() {
     );
 
     // A configuration that does not parse is reported with the key's name.
+    // (Stop the broker first: once the file changes, nothing can name it.)
+    env.stop_broker();
     env.write_conf("[tpm]\ntcit = \"x\"\n");
     let out = Command::new(DKEY)
         .args(["status", "--json", "--config", env.conf.to_str().unwrap()])

@@ -196,9 +196,11 @@ fn default_log_socket() -> PathBuf {
 /// function; collisions would only make two configurations share a broker
 /// name, and the broker checks its configuration's fingerprint.
 pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
-    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
+    let mut h = crate::helper::Fnv::default();
+    for b in bytes {
+        h.feed(std::slice::from_ref(b));
+    }
+    h.0
 }
 
 /// Where the executable digest for `csum` comes from.

@@ -84,22 +84,10 @@ pub fn exit_code_for_errno(errno: i32) -> u8 {
     }
 }
 
-/// The symbolic name of an errno the contract uses, for logs and messages.
+/// The symbolic name of an errno the contract uses, for logs and messages
+/// (the table is shared with the handler binary).
 pub fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        libc::EINVAL => "EINVAL",
-        libc::EACCES => "EACCES",
-        libc::ENODEV => "ENODEV",
-        libc::EIO => "EIO",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ENOKEY => "ENOKEY",
-        libc::EKEYREJECTED => "EKEYREJECTED",
-        libc::EKEYREVOKED => "EKEYREVOKED",
-        libc::EKEYEXPIRED => "EKEYEXPIRED",
-        libc::EDQUOT => "EDQUOT",
-        libc::ENOMEM => "ENOMEM",
-        _ => "EOTHER",
-    }
+    crate::helper::errno::name(errno)
 }
 
 #[cfg(test)]

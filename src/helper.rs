@@ -9,22 +9,37 @@ use core::fmt::Write;
 pub const DEFAULT_CONFIG: &[u8] = b"/etc/derived-keys/derived-keys.conf";
 pub const DEFAULT_PREFIX: &[u8] = b"derived";
 
-/// The errnos the handler answers with by itself.
+/// The errnos requests end with (Linux numbers; the library checks them
+/// against libc), and their names for audit lines and messages: the one
+/// table, for the handler (which has no libc crate) and the library.
 pub mod errno {
     pub const EIO: i32 = 5;
+    pub const ENOMEM: i32 = 12;
     pub const EACCES: i32 = 13;
     pub const ENODEV: i32 = 19;
     pub const EINVAL: i32 = 22;
     pub const ETIMEDOUT: i32 = 110;
+    pub const EDQUOT: i32 = 122;
+    pub const ENOKEY: i32 = 126;
+    pub const EKEYEXPIRED: i32 = 127;
+    pub const EKEYREVOKED: i32 = 128;
+    pub const EKEYREJECTED: i32 = 129;
 
-    /// The contract's name for one of them.
+    /// The symbolic name, "EOTHER" for any other errno.
     pub fn name(e: i32) -> &'static str {
         match e {
             EINVAL => "EINVAL",
             EACCES => "EACCES",
             ENODEV => "ENODEV",
+            EIO => "EIO",
             ETIMEDOUT => "ETIMEDOUT",
-            _ => "EIO",
+            ENOKEY => "ENOKEY",
+            EKEYREJECTED => "EKEYREJECTED",
+            EKEYREVOKED => "EKEYREVOKED",
+            EKEYEXPIRED => "EKEYEXPIRED",
+            EDQUOT => "EDQUOT",
+            ENOMEM => "ENOMEM",
+            _ => "EOTHER",
         }
     }
 }
@@ -155,8 +170,8 @@ impl KeysLine {
     }
 }
 
-/// FNV-1a, 64 bits, fed in pieces: names a configuration's broker. The
-/// library's `config::fnv1a` is the same function in one go.
+/// FNV-1a, 64 bits, fed in pieces: names a configuration's broker (see
+/// `config::fnv1a`). Not a security function.
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv(pub u64);
 
@@ -274,6 +289,23 @@ mod tests {
             assert_eq!(exit_errno(other), errno::EIO);
         }
         assert_eq!(errno::name(errno::ETIMEDOUT), "ETIMEDOUT");
+        assert_eq!(errno::name(1), "EOTHER");
+        // The literals are Linux's numbers.
+        for (ours, libc) in [
+            (errno::EIO, libc::EIO),
+            (errno::ENOMEM, libc::ENOMEM),
+            (errno::EACCES, libc::EACCES),
+            (errno::ENODEV, libc::ENODEV),
+            (errno::EINVAL, libc::EINVAL),
+            (errno::ETIMEDOUT, libc::ETIMEDOUT),
+            (errno::EDQUOT, libc::EDQUOT),
+            (errno::ENOKEY, libc::ENOKEY),
+            (errno::EKEYEXPIRED, libc::EKEYEXPIRED),
+            (errno::EKEYREVOKED, libc::EKEYREVOKED),
+            (errno::EKEYREJECTED, libc::EKEYREJECTED),
+        ] {
+            assert_eq!(ours, libc);
+        }
     }
 
     #[test]

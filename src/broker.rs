@@ -64,6 +64,8 @@ pub enum BrokerError {
     Tpm(#[from] TpmError),
     #[error(transparent)]
     Memory(#[from] SecretAllocError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
 }
 
 impl BrokerError {
@@ -71,7 +73,7 @@ impl BrokerError {
     pub fn errno(&self) -> i32 {
         match self {
             BrokerError::TimedOut => libc::ETIMEDOUT,
-            BrokerError::Config(_) => libc::ENODEV,
+            BrokerError::Config(_) | BrokerError::Netns(_) => libc::ENODEV,
             BrokerError::Tpm(TpmError::BadTcti { .. } | TpmError::Unreachable { .. }) => {
                 libc::ENODEV
             }
@@ -107,27 +109,38 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
     }
 }
 
+/// Creates the runtime directory root-only, or makes an existing one so:
+/// what is in it (sockets, pids, locks) is nobody else's business.
 fn run_dir() -> Result<(), BrokerError> {
     let dir = Path::new(RUN_DIR);
-    if !dir.is_dir() {
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .recursive(true)
-            .create(dir)
-            .map_err(io(dir))?;
-    }
-    Ok(())
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir)
+        .map_err(io(dir))?;
+    std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
 }
 
-/// The lock file serializing access to the TPM a TCTI names.
-pub fn tpm_lock_path(tcti: &str) -> PathBuf {
-    let hash = crate::config::fnv1a(tcti.as_bytes());
+/// The lock file serializing access to the TPM a TCTI names (in the
+/// network namespace it is reached in, if any: the same TCTI text in two
+/// namespaces is two TPMs).
+pub fn tpm_lock_path(tcti: &str, netns: Option<&Path>) -> PathBuf {
+    let hash = match netns {
+        None => crate::config::fnv1a(tcti.as_bytes()),
+        Some(ns) => crate::config::fnv1a(
+            tcti.as_bytes()
+                .iter()
+                .chain(b"\0")
+                .chain(ns.as_os_str().as_encoded_bytes()),
+        ),
+    };
     Path::new(RUN_DIR).join(format!("tpm-{hash:016x}.lock"))
 }
 
-fn open_lock(tcti: &str) -> Result<std::fs::File, BrokerError> {
+fn open_lock(config: &Config) -> Result<std::fs::File, BrokerError> {
     run_dir()?;
-    let path = tpm_lock_path(tcti);
+    let path = tpm_lock_path(config.tcti.as_str(), config.tpm_netns.as_deref());
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -139,8 +152,8 @@ fn open_lock(tcti: &str) -> Result<std::fs::File, BrokerError> {
 
 /// An exclusive lock per TPM (by TCTI): swtpm takes one client at a time,
 /// so brokers of different configurations and `dkey status` take turns.
-pub fn tpm_lock(tcti: &str) -> Result<nix::fcntl::Flock<std::fs::File>, BrokerError> {
-    let file = open_lock(tcti)?;
+pub fn tpm_lock(config: &Config) -> Result<nix::fcntl::Flock<std::fs::File>, BrokerError> {
+    let file = open_lock(config)?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
         BrokerError::Io {
             path: RUN_DIR.into(),
@@ -287,7 +300,7 @@ impl Server {
         let mut st = relock(&self.tpm);
         let file = match st.lock.take() {
             Some(f) => f,
-            None => open_lock(self.config.tcti.as_str())?,
+            None => open_lock(&self.config)?,
         };
         let guard = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
             |(_, errno)| BrokerError::Io {
@@ -331,7 +344,7 @@ impl Server {
         };
         let mut st = relock(&self.tpm);
         if let Some(mut l) = st.loaded.take() {
-            let _lock = tpm_lock(self.config.tcti.as_str());
+            let _lock = tpm_lock(&self.config);
             let _ = l.tpm.flush_primary(l.primary);
         }
     }
@@ -512,6 +525,11 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     // runtime file exists: a broker that cannot serve never listens.
     let config = Config::load(config_path)?;
     let owner_auth = config.owner_auth()?;
+    // The embedded TPM listens only in its own network namespace; enter it
+    // before any thread starts, so that every thread is in it.
+    if let Some(ns) = &config.tpm_netns {
+        crate::netns::enter(ns)?;
+    }
     let p = paths(&config);
     run_dir()?;
     let Some(_instance) = instance_lock(&p.lock)? else {
@@ -523,7 +541,14 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let _files = RuntimeFiles(&p);
     std::fs::set_permissions(&p.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io(&p.socket))?;
-    std::fs::write(&p.pid, std::process::id().to_string()).map_err(io(&p.pid))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&p.pid)
+        .and_then(|mut f| f.write_all(std::process::id().to_string().as_bytes()))
+        .map_err(io(&p.pid))?;
 
     // Blocked in every thread (they inherit the mask); read from the fd.
     let mut signals = SigSet::empty();

@@ -70,6 +70,7 @@ struct RawConfig {
 struct RawTpm {
     #[serde(default = "default_tcti")]
     tcti: String,
+    netns: Option<PathBuf>,
     owner_auth_file: Option<PathBuf>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
@@ -81,6 +82,7 @@ impl Default for RawTpm {
     fn default() -> Self {
         RawTpm {
             tcti: default_tcti(),
+            netns: None,
             owner_auth_file: None,
             timeout_ms: default_timeout_ms(),
             broker_idle_s: default_broker_idle_s(),
@@ -116,6 +118,8 @@ struct RawBindings {
     machine_gids: Vec<u32>,
     #[serde(default = "default_csum_source")]
     csum_source: String,
+    #[serde(default = "default_csum_max_mib")]
+    csum_max_mib: u64,
 }
 
 impl Default for RawBindings {
@@ -128,6 +132,7 @@ impl Default for RawBindings {
             machine_uids: root_only(),
             machine_gids: Vec::new(),
             csum_source: default_csum_source(),
+            csum_max_mib: default_csum_max_mib(),
         }
     }
 }
@@ -140,6 +145,9 @@ fn root_only() -> Vec<u32> {
 }
 fn default_csum_source() -> String {
     "file".into()
+}
+fn default_csum_max_mib() -> u64 {
+    1024
 }
 
 #[derive(Deserialize)]
@@ -228,6 +236,9 @@ pub enum LogTarget {
 pub struct Config {
     pub path: PathBuf,
     pub tcti: Tcti,
+    /// The network namespace the TCTI is reached in (the embedded software
+    /// TPM listens only there), or None for the host's.
+    pub tpm_netns: Option<PathBuf>,
     pub owner_auth_file: Option<PathBuf>,
     pub tpm_timeout: Duration,
     /// How long the TPM broker stays without requests before it exits.
@@ -238,6 +249,8 @@ pub struct Config {
     pub machine_uids: Vec<u32>,
     pub machine_gids: Vec<u32>,
     pub csum_source: CsumSource,
+    /// Executables larger than this are refused for `csum` (EACCES).
+    pub csum_max_bytes: u64,
     pub negative_timeout_s: u32,
     pub signature_timeout_s: u32,
     pub log: LogTarget,
@@ -318,6 +331,15 @@ impl Config {
                 ))
             }
         };
+        if raw.tpm.netns.as_deref().is_some_and(|p| !p.is_absolute()) {
+            return Err(value("tpm.netns", "must be an absolute path".into()));
+        }
+        if !(1..=1 << 20).contains(&raw.bindings.csum_max_mib) {
+            return Err(value(
+                "bindings.csum_max_mib",
+                "must be 1 to 1048576".into(),
+            ));
+        }
         if let Some(p) = &raw.tpm.owner_auth_file {
             if !p.is_absolute() {
                 return Err(value(
@@ -330,6 +352,7 @@ impl Config {
         Ok(Config {
             path: path.to_owned(),
             tcti,
+            tpm_netns: raw.tpm.netns,
             owner_auth_file: raw.tpm.owner_auth_file,
             tpm_timeout: Duration::from_millis(raw.tpm.timeout_ms),
             broker_idle: Duration::from_secs(raw.tpm.broker_idle_s.into()),
@@ -343,6 +366,7 @@ impl Config {
             machine_uids: raw.bindings.machine_uids,
             machine_gids: raw.bindings.machine_gids,
             csum_source,
+            csum_max_bytes: raw.bindings.csum_max_mib << 20,
             negative_timeout_s: raw.results.negative_timeout_s,
             signature_timeout_s: raw.results.signature_timeout_s,
             log,

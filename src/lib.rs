@@ -28,6 +28,7 @@ pub mod error;
 pub mod handler;
 pub mod helper;
 pub mod keyring;
+pub mod netns;
 pub mod policy;
 pub mod request;
 pub mod requester;

@@ -2,15 +2,18 @@
 //! and the configuration in place, and the embedded software TPM for hosts
 //! without a TPM device.
 //!
-//! The embedded swtpm listens on 127.0.0.1 (tss-esapi 7 cannot reach its
-//! unix socket), so install locks it down: random owner and lockout
-//! passwords in root-only files, and after every start a random, discarded
-//! platform password, so that no other local user can derive keys, clear
-//! the TPM or change its passwords. See THREAT-MODEL.md.
+//! The embedded swtpm listens on 127.0.0.1 inside a network namespace of
+//! its own (see [`crate::netns`]: tss-esapi 7 cannot reach swtpm's unix
+//! socket), so no other local user can connect to it, for commands or
+//! control. Install also locks it down: random owner, endorsement and
+//! lockout passwords in root-only files, and after every start a random,
+//! discarded platform password, so that not even a root process without
+//! the files can derive keys, clear the TPM or change its passwords. See
+//! THREAT-MODEL.md.
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -66,6 +69,17 @@ impl Layout {
     pub fn lockout_auth(&self) -> PathBuf {
         self.at("/etc/derived-keys/lockout-auth")
     }
+    pub fn endorsement_auth(&self) -> PathBuf {
+        self.at("/etc/derived-keys/endorsement-auth")
+    }
+    /// Runtime files: root only (0700), on tmpfs.
+    pub fn run_dir(&self) -> PathBuf {
+        self.at(crate::helper::RUN_DIR)
+    }
+    /// The embedded software TPM's private network namespace (a bind mount).
+    pub fn tpm_netns(&self) -> PathBuf {
+        self.at("/run/derived-keys/tpm.netns")
+    }
     pub fn swtpm_state(&self) -> PathBuf {
         self.at("/var/lib/derived-keys/swtpm")
     }
@@ -77,7 +91,8 @@ impl Layout {
     }
 }
 
-/// The embedded software TPM's ports (swtpm's and tpm2-tools' defaults).
+/// The embedded software TPM's ports (swtpm's and tpm2-tools' defaults),
+/// inside its own network namespace: the host's ports stay free.
 pub const SWTPM_PORT: u16 = 2321;
 pub const SWTPM_TCTI: &str = "swtpm:host=127.0.0.1,port=2321";
 
@@ -101,6 +116,8 @@ pub enum SetupError {
     Swtpm { reason: String },
     #[error("software TPM lockdown: {0}")]
     Lockdown(#[source] TpmError),
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("the TPM's owner hierarchy has a password but {path} is missing; put the password there (root-owned, mode 0600) and run install again")]
     LostOwnerAuth { path: PathBuf },
     #[error(transparent)]
@@ -180,12 +197,14 @@ fn install_file(path: &Path, bytes: &[u8], mode: u32) -> Result<Change, SetupErr
 }
 
 /// The configuration install writes: the shipped one with this TCTI and,
-/// for the embedded software TPM, its owner password file.
-pub fn config_text(tcti: &Tcti, owner_auth: Option<&Path>) -> String {
+/// for the embedded software TPM, its namespace and owner password file.
+pub fn config_text(tcti: &Tcti, netns: Option<&Path>, owner_auth: Option<&Path>) -> String {
     let mut out = String::new();
     for line in DEFAULT_CONFIG.lines() {
         if line.starts_with("tcti = ") {
             out.push_str(&format!("tcti = \"{}\"\n", tcti.as_str()));
+        } else if let (Some(p), true) = (netns, line.starts_with("# netns = ")) {
+            out.push_str(&format!("netns = \"{}\"\n", p.display()));
         } else if line.starts_with("# owner_auth_file = ") {
             match owner_auth {
                 Some(p) => out.push_str(&format!("owner_auth_file = \"{}\"\n", p.display())),
@@ -203,8 +222,16 @@ pub fn config_text(tcti: &Tcti, owner_auth: Option<&Path>) -> String {
 }
 
 /// Installs the configuration; an edited one is never overwritten unless
-/// `force` (then it is saved as `.bak` first).
-fn install_config(path: &Path, text: &str, force: bool) -> Result<Change, SetupError> {
+/// `force` (then it is saved as `.bak` first). One an earlier release
+/// wrote for the embedded TPM on the host's network gets the line that
+/// moves it into its namespace (`netns`), edited or not, the old one kept
+/// as `.bak`: without it, the TPM could no longer be reached.
+fn install_config(
+    path: &Path,
+    text: &str,
+    force: bool,
+    netns: Option<&Path>,
+) -> Result<Change, SetupError> {
     let old = match std::fs::read_to_string(path) {
         Err(_) => {
             write_atomic(path, text.as_bytes(), 0o644)?;
@@ -214,6 +241,14 @@ fn install_config(path: &Path, text: &str, force: bool) -> Result<Change, SetupE
     };
     if old == text {
         return Ok(Change::Unchanged);
+    }
+    if let Some(migrated) = netns.and_then(|n| migrate_config(&old, n)) {
+        write_atomic(&path.with_extension("conf.bak"), old.as_bytes(), 0o644)?;
+        write_atomic(path, migrated.as_bytes(), 0o644)?;
+        return install_config(path, text, force, None).map(|c| match c {
+            Change::Unchanged => Change::Updated,
+            other => other,
+        });
     }
     if force {
         let bak = path.with_extension("conf.bak");
@@ -250,15 +285,30 @@ fn listening(port: u16) -> bool {
     .is_ok()
 }
 
-fn wait_listening(port: u16, within: Duration) -> bool {
-    let end = Instant::now() + within;
-    while Instant::now() < end {
-        if listening(port) {
-            return true;
+/// Waits until the embedded swtpm answers connections inside its namespace.
+fn wait_listening(netns: &Path, within: Duration) -> bool {
+    crate::netns::run_in(Some(netns), || {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if listening(SWTPM_PORT) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
+        false
+    })
+    .unwrap_or(false)
+}
+
+/// Creates a root-only directory, or makes an existing one root-only.
+fn private_dir(dir: &Path) -> Result<(), SetupError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir, "create directory"))?;
+    std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir, "chown"))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir, "chmod"))
 }
 
 fn swtpm_args(layout: &Layout, daemon: bool) -> Vec<String> {
@@ -282,13 +332,12 @@ fn swtpm_args(layout: &Layout, daemon: bool) -> Vec<String> {
     a
 }
 
-fn swtpm_unit(layout: &Layout, dkey: &Path) -> String {
+fn swtpm_unit(dkey: &Path) -> String {
     format!(
         "[Unit]\nDescription=derived-keys embedded software TPM (swtpm): no hardware protection\n\
-         \n[Service]\nExecStart=/usr/bin/swtpm {}\nExecStartPost={} swtpm-lockdown\n\
+         \n[Service]\nExecStart={dkey} swtpm-run\nExecStartPost={dkey} swtpm-lockdown\n\
          Restart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
-        swtpm_args(layout, false).join(" "),
-        dkey.display()
+        dkey = dkey.display()
     )
 }
 
@@ -311,42 +360,115 @@ fn run(cmd: &str, args: &[&str]) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Starts the embedded swtpm unless it already runs; returns the step.
-fn start_embedded_swtpm(layout: &Layout) -> Result<Step, SetupError> {
+/// The swtpm process named by the pid file, if it still runs.
+fn swtpm_process(layout: &Layout) -> Option<i32> {
+    let pid = std::fs::read_to_string(layout.swtpm_pid()).ok()?;
+    let pid = pid.trim().parse::<i32>().ok().filter(|p| *p > 0)?;
+    let comm = std::fs::read(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim_ascii_end() == b"swtpm").then_some(pid)
+}
+
+fn stop_process(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops an embedded swtpm that an earlier release started on the host's
+/// network (every local user could reach it); returns whether there was one.
+/// Its state directory stays: the new one serves the same seed, every key.
+fn retire_host_swtpm(layout: &Layout) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(pid) = swtpm_process(layout) else {
+        return false;
+    };
+    // Unreadable: leave it alone rather than stop a TPM we cannot place.
+    let Ok(its_netns) = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
+        return false;
+    };
+    if Some(its_netns) == crate::netns::inode(&layout.tpm_netns()) {
+        return false; // already in its own namespace
+    }
+    stop_process(pid);
+    let _ = std::fs::remove_file(layout.swtpm_pid());
+    true
+}
+
+/// Starts the embedded swtpm in its namespace unless it already runs there
+/// (moving one an earlier release left on the host's network); returns
+/// the step.
+pub fn start_embedded_swtpm(layout: &Layout) -> Result<Step, SetupError> {
     let state = layout.swtpm_state();
-    std::fs::create_dir_all(&state).map_err(io(&state, "create directory"))?;
-    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700))
-        .map_err(io(&state, "chmod"))?;
+    private_dir(&state)?;
+    private_dir(&layout.run_dir())?;
+    let moved = retire_host_swtpm(layout);
+    let netns = layout.tpm_netns();
+    crate::netns::create(&netns)?;
     let mut step = Step {
-        what: "software TPM (swtpm, no hardware protection)".into(),
+        what: "software TPM (swtpm, no hardware protection; root only)".into(),
         path: state.clone(),
-        change: Change::Unchanged,
+        change: if moved {
+            Change::Updated
+        } else {
+            Change::Unchanged
+        },
     };
     if systemd_running() {
         let unit = layout.swtpm_unit();
-        step.change = install_file(&unit, swtpm_unit(layout, &layout.dkey()).as_bytes(), 0o644)?;
+        let change = install_file(&unit, swtpm_unit(&layout.dkey()).as_bytes(), 0o644)?;
         run("systemctl", &["daemon-reload"])?;
-        run(
-            "systemctl",
-            &["enable", "--now", "derived-keys-swtpm.service"],
-        )?;
+        run("systemctl", &["enable", "derived-keys-swtpm.service"])?;
+        let verb = if change == Change::Unchanged && !moved {
+            "start"
+        } else {
+            "restart"
+        };
+        run("systemctl", &[verb, "derived-keys-swtpm.service"])?;
         step.path = unit;
-    } else if !listening(SWTPM_PORT) {
-        let pid = layout.swtpm_pid();
-        if let Some(dir) = pid.parent() {
-            std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        if change != Change::Unchanged {
+            step.change = change;
         }
+    } else if !wait_listening(&netns, Duration::ZERO) {
         let args = swtpm_args(layout, true);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run("swtpm", &args)?;
-        step.change = Change::Created;
+        crate::netns::run_in(Some(&netns), || run("swtpm", &args))??;
+        if !moved {
+            step.change = Change::Created;
+        }
     }
-    if !wait_listening(SWTPM_PORT, Duration::from_secs(10)) {
+    if !wait_listening(&netns, Duration::from_secs(10)) {
         return Err(SetupError::Swtpm {
-            reason: format!("nothing listens on 127.0.0.1:{SWTPM_PORT} after starting swtpm"),
+            reason: format!(
+                "nothing listens on 127.0.0.1:{SWTPM_PORT} in {} after starting swtpm",
+                netns.display()
+            ),
         });
     }
     Ok(step)
+}
+
+/// `dkey swtpm-run` (the systemd unit's ExecStart): the embedded swtpm in
+/// the foreground, in its namespace. Returns only on failure.
+pub fn exec_embedded_swtpm(layout: &Layout) -> SetupError {
+    use std::os::unix::process::CommandExt;
+    let netns = layout.tpm_netns();
+    let ready = private_dir(&layout.swtpm_state())
+        .and_then(|()| private_dir(&layout.run_dir()))
+        .and_then(|()| crate::netns::create(&netns).map_err(SetupError::from))
+        // Single-threaded here: the whole process, and swtpm after exec.
+        .and_then(|()| crate::netns::enter(&netns).map_err(SetupError::from));
+    if let Err(e) = ready {
+        return e;
+    }
+    let e = Command::new("swtpm").args(swtpm_args(layout, false)).exec();
+    SetupError::Swtpm {
+        reason: format!("cannot run swtpm: {e}"),
+    }
 }
 
 fn random_password() -> Result<SecretBuf, SetupError> {
@@ -362,14 +484,24 @@ fn random_password() -> Result<SecretBuf, SetupError> {
     Ok(text)
 }
 
-/// Locks the embedded software TPM down (idempotent; run after each start):
-/// owner and lockout passwords set once and kept in root-only files, the
-/// platform password set to a random value nobody keeps.
-pub fn lockdown(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
+/// Locks a software TPM down (idempotent; run after each start): owner,
+/// endorsement and lockout passwords set once and kept in root-only files,
+/// the platform password set to a random value nobody keeps. `netns`: the
+/// namespace the TCTI is reached in.
+pub fn lockdown(layout: &Layout, tcti: &Tcti, netns: Option<&Path>) -> Result<(), SetupError> {
+    crate::netns::run_in(netns, || lockdown_here(layout, tcti))?
+}
+
+fn lockdown_here(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
     let mut tpm = Tpm::open(tcti).map_err(SetupError::Lockdown)?;
     let set = tpm.auth_set().map_err(SetupError::Lockdown)?;
     for (which, is_set, path) in [
         (HierarchyAuth::Owner, set.owner, layout.owner_auth()),
+        (
+            HierarchyAuth::Endorsement,
+            set.endorsement,
+            layout.endorsement_auth(),
+        ),
         (HierarchyAuth::Lockout, set.lockout, layout.lockout_auth()),
     ] {
         if is_set {
@@ -394,12 +526,54 @@ pub fn lockdown(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
 /// Locks down the embedded software TPM once it listens (its service runs
 /// this after every start: platform passwords do not survive a restart).
 pub fn lockdown_embedded(layout: &Layout) -> Result<(), SetupError> {
-    if !wait_listening(SWTPM_PORT, Duration::from_secs(5)) {
+    let netns = layout.tpm_netns();
+    if !wait_listening(&netns, Duration::from_secs(5)) {
         return Err(SetupError::Swtpm {
-            reason: format!("nothing listens on 127.0.0.1:{SWTPM_PORT}"),
+            reason: format!(
+                "nothing listens on 127.0.0.1:{SWTPM_PORT} in {}",
+                netns.display()
+            ),
         });
     }
-    lockdown(layout, &Tcti::parse(SWTPM_TCTI).map_err(SetupError::Tcti)?)
+    lockdown(
+        layout,
+        &Tcti::parse(SWTPM_TCTI).map_err(SetupError::Tcti)?,
+        Some(&netns),
+    )
+}
+
+/// Stops the embedded swtpm and removes its namespace (its state stays).
+pub fn stop_embedded_swtpm(layout: &Layout) -> Result<(), SetupError> {
+    if let Some(pid) = swtpm_process(layout) {
+        stop_process(pid);
+    }
+    let _ = std::fs::remove_file(layout.swtpm_pid());
+    crate::netns::remove(&layout.tpm_netns())?;
+    Ok(())
+}
+
+/// An embedded configuration an earlier release wrote (the swtpm on the
+/// host's loopback) with the one line that moves it into the namespace;
+/// None when `text` needs no change. Everything else stays as the
+/// operator left it.
+pub fn migrate_config(text: &str, netns: &Path) -> Option<String> {
+    let config = Config::parse(text, Path::new("/migrate")).ok()?;
+    if config.tcti.as_str() != SWTPM_TCTI || config.tpm_netns.is_some() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut done = false;
+    for line in text.split_inclusive('\n') {
+        out.push_str(line);
+        if !done && line.trim_start().starts_with("tcti") {
+            if !line.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&format!("netns = \"{}\"\n", netns.display()));
+            done = true;
+        }
+    }
+    done.then_some(out)
 }
 
 /// `dkey install`.
@@ -449,18 +623,22 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
         (None, false) => "device:/dev/tpmrm0".to_owned(),
     };
     let tcti = Tcti::parse(&tcti_text).map_err(SetupError::Tcti)?;
-    let owner_auth = if embedded {
+    // A broker of the current configuration holds a primary on the TPM
+    // that may be about to move.
+    if let Ok(old) = Config::load(&layout.config()) {
+        crate::broker::stop(&old);
+    }
+    let netns = embedded.then(|| layout.tpm_netns());
+    if let Some(netns) = &netns {
         steps.push(start_embedded_swtpm(layout)?);
-        lockdown(layout, &tcti)?;
-        Some(layout.owner_auth())
-    } else {
-        None
-    };
-    let text = config_text(&tcti, owner_auth.as_deref());
+        lockdown(layout, &tcti, Some(netns))?;
+    }
+    let owner_auth = embedded.then(|| layout.owner_auth());
+    let text = config_text(&tcti, netns.as_deref(), owner_auth.as_deref());
     steps.push(Step {
         what: "configuration".into(),
         path: layout.config(),
-        change: install_config(&layout.config(), &text, opts.force)?,
+        change: install_config(&layout.config(), &text, opts.force, netns.as_deref())?,
     });
     Ok(steps)
 }
@@ -475,6 +653,20 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
         });
     }
     let mut steps = Vec::new();
+    if let Ok(config) = Config::load(&layout.config()) {
+        crate::broker::stop(&config);
+    }
+    let embedded_step = Step {
+        what: "software TPM process and its network namespace".into(),
+        path: layout.tpm_netns(),
+        change: if swtpm_process(layout).is_some() || layout.tpm_netns().exists() {
+            stop_embedded_swtpm(layout)?;
+            Change::Removed
+        } else {
+            Change::Absent
+        },
+    };
+    steps.push(embedded_step);
     let mut remove = |what: &str, path: PathBuf, really: bool| -> Result<(), SetupError> {
         let change = if !path.exists() {
             Change::Absent
@@ -497,9 +689,6 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
     };
     remove("request-key rule", layout.rule(), true)?;
     remove("request-key handler", layout.handler(), true)?;
-    if let Ok(config) = Config::load(&layout.config()) {
-        crate::broker::stop(&config);
-    }
     remove("TPM broker", layout.broker(), true)?;
     if layout.swtpm_unit().exists() {
         let _ = run(
@@ -509,18 +698,10 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
         remove("software TPM service", layout.swtpm_unit(), true)?;
         let _ = run("systemctl", &["daemon-reload"]);
     }
-    if let Ok(pid) = std::fs::read_to_string(layout.swtpm_pid()) {
-        if let Ok(pid) = pid.trim().parse::<i32>() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        remove("software TPM process", layout.swtpm_pid(), true)?;
-    }
     remove("configuration", layout.config(), purge)?;
     let _ = std::fs::remove_file(layout.config().with_extension("conf.new"));
     remove("owner password", layout.owner_auth(), purge)?;
+    remove("endorsement password", layout.endorsement_auth(), purge)?;
     remove("lockout password", layout.lockout_auth(), purge)?;
     remove(
         "software TPM state (its seed: every key)",
@@ -554,6 +735,11 @@ pub struct Status {
     pub tpm_manufacturer: Option<String>,
     pub tpm_vendor: Option<String>,
     pub tpm_error: Option<String>,
+    /// Who can send the configured TPM commands, in words.
+    pub tpm_access: Option<String>,
+    /// Every local user can reach the TPM (a TCP TCTI on the host's
+    /// network, a device node open to all); null when unknown.
+    pub tpm_open_to_all_users: Option<bool>,
     /// A test derivation (owner password included) went through.
     pub derivation_ok: bool,
     pub protection: String,
@@ -591,6 +777,8 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         tpm_manufacturer: None,
         tpm_vendor: None,
         tpm_error: None,
+        tpm_access: None,
+        tpm_open_to_all_users: None,
         derivation_ok: false,
         protection: "none: no TPM reachable".into(),
         rule_path: layout.rule(),
@@ -616,8 +804,20 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok())
         .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    if let Err(e) = probe_tpm(&config, &mut s) {
-        s.tpm_error = Some(e.to_string());
+    let (access, open) = tpm_access(&config);
+    s.tpm_access = Some(access);
+    s.tpm_open_to_all_users = open;
+    let probed = crate::netns::run_in(config.tpm_netns.as_deref(), || {
+        let mut part = s.clone();
+        let r = probe_tpm(&config, &mut part).map_err(|e| e.to_string());
+        (part, r)
+    });
+    match probed {
+        Ok((part, r)) => {
+            s = part;
+            s.tpm_error = r.err();
+        }
+        Err(e) => s.tpm_error = Some(e.to_string()),
     }
     s.ready = s.config_valid
         && s.tpm_reachable
@@ -628,11 +828,92 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
     s
 }
 
+/// Who can reach the TPM the configuration names, and whether that is
+/// every local user.
+pub fn tpm_access(config: &Config) -> (String, Option<bool>) {
+    use crate::tpm::TctiKind;
+    use std::os::unix::fs::MetadataExt;
+    if let Some(ns) = &config.tpm_netns {
+        let ok = crate::netns::exists(ns);
+        let private = ns
+            .parent()
+            .and_then(|d| std::fs::metadata(d).ok())
+            .is_some_and(|m| m.uid() == 0 && m.mode() & 0o077 == 0);
+        return if ok && private {
+            (
+                format!(
+                    "root only: the TPM listens only inside network namespace {}, which only root can enter",
+                    ns.display()
+                ),
+                Some(false),
+            )
+        } else if ok {
+            (
+                format!(
+                    "root only (network namespace {}), but its directory is not root-only (0700)",
+                    ns.display()
+                ),
+                Some(false),
+            )
+        } else {
+            (
+                format!(
+                    "no TPM: network namespace {} is missing (run dkey install)",
+                    ns.display()
+                ),
+                None,
+            )
+        };
+    }
+    match config.tcti.kind() {
+        TctiKind::Device => {
+            let path = config.tcti.device_path().unwrap_or("/dev/tpmrm0");
+            match std::fs::metadata(path) {
+                Ok(m) => {
+                    let group = nix::unistd::Group::from_gid(m.gid().into())
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| m.gid().to_string(), |g| g.name);
+                    let owner = nix::unistd::User::from_uid(m.uid().into())
+                        .ok()
+                        .flatten()
+                        .map_or_else(|| m.uid().to_string(), |u| u.name);
+                    let mode = m.mode() & 0o777;
+                    let open = mode & 0o006 != 0;
+                    let who = if open {
+                        "every local user".to_owned()
+                    } else if mode & 0o060 != 0 {
+                        format!("root and members of group {group}")
+                    } else {
+                        format!("root and {owner}")
+                    };
+                    (
+                        format!("{who}: device node {path} (owner {owner}, group {group}, mode {mode:04o})"),
+                        Some(open),
+                    )
+                }
+                Err(_) => (format!("no TPM: {path} does not exist"), None),
+            }
+        }
+        TctiKind::Swtpm | TctiKind::Mssim => (
+            format!(
+                "every local user: {} is a TCP socket on this host's network that any process can connect to",
+                config.tcti
+            ),
+            Some(true),
+        ),
+        TctiKind::Tabrmd => (
+            "whoever tpm2-abrmd's D-Bus policy admits".to_owned(),
+            None,
+        ),
+    }
+}
+
 /// Reaches the TPM, says what kind it is, and runs one test derivation
 /// (owner password included), filling in `s` as it goes.
 fn probe_tpm(config: &Config, s: &mut Status) -> Result<(), crate::error::HandlerError> {
     // Take turns with the broker: swtpm serves one client at a time.
-    let _lock = crate::broker::tpm_lock(config.tcti.as_str())?;
+    let _lock = crate::broker::tpm_lock(config)?;
     let mut tpm = Tpm::open(&config.tcti)?;
     let info = tpm.info()?;
     s.tpm_reachable = true;
@@ -673,31 +954,46 @@ mod tests {
     #[test]
     fn config_text_sets_tcti_and_owner_auth() {
         let t = Tcti::parse(SWTPM_TCTI).unwrap();
-        let text = config_text(&t, Some(Path::new("/etc/derived-keys/owner-auth")));
+        let ns = Path::new("/run/derived-keys/tpm.netns");
+        let text = config_text(
+            &t,
+            Some(ns),
+            Some(Path::new("/etc/derived-keys/owner-auth")),
+        );
         let c = Config::parse(&text, Path::new("/x")).unwrap();
         assert_eq!(c.tcti.as_str(), SWTPM_TCTI);
+        assert_eq!(c.tpm_netns.as_deref(), Some(ns));
         assert_eq!(
             c.owner_auth_file.as_deref(),
             Some(Path::new("/etc/derived-keys/owner-auth"))
         );
         let d = Tcti::parse("device:/dev/tpmrm0").unwrap();
-        assert_eq!(config_text(&d, None), DEFAULT_CONFIG);
+        assert_eq!(config_text(&d, None, None), DEFAULT_CONFIG);
     }
 
     #[test]
     fn edited_configuration_is_kept_and_said_so() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("derived-keys.conf");
-        assert_eq!(install_config(&p, "a\n", false).unwrap(), Change::Created);
-        assert_eq!(install_config(&p, "a\n", false).unwrap(), Change::Unchanged);
+        assert_eq!(
+            install_config(&p, "a\n", false, None).unwrap(),
+            Change::Created
+        );
+        assert_eq!(
+            install_config(&p, "a\n", false, None).unwrap(),
+            Change::Unchanged
+        );
         std::fs::write(&p, "edited\n").unwrap();
-        let c = install_config(&p, "a\n", false).unwrap();
+        let c = install_config(&p, "a\n", false, None).unwrap();
         let Change::KeptEdited { proposed } = c else {
             panic!("{c:?}")
         };
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "edited\n");
         assert_eq!(std::fs::read_to_string(proposed).unwrap(), "a\n");
-        assert_eq!(install_config(&p, "a\n", true).unwrap(), Change::Updated);
+        assert_eq!(
+            install_config(&p, "a\n", true, None).unwrap(),
+            Change::Updated
+        );
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "a\n");
         assert_eq!(
             std::fs::read_to_string(p.with_extension("conf.bak")).unwrap(),
@@ -718,10 +1014,70 @@ mod tests {
 
     #[test]
     fn unit_runs_swtpm_in_the_foreground_and_locks_it_down() {
-        let u = swtpm_unit(&Layout::default(), Path::new("/usr/local/bin/dkey"));
-        assert!(u.contains("ExecStart=/usr/bin/swtpm socket --tpm2"));
-        assert!(!u.contains("--daemon"));
-        assert!(u.contains("ExecStartPost=/usr/local/bin/dkey swtpm-lockdown"));
-        assert!(u.contains("bindaddr=127.0.0.1"));
+        let u = swtpm_unit(Path::new("/usr/local/bin/dkey"));
+        // swtpm-run enters the namespace and execs swtpm in the foreground.
+        assert!(u.contains("ExecStart=/usr/local/bin/dkey swtpm-run\n"));
+        assert!(u.contains("ExecStartPost=/usr/local/bin/dkey swtpm-lockdown\n"));
+        let args = swtpm_args(&Layout::default(), false).join(" ");
+        assert!(!args.contains("--daemon"));
+        assert_eq!(args.matches("bindaddr=127.0.0.1").count(), 2, "{args}");
+    }
+
+    /// The configuration the previous release wrote for the embedded TPM.
+    fn previous_release_config() -> String {
+        let mut out = String::new();
+        for line in DEFAULT_CONFIG.lines() {
+            if line.starts_with("# netns") || line.starts_with("# it for the embedded") {
+                continue;
+            }
+            if line.starts_with("tcti = ") {
+                out.push_str(&format!("tcti = \"{SWTPM_TCTI}\"\n"));
+            } else if line.starts_with("# owner_auth_file = ") {
+                out.push_str("owner_auth_file = \"/etc/derived-keys/owner-auth\"\n");
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn an_embedded_configuration_moves_into_the_namespace_with_its_edits() {
+        let ns = Path::new("/run/derived-keys/tpm.netns");
+        let edited =
+            previous_release_config().replace("machine_uids = [0]", "machine_uids = [0, 7]");
+        let migrated = migrate_config(&edited, ns).unwrap();
+        let c = Config::parse(&migrated, Path::new("/x")).unwrap();
+        assert_eq!(c.tpm_netns.as_deref(), Some(ns));
+        assert_eq!(c.machine_uids, [0, 7], "the operator's edit stays");
+        assert_eq!(c.tcti.as_str(), SWTPM_TCTI);
+        // Nothing to do twice, nor for other TPMs.
+        assert!(migrate_config(&migrated, ns).is_none());
+        assert!(migrate_config(DEFAULT_CONFIG, ns).is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("derived-keys.conf");
+        std::fs::write(&p, &edited).unwrap();
+        let new = config_text(
+            &Tcti::parse(SWTPM_TCTI).unwrap(),
+            Some(ns),
+            Some(Path::new("/etc/derived-keys/owner-auth")),
+        );
+        let c = install_config(&p, &new, false, Some(ns)).unwrap();
+        assert!(matches!(c, Change::KeptEdited { .. }), "{c:?}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), migrated);
+        assert_eq!(
+            std::fs::read_to_string(p.with_extension("conf.bak")).unwrap(),
+            edited
+        );
+        // Unedited, it becomes the new release's text.
+        std::fs::write(&p, previous_release_config()).unwrap();
+        assert_eq!(
+            install_config(&p, &new, false, Some(ns)).unwrap(),
+            Change::Updated
+        );
+        let got = Config::parse(&std::fs::read_to_string(&p).unwrap(), Path::new("/x")).unwrap();
+        assert_eq!(got.tpm_netns.as_deref(), Some(ns));
     }
 }

@@ -1,6 +1,7 @@
 //! The only module with `unsafe`: raw system calls that no safe wrapper in
 //! our dependencies covers (memfd_secret, mmap/mlock for secret memory,
-//! keyctl reject with an errno, request_key for any key type).
+//! keyctl reject with an errno, request_key for any key type, bringing up
+//! the loopback interface of a fresh network namespace).
 //!
 //! Every block states why it is sound. Everything here returns
 //! `io::Error` from errno; callers wrap it in their boundary's error type.
@@ -259,6 +260,39 @@ pub fn keyctl_drop_authority() -> io::Result<()> {
     };
     if r < 0 {
         return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings up `lo` in the calling thread's network namespace (a new one has
+/// it down, without 127.0.0.1). SIOCGIFFLAGS then SIOCSIFFLAGS with IFF_UP:
+/// nix and libc offer no safe wrapper.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, b) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *b as libc::c_char;
+    }
+    // SAFETY: `req` is a valid, initialized ifreq naming "lo" that lives
+    // across both calls; the kernel reads the name and reads/writes the
+    // flags member of the union only.
+    let r = unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS as _, &mut req) < 0 {
+            -1
+        } else {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS as _, &req)
+        }
+    };
+    let err = io::Error::last_os_error();
+    close(fd);
+    if r < 0 {
+        return Err(err);
     }
     Ok(())
 }

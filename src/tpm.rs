@@ -3,6 +3,11 @@
 //! One derivation is three TPM commands: CreatePrimary of the fixed HMAC
 //! template in the owner hierarchy, HMAC of the 32-byte message, and
 //! FlushContext of the primary, which runs on every path, errors included.
+//!
+//! Every primary gets a fresh random 32-byte authValue that only this
+//! process knows (it is not an input of the key: the same template gives
+//! the same HMAC key whatever its authValue). Another client of the same
+//! TPM that finds the loaded primary's handle cannot use it.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +32,10 @@ use crate::secret::{SecretAllocError, SecretBuf};
 /// TPMA_OBJECT of the primary: fixedTPM | fixedParent | sensitiveDataOrigin
 /// | userWithAuth | noDA | sign. Part of derivation v1.
 pub const PRIMARY_ATTRIBUTES: u32 = 0x0004_0472;
+
+/// Bytes of the derivation primary's random authValue (a SHA-256 digest's
+/// size, the most its name algorithm allows).
+const PRIMARY_AUTH_LEN: usize = 32;
 
 /// Handles of transient objects start here (TPM_HT_TRANSIENT << 24).
 const TRANSIENT_FIRST: u32 = 0x8000_0000;
@@ -143,6 +152,8 @@ pub enum TpmError {
         #[source]
         source: TssError,
     },
+    #[error("no randomness for the primary's authorization value")]
+    NoRandomness,
     #[error("the owner authorization is longer than 64 bytes")]
     OwnerAuthTooLong,
     #[error("TPM returned a {len}-byte HMAC, expected 32")]
@@ -219,6 +230,7 @@ pub struct Primary(KeyHandle);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthSet {
     pub owner: bool,
+    pub endorsement: bool,
     pub lockout: bool,
     /// Dictionary-attack lockout is in force.
     pub in_lockout: bool,
@@ -228,6 +240,7 @@ pub struct AuthSet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HierarchyAuth {
     Owner,
+    Endorsement,
     Lockout,
     Platform,
 }
@@ -277,10 +290,16 @@ impl Tpm {
     }
 
     fn create_primary(&mut self, owner_auth: Option<&SecretBuf>) -> Result<KeyHandle, TpmError> {
-        let template = Self::primary_template().map_err(|source| TpmError::Stack {
+        let stack = |source| TpmError::Stack {
             command: "CreatePrimary",
             source,
-        })?;
+        };
+        let template = Self::primary_template().map_err(stack)?;
+        // The primary's own authValue: random, never stored; ESYS keeps
+        // its copy in the object's metadata for the HMAC's authorization.
+        let mut secret = SecretBuf::new(PRIMARY_AUTH_LEN)?;
+        getrandom::getrandom(secret.as_mut()).map_err(|_| TpmError::NoRandomness)?;
+        let primary_auth = || Auth::try_from(secret.as_ref().to_vec()).map_err(stack);
         let auth = match owner_auth {
             Some(a) if a.len() > 64 => return Err(TpmError::OwnerAuthTooLong),
             Some(a) => Auth::try_from(a.as_ref().to_vec()),
@@ -297,12 +316,26 @@ impl Tpm {
                 source,
             })?;
         let tcti = self.tcti.clone();
-        self.ctx
+        let in_sensitive = primary_auth()?;
+        let key = self
+            .ctx
             .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+                ctx.create_primary(
+                    Hierarchy::Owner,
+                    template,
+                    Some(in_sensitive),
+                    None,
+                    None,
+                    None,
+                )
             })
             .map(|r| r.key_handle)
-            .map_err(|e| classify(&tcti, "CreatePrimary", e))
+            .map_err(|e| classify(&tcti, "CreatePrimary", e))?;
+        if let Err(e) = self.ctx.tr_set_auth(key.into(), primary_auth()?) {
+            let _ = self.flush(key.into());
+            return Err(stack(e));
+        }
+        Ok(key)
     }
 
     fn hmac(&mut self, key: KeyHandle, msg: &[u8; 32]) -> Result<SecretBuf, TpmError> {
@@ -466,6 +499,7 @@ impl Tpm {
         };
         Ok(AuthSet {
             owner: bits & 1 != 0,
+            endorsement: bits & 2 != 0,
             lockout: bits & 4 != 0,
             in_lockout: bits & (1 << 9) != 0,
         })
@@ -481,6 +515,7 @@ impl Tpm {
     ) -> Result<(), TpmError> {
         let (object, handle) = match which {
             HierarchyAuth::Owner => (ObjectHandle::Owner, AuthHandle::Owner),
+            HierarchyAuth::Endorsement => (ObjectHandle::Endorsement, AuthHandle::Endorsement),
             HierarchyAuth::Lockout => (ObjectHandle::Lockout, AuthHandle::Lockout),
             HierarchyAuth::Platform => (ObjectHandle::Platform, AuthHandle::Platform),
         };

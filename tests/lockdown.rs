@@ -41,8 +41,8 @@ fn lockdown_shuts_out_everyone_without_the_passwords() {
         "open before"
     );
 
-    lockdown(&layout, &tcti).unwrap();
-    lockdown(&layout, &tcti).unwrap(); // idempotent, e.g. after every start
+    lockdown(&layout, &tcti, None).unwrap();
+    lockdown(&layout, &tcti, None).unwrap(); // idempotent, e.g. after every start
 
     let owner = std::fs::read_to_string(layout.owner_auth()).unwrap();
     let mode = std::os::unix::fs::PermissionsExt::mode(

@@ -105,6 +105,9 @@ enum Cmd {
     /// Lock down the embedded software TPM after a start (run by its service).
     #[command(hide = true)]
     SwtpmLockdown,
+    /// Run the embedded software TPM in the foreground, in its network namespace (its service's ExecStart).
+    #[command(hide = true)]
+    SwtpmRun,
 }
 
 #[derive(Args)]
@@ -319,6 +322,14 @@ fn status(json: bool, config: &Path) -> Result<u8, Failure> {
         if let Some(e) = &s.tpm_error {
             println!("                {e}");
         }
+        if let Some(access) = &s.tpm_access {
+            let warn = if s.tpm_open_to_all_users == Some(true) {
+                "WARNING: "
+            } else {
+                ""
+            };
+            println!("reachable by:   {warn}{access}");
+        }
         println!("derivation:     {}", yes(s.derivation_ok));
         println!("protection:     {}", s.protection);
         println!(
@@ -463,6 +474,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Cmd::Uninstall { purge } => print_steps(&setup::uninstall(&Layout::default(), purge)?),
         Cmd::SwtpmLockdown => setup::lockdown_embedded(&Layout::default())?,
+        Cmd::SwtpmRun => return Err(setup::exec_embedded_swtpm(&Layout::default()).into()),
     }
     Ok(exit::OK)
 }

@@ -6,12 +6,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A swtpm process with its own ports and state directory, stopped on drop.
+use derived_keys::setup::{self, Layout};
+
+/// A swtpm process with its own ports and state directory, stopped on drop:
+/// on the host's loopback, or set up exactly as `dkey install` sets up the
+/// embedded TPM (its own network namespace, locked down) in a scratch
+/// install root.
 pub struct Swtpm {
     child: Option<Child>,
     pub port: u16,
     pub ctrl_port: u16,
     state: tempfile::TempDir,
+    embedded: Option<Layout>,
 }
 
 /// The swtpm TCTI expects the control port right after the server port.
@@ -39,6 +45,12 @@ pub fn free_port_pair() -> (u16, u16) {
 impl Swtpm {
     /// The swtpm process id (0 if it is not running).
     pub fn pid(&self) -> i32 {
+        if let Some(l) = &self.embedded {
+            return std::fs::read_to_string(l.swtpm_pid())
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+        }
         self.child
             .as_ref()
             .map_or(0, |c| i32::try_from(c.id()).unwrap_or(0))
@@ -57,6 +69,7 @@ impl Swtpm {
                     .prefix("dk-swtpm-")
                     .tempdir()
                     .unwrap(),
+                embedded: None,
             };
             match s.spawn() {
                 Ok(()) => return s,
@@ -64,6 +77,61 @@ impl Swtpm {
             }
         }
         panic!("swtpm did not start: {last}");
+    }
+
+    /// The embedded software TPM of a scratch install root, started and
+    /// locked down by the library's own install steps.
+    pub fn start_embedded() -> Swtpm {
+        let root = tempfile::Builder::new()
+            .prefix("dk-embedded-")
+            .tempdir()
+            .unwrap();
+        let layout = Layout {
+            root: root.path().to_path_buf(),
+        };
+        let mut s = Swtpm {
+            child: None,
+            port: setup::SWTPM_PORT,
+            ctrl_port: setup::SWTPM_PORT + 1,
+            state: root,
+            embedded: Some(layout),
+        };
+        s.spawn_embedded();
+        s
+    }
+
+    fn spawn_embedded(&mut self) {
+        let layout = self.embedded.as_ref().unwrap();
+        setup::start_embedded_swtpm(layout).unwrap();
+        setup::lockdown_embedded(layout).unwrap();
+    }
+
+    /// The scratch install root of an embedded TPM.
+    pub fn layout(&self) -> Option<&Layout> {
+        self.embedded.as_ref()
+    }
+
+    /// Configuration lines (in `[tpm]`) that reach this TPM besides its TCTI.
+    pub fn conf_lines(&self) -> String {
+        match &self.embedded {
+            None => String::new(),
+            Some(l) => format!(
+                "netns = \"{}\"\nowner_auth_file = \"{}\"\n",
+                l.tpm_netns().display(),
+                l.owner_auth().display()
+            ),
+        }
+    }
+
+    /// The command prefix that puts a program where it reaches this TPM.
+    fn wrap(&self) -> Vec<String> {
+        match &self.embedded {
+            None => Vec::new(),
+            Some(l) => vec![
+                "nsenter".into(),
+                format!("--net={}", l.tpm_netns().display()),
+            ],
+        }
     }
 
     fn spawn(&mut self) -> Result<(), String> {
@@ -106,12 +174,19 @@ impl Swtpm {
         format!("swtpm:host=127.0.0.1,port={}", self.port)
     }
 
-    pub fn state_dir(&self) -> &Path {
-        self.state.path()
+    pub fn state_dir(&self) -> PathBuf {
+        match &self.embedded {
+            Some(l) => l.swtpm_state(),
+            None => self.state.path().to_path_buf(),
+        }
     }
 
     /// Kills swtpm; its state directory stays for `restart`.
     pub fn stop(&mut self) {
+        if let Some(l) = &self.embedded {
+            let _ = setup::stop_embedded_swtpm(l);
+            return;
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -121,16 +196,25 @@ impl Swtpm {
     /// Starts swtpm again on the same ports and state.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn().unwrap();
+        if self.embedded.is_some() {
+            self.spawn_embedded();
+        } else {
+            self.spawn().unwrap();
+        }
+    }
+
+    /// A tpm2-tools (or other) command that reaches this TPM.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut all = self.wrap();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut c = Command::new(&all[0]);
+        c.args(&all[1..]).env("TPM2TOOLS_TCTI", self.tcti());
+        c
     }
 
     /// Runs a tpm2-tools command against this TPM.
     pub fn tool(&self, args: &[&str]) -> std::process::Output {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .env("TPM2TOOLS_TCTI", self.tcti())
-            .output()
-            .unwrap();
+        let out = self.command(args).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -155,7 +239,11 @@ impl Drop for Swtpm {
     fn drop(&mut self) {
         self.stop();
         // Its TPM lock file; nothing uses this TPM any more.
-        let _ = std::fs::remove_file(derived_keys::broker::tpm_lock_path(&self.tcti()));
+        let netns = self.embedded.as_ref().map(Layout::tpm_netns);
+        let _ = std::fs::remove_file(derived_keys::broker::tpm_lock_path(
+            &self.tcti(),
+            netns.as_deref(),
+        ));
     }
 }
 
@@ -233,6 +321,14 @@ impl KernelEnv {
         let swtpm = Swtpm::start();
         let tcti = swtpm.tcti();
         KernelEnv::with_tcti(swtpm, &tcti, conf_extra)
+    }
+
+    /// With the embedded TPM as `dkey install` sets it up (in a scratch root).
+    pub fn embedded(conf_extra: &str) -> KernelEnv {
+        let swtpm = Swtpm::start_embedded();
+        let tcti = swtpm.tcti();
+        let extra = swtpm.conf_lines() + conf_extra;
+        KernelEnv::with_tcti(swtpm, &tcti, &extra)
     }
 
     pub fn with_tcti(swtpm: Swtpm, tcti: &str, conf_extra: &str) -> KernelEnv {

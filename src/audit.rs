@@ -1,9 +1,29 @@
 //! One line per request to syslog (authpriv), or the kernel log where no
 //! syslog socket exists. Never any key material: the line is built only
 //! from the request's public fields and the requester's identity.
+//!
+//! The line is `derived-keys: <outcome>` and then `key=value` fields split
+//! by single spaces; a missing value is `-`. Every value goes through one
+//! escaping, [`escape`] (shared with the handler binary, which writes the
+//! lines of requests it answers alone), so a line is unambiguous whatever
+//! bytes a requester put in its executable's path:
+//!
+//! - printable ASCII (0x21 to 0x7e) stands for itself, except the four
+//!   below;
+//! - `\` is written `\\`;
+//! - `"`, `'`, `=` and every other byte (space, tab, newline and the other
+//!   controls, DEL, non-ASCII, invalid UTF-8) are written `\xNN`, two
+//!   lowercase hex digits: `a b` is `a\x20b`, and `a\x20b` is `a\\x20b`;
+//! - a value cut short (paths after 256 bytes, other values after 512)
+//!   ends in `\...`; read left to right, a backslash starts `\\` or
+//!   `\xNN`, so `\.` is only ever that mark.
 
 use std::io::Write;
-use std::path::Path;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+pub use crate::helper::escape;
+use crate::helper::AuditFields;
 
 use crate::config::LogTarget;
 
@@ -14,7 +34,8 @@ pub struct Record {
     pub outcome: Option<&'static str>,
     pub uid: Option<u32>,
     pub pid: Option<i32>,
-    pub exe: Option<String>,
+    /// As the kernel reports it: any bytes but NUL.
+    pub exe: Option<PathBuf>,
     pub name: Option<String>,
     pub operation: Option<String>,
     pub binding: Option<&'static str>,
@@ -22,51 +43,29 @@ pub struct Record {
     pub reason: Option<String>,
 }
 
-/// Makes untrusted text safe for one log line: no newlines, no control
-/// characters, no spaces (which would split fields), bounded length.
-fn clean(s: &str) -> String {
-    let mut out: String = s
-        .chars()
-        .take(256)
-        .map(|c| {
-            if c.is_ascii_graphic() {
-                c.to_string()
-            } else if c.is_ascii() {
-                // Spaces too: a path must not be able to forge a field.
-                format!("\\x{:02x}", c as u32)
-            } else {
-                c.escape_default().to_string()
-            }
-        })
-        .collect();
-    if s.chars().count() > 256 {
-        out.push_str("...");
-    }
-    out
-}
-
 impl Record {
-    /// `derived-keys: granted uid=0 pid=1 exe=/x name=db op=symmetric:32 binding=path type=user`
+    /// `derived-keys: granted uid=0 pid=1 exe=/x name=db op=symmetric:32 binding=path type=user`,
+    /// and ` reason=...` for a refusal; every value escaped by
+    /// [`escape`], the handler's lines made by the same code.
     pub fn line(&self) -> String {
-        let mut l = format!("derived-keys: {}", self.outcome.unwrap_or("refused"));
-        let mut field = |k: &str, v: Option<String>| {
-            l.push_str(&format!(" {k}={}", v.unwrap_or_else(|| "-".into())));
-        };
-        field("uid", self.uid.map(|u| u.to_string()));
-        field("pid", self.pid.map(|p| p.to_string()));
-        field("exe", self.exe.as_deref().map(clean));
-        field("name", self.name.clone());
-        field("op", self.operation.clone());
-        field("binding", self.binding.map(str::to_owned));
-        field("type", self.key_type.map(str::to_owned));
-        if let Some(r) = &self.reason {
-            // The reason is last and may contain spaces; it is quoted.
-            l.push_str(&format!(
-                " reason=\"{}\"",
-                r.replace(['"', '\n', '\r'], "'")
-            ));
+        let mut out = Vec::with_capacity(160);
+        self.fields().write(&mut |b| out.extend_from_slice(b));
+        // Escaped values are printable ASCII.
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn fields(&self) -> AuditFields<'_> {
+        AuditFields {
+            outcome: self.outcome.unwrap_or("refused"),
+            uid: self.uid,
+            pid: self.pid,
+            exe: self.exe.as_deref().map(|p| p.as_os_str().as_bytes()),
+            name: self.name.as_deref().map(str::as_bytes),
+            op: self.operation.as_deref().map(str::as_bytes),
+            binding: self.binding.map(str::as_bytes),
+            key_type: self.key_type.map(str::as_bytes),
+            reason: self.reason.as_deref().map(str::as_bytes),
         }
-        l
     }
 }
 
@@ -148,21 +147,99 @@ mod tests {
             key_type: Some("user"),
             reason: None,
         };
-        let l = r.line();
         assert_eq!(
-            l,
-            "derived-keys: granted uid=1000 pid=42 exe=/tmp/evil\\x0aname\\x20exe=/bin/x \
+            r.line(),
+            "derived-keys: granted uid=1000 pid=42 exe=/tmp/evil\\x0aname\\x20exe\\x3d/bin/x \
              name=db op=symmetric:32 binding=path type=user"
         );
         let refused = Record {
             outcome: Some("EACCES"),
-            reason: Some("uid 5 may not \"x\"\n".into()),
+            reason: Some("uid 5 may not \"x\"\n\tat\\x20".into()),
             ..Record::default()
         };
         assert_eq!(
             refused.line(),
-            "derived-keys: EACCES uid=- pid=- exe=- name=- op=- binding=- type=- reason=\"uid 5 may not 'x''\""
+            "derived-keys: EACCES uid=- pid=- exe=- name=- op=- binding=- type=- \
+             reason=uid\\x205\\x20may\\x20not\\x20\\x22x\\x22\\x0a\\x09at\\\\x20"
         );
+    }
+
+    #[test]
+    fn every_field_is_escaped_alike() {
+        use std::ffi::OsStr;
+        let nasty: &[u8] = b"a b\tc\nd\\x20e\"f'g=h\xff\xc3(\x7f";
+        let want = "a\\x20b\\x09c\\x0ad\\\\x20e\\x22f\\x27g\\x3dh\\xff\\xc3(\\x7f";
+        let text = String::from_utf8_lossy(nasty).into_owned();
+        let r = Record {
+            outcome: Some("EACCES"),
+            uid: Some(7),
+            pid: Some(8),
+            exe: Some(PathBuf::from(OsStr::from_bytes(nasty))),
+            reason: Some(text.clone()),
+            ..Record::default()
+        };
+        let line = r.line();
+        // Fields split on spaces, keys end at the first '=': the exe
+        // decodes to its very bytes, invalid UTF-8 included.
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields.len(), 10, "{line}");
+        assert_eq!(fields[4], format!("exe={want}"));
+        let lossy = escape_to_string(text.as_bytes());
+        assert_eq!(fields[9], format!("reason={lossy}"));
+        assert!(line.bytes().all(|b| b == b' ' || b.is_ascii_graphic()));
+        // `a\x20b` literally and `a b` differ, in every field.
+        let a = Record {
+            exe: Some("a\\x20b".into()),
+            reason: Some("a\\x20b".into()),
+            ..Record::default()
+        };
+        let b = Record {
+            exe: Some("a b".into()),
+            reason: Some("a b".into()),
+            ..Record::default()
+        };
+        assert_ne!(a.line(), b.line());
+        assert!(a.line().contains("exe=a\\\\x20b "), "{}", a.line());
+        assert!(b.line().contains("exe=a\\x20b "), "{}", b.line());
+        // Long paths are cut, and say so.
+        let long = Record {
+            exe: Some("/x".repeat(200).into()),
+            ..Record::default()
+        };
+        assert!(long
+            .line()
+            .contains(&format!("exe={}\\... ", "/x".repeat(128))));
+    }
+
+    fn escape_to_string(b: &[u8]) -> String {
+        let mut v = Vec::new();
+        escape(b, crate::helper::AUDIT_MAX_FIELD, &mut |p| {
+            v.extend_from_slice(p)
+        });
+        String::from_utf8(v).unwrap()
+    }
+
+    /// The handler binary's own lines (requests it answers without the
+    /// broker) come from the same `AuditFields`, into its bounded buffer:
+    /// byte for byte what the broker would write for the same facts.
+    #[test]
+    fn handler_lines_match_the_brokers() {
+        let reason = "cannot connect to the broker: errno 2 \"/run\\x\"";
+        let mut handler = crate::helper::Line::new();
+        AuditFields {
+            outcome: "EIO",
+            uid: Some(4310),
+            reason: Some(reason.as_bytes()),
+            ..AuditFields::default()
+        }
+        .write(&mut |b| handler.push(b));
+        let broker = Record {
+            outcome: Some("EIO"),
+            uid: Some(4310),
+            reason: Some(reason.into()),
+            ..Record::default()
+        };
+        assert_eq!(handler.as_bytes(), broker.line().as_bytes());
     }
 
     #[test]

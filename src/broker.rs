@@ -16,6 +16,7 @@
 //! (one per worker thread); TPM commands take turns, each waiting at most
 //! until its request's deadline.
 
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -38,9 +39,16 @@ pub use crate::helper::RUN_DIR;
 /// The broker's executable, beside the handler's.
 pub const BROKER_EXE: &str = "derived-keys-broker";
 
-/// Requests served at once. More wait in the listen queue; a request
-/// stuck on a hung filesystem holds one until its handler gives up.
-const WORKERS: usize = 4;
+/// Requests served at once. More wait in per-uid queues; a request stuck
+/// on a hung filesystem holds one until its deadline.
+const WORKERS: usize = 8;
+/// Requests of one uid served at once: the rest of the workers stay free
+/// for other uids, whatever one uid sends.
+const PER_UID: usize = 2;
+/// Requests waiting at most, per uid and in all (each holds a socket);
+/// past that, ETIMEDOUT at once.
+const MAX_QUEUED_PER_UID: usize = 128;
+const MAX_QUEUED: usize = 512;
 /// The broker answers ETIMEDOUT itself this long before the handler's
 /// deadline, so that the answer (and its audit line) is the broker's.
 const MARGIN: Duration = Duration::from_millis(25);
@@ -255,6 +263,11 @@ struct Server {
     last: AtomicU64,
     epoch: Instant,
     hello: Vec<u8>,
+    /// Requests waiting for a worker, by uid; `work` wakes the workers.
+    queues: Mutex<Queues>,
+    work: Condvar,
+    /// Digests of executables for `csum`, and per-uid hashing turns.
+    hasher: crate::csum::Hasher,
     /// The listening socket and its path, to stop accepting at once.
     listener: std::os::fd::RawFd,
     socket: PathBuf,
@@ -285,6 +298,7 @@ impl Server {
         self.stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.socket);
         let _ = nix::sys::socket::shutdown(self.listener, nix::sys::socket::Shutdown::Both);
+        self.work.notify_all();
     }
 
     fn micros(&self) -> u64 {
@@ -367,24 +381,120 @@ fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
     }
 }
 
-/// Serves one connection: hello, upcall, answer, then the audit line
-/// (after the answer: the requester does not wait for the log).
-fn serve_one(server: &Server, mut s: UnixStream) {
+/// One request between its arrival and its answer.
+struct Job {
+    stream: UnixStream,
+    upcall: Vec<u8>,
+    uid: u32,
+}
+
+/// Requests waiting for a worker, one queue per requester uid, served
+/// round robin with at most [`PER_UID`] of one uid at once: however many
+/// requests one uid sends (or however slow they are), every other uid's
+/// next request goes to the next free worker.
+#[derive(Default)]
+struct Queues {
+    waiting: BTreeMap<u32, VecDeque<Job>>,
+    running: HashMap<u32, usize>,
+    queued: usize,
+    /// Where the round robin goes on.
+    next_uid: u32,
+}
+
+impl Queues {
+    /// Queues a job, or gives it back when its uid (or everyone) has too
+    /// many waiting.
+    fn push(&mut self, job: Job) -> Result<(), Job> {
+        let q = self.waiting.entry(job.uid).or_default();
+        if q.len() >= MAX_QUEUED_PER_UID || self.queued >= MAX_QUEUED {
+            return Err(job);
+        }
+        q.push_back(job);
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// The next job of the next uid (after the last one served) that has
+    /// fewer than PER_UID running.
+    fn pop(&mut self) -> Option<Job> {
+        let running = &self.running;
+        let uid = self
+            .waiting
+            .range(self.next_uid..)
+            .chain(self.waiting.range(..self.next_uid))
+            .find(|(uid, q)| !q.is_empty() && running.get(uid).copied().unwrap_or(0) < PER_UID)
+            .map(|(uid, _)| *uid)?;
+        let q = self.waiting.get_mut(&uid)?;
+        let job = q.pop_front()?;
+        if q.is_empty() {
+            self.waiting.remove(&uid);
+        }
+        self.queued -= 1;
+        *self.running.entry(uid).or_default() += 1;
+        self.next_uid = uid.wrapping_add(1);
+        Some(job)
+    }
+
+    fn done(&mut self, uid: u32) {
+        if let Some(n) = self.running.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&uid);
+            }
+        }
+    }
+}
+
+/// Takes one connection as far as knowing whose request it is: peer check,
+/// hello, upcall.
+fn receive(server: &Server, mut s: UnixStream) -> Option<Job> {
     use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
     // Root only: the socket is 0600 in a 0700 directory, and we check anyway.
     if getsockopt(&s, PeerCredentials).map(|c| c.uid()) != Ok(0) {
-        return;
+        return None;
     }
     let bound = server.config.tpm_timeout;
     let _ = s.set_write_timeout(Some(bound));
     let _ = s.set_read_timeout(Some(bound));
-    if s.write_all(&server.hello).is_err() {
-        return;
-    }
+    s.write_all(&server.hello).ok()?;
     let mut buf = Vec::with_capacity(1024);
-    if read_upcall(&mut s, &mut buf).is_none() {
-        return;
+    read_upcall(&mut s, &mut buf)?;
+    let uid = Upcall::decode(&buf)?.uid;
+    Some(Job {
+        stream: s,
+        upcall: buf,
+        uid,
+    })
+}
+
+/// A request that could not even wait its turn: ETIMEDOUT now.
+fn refuse_busy(server: &Server, mut job: Job) {
+    let header = Answer {
+        errno: libc::ETIMEDOUT as u8,
+        timeout_s: kernel_timeout(server.config.negative_timeout_s),
+        len: 0,
     }
+    .encode();
+    let _ = job.stream.write_all(&header);
+    drop(job.stream);
+    let record = Record {
+        uid: Some(job.uid),
+        outcome: Some(errno_name(libc::ETIMEDOUT)),
+        reason: Some(format!(
+            "too many requests waiting (uid {}: at most {MAX_QUEUED_PER_UID}; all: at most {MAX_QUEUED})",
+            job.uid
+        )),
+        ..Record::default()
+    };
+    audit::emit(&server.config.log, &record);
+}
+
+/// Answers one request: the pipeline, the answer, then the audit line
+/// (after the answer: the requester does not wait for the log).
+fn serve_one(server: &Server, job: Job) {
+    let mut s = job.stream;
+    let buf = job.upcall;
+    let bound = server.config.tpm_timeout;
     let Some(up) = Upcall::decode(&buf) else {
         return;
     };
@@ -406,6 +516,7 @@ fn serve_one(server: &Server, mut s: UnixStream) {
         config: &server.config,
         proc_root: Path::new("/proc"),
         prk: &|msg, deadline| server.prk(msg, deadline),
+        hasher: &server.hasher,
     };
     let result = handler::decide(&up, &ctx, deadline, &mut record);
     let result = match result {
@@ -470,7 +581,8 @@ fn write_all_vectored(
     Ok(())
 }
 
-fn worker(server: &Server, listener: &UnixListener) {
+/// Accepts connections and queues them by uid, until the broker stops.
+fn acceptor(server: &Server, listener: &UnixListener) {
     while !server.stop.load(Ordering::SeqCst) {
         let Ok((stream, _)) = listener.accept() else {
             if server.stop.load(Ordering::SeqCst) {
@@ -480,7 +592,44 @@ fn worker(server: &Server, listener: &UnixListener) {
             continue;
         };
         server.inflight.fetch_add(1, Ordering::SeqCst);
-        serve_one(server, stream);
+        let queued = receive(server, stream).map(|job| relock(&server.queues).push(job));
+        match queued {
+            Some(Ok(())) => {
+                server.work.notify_one();
+                continue; // still in flight
+            }
+            Some(Err(job)) => refuse_busy(server, job),
+            None => {}
+        }
+        server.last.store(server.micros(), Ordering::SeqCst);
+        server.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+    server.work.notify_all();
+}
+
+fn worker(server: &Server) {
+    loop {
+        let job = {
+            let mut q = relock(&server.queues);
+            loop {
+                if let Some(job) = q.pop() {
+                    break job;
+                }
+                if server.stop.load(Ordering::SeqCst) && q.queued == 0 {
+                    return;
+                }
+                q = server
+                    .work
+                    .wait_timeout(q, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        };
+        let uid = job.uid;
+        serve_one(server, job);
+        relock(&server.queues).done(uid);
+        // A slot of this uid is free: a waiter of its may go now.
+        server.work.notify_all();
         server.last.store(server.micros(), Ordering::SeqCst);
         server.inflight.fetch_sub(1, Ordering::SeqCst);
     }
@@ -562,6 +711,9 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let limit = config.tpm_timeout;
     let server = Server {
         hello: encode_hello(&config),
+        queues: Mutex::new(Queues::default()),
+        work: Condvar::new(),
+        hasher: crate::csum::Hasher::default(),
         owner_auth,
         config,
         turn: Turn {
@@ -591,7 +743,14 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         for _ in 0..WORKERS {
             let _ = std::thread::Builder::new()
                 .name("worker".into())
-                .spawn_scoped(scope, || worker(&server, &listener));
+                .spawn_scoped(scope, || worker(&server));
+        }
+        if std::thread::Builder::new()
+            .name("acceptor".into())
+            .spawn_scoped(scope, || acceptor(&server, &listener))
+            .is_err()
+        {
+            server.stop.store(true, Ordering::SeqCst);
         }
         // Our own watchdog: a TPM that hangs mid-command must not keep a
         // broker around that every later request would wait on. Waiting
@@ -696,6 +855,59 @@ mod tests {
         assert_ne!(paths(&a).socket, paths(&c).socket);
         assert!(paths(&a).socket.starts_with(RUN_DIR));
         assert!(paths(&a).socket.to_string_lossy().ends_with(".sock"));
+    }
+
+    fn job(uid: u32) -> Job {
+        let (a, _b) = UnixStream::pair().unwrap();
+        Job {
+            stream: a,
+            upcall: Vec::new(),
+            uid,
+        }
+    }
+
+    #[test]
+    fn a_flooding_uid_gets_its_share_and_no_more() {
+        let mut q = Queues::default();
+        for _ in 0..50 {
+            q.push(job(1000)).map_err(|_| ()).unwrap();
+        }
+        // Only PER_UID of the flooder's run at once, however many wait.
+        let first: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
+        assert_eq!(first, vec![1000; PER_UID]);
+        // Another uid's request goes next, ahead of the flooder's backlog.
+        q.push(job(0)).map_err(|_| ()).unwrap();
+        q.push(job(2000)).map_err(|_| ()).unwrap();
+        let mut next: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
+        next.sort_unstable();
+        assert_eq!(next, vec![0, 2000]);
+        q.done(1000);
+        assert_eq!(q.pop().map(|j| j.uid), Some(1000));
+        assert_eq!(q.queued, 50 - PER_UID - 1);
+    }
+
+    #[test]
+    fn round_robin_across_uids() {
+        let mut q = Queues::default();
+        for uid in [5, 5, 5, 7, 7, 9] {
+            q.push(job(uid)).map_err(|_| ()).unwrap();
+        }
+        let mut order = Vec::new();
+        while let Some(j) = q.pop() {
+            order.push(j.uid);
+            q.done(j.uid);
+        }
+        assert_eq!(order, vec![5, 7, 9, 5, 7, 5]);
+    }
+
+    #[test]
+    fn queues_are_bounded() {
+        let mut q = Queues::default();
+        for _ in 0..MAX_QUEUED_PER_UID {
+            q.push(job(1)).map_err(|_| ()).unwrap();
+        }
+        assert!(q.push(job(1)).is_err(), "per uid");
+        assert!(q.push(job(2)).is_ok(), "others still queue");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum HandlerError {
     Derive(#[from] DeriveError),
     #[error("keyring: {0}")]
     Keyring(#[from] KeyringError),
+    #[error("csum: {0}")]
+    Csum(#[from] crate::csum::CsumError),
     #[error("no answer within {ms} ms")]
     TimedOut { ms: u128 },
 }
@@ -44,6 +46,7 @@ impl HandlerError {
             H::Tpm(_) | H::Derive(_) => libc::EIO,
             H::Keyring(k) => k.errno().unwrap_or(libc::EIO),
             H::Broker(b) => b.errno(),
+            H::Csum(c) => c.errno(),
             H::TimedOut { .. } => libc::ETIMEDOUT,
         }
     }

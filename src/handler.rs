@@ -63,6 +63,8 @@ pub struct Context<'a> {
     /// parameter keeps the /proc parsing testable.
     pub proc_root: &'a Path,
     pub prk: &'a PrkFn<'a>,
+    /// `csum` digests: bounded, cached, one file at a time per uid.
+    pub hasher: &'a crate::csum::Hasher,
 }
 
 /// A granted request: what to instantiate, and the key's timeout.
@@ -107,9 +109,10 @@ pub fn decide(
             },
         ));
     }
-    let who: Requester = requester::identify(ctx.proc_root, up.keys_line, up.auth, up.key)?;
+    let who: Requester =
+        requester::identify(ctx.proc_root, up.keys_line, up.auth_lines, up.auth, up.key)?;
     record.pid = Some(who.tid);
-    record.exe = Some(who.exe.display().to_string());
+    record.exe = Some(who.exe.clone());
 
     // 3. Policy, then what the binding mixes in.
     let facts = Facts {
@@ -118,10 +121,17 @@ pub fn decide(
         groups: &who.groups,
         same_mount_ns: who.same_mount_ns,
         exe_at_path: who.exe_at_path,
+        same_user_ns: who.same_user_ns,
     };
     policy::check(config, &req, &facts)?;
     let digest = match (req.binding, config.csum_source) {
-        (Binding::Csum, CsumSource::File) => requester::exe_digest(ctx.proc_root, who.tid)?,
+        (Binding::Csum, CsumSource::File) => ctx.hasher.exe_digest(
+            ctx.proc_root,
+            who.tid,
+            up.uid,
+            config.csum_max_bytes,
+            deadline,
+        )?,
         (Binding::Csum, CsumSource::Ima) => {
             requester::ima_digest(Path::new(requester::IMA_MEASUREMENTS), &who.exe)?
         }
@@ -195,6 +205,7 @@ mod tests {
             describe,
             callout,
             keys_line,
+            auth_lines: 1,
         }
     }
 
@@ -207,6 +218,7 @@ mod tests {
             config: &config,
             proc_root: Path::new("/nonexistent-proc"),
             prk: &no_tpm,
+            hasher: &crate::csum::Hasher::default(),
         };
         let mut record = Record::default();
         let r = decide(
@@ -271,6 +283,28 @@ mod tests {
             other,
         ));
         assert_eq!(errno(r), libc::EACCES);
+    }
+
+    #[test]
+    fn a_serial_on_two_lines_is_refused_and_says_why() {
+        let line = b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:1 ci:7";
+        let mut u = up(b"user;1000;1000;3f010000;derived:db", b"32 path", line);
+        u.auth_lines = 2;
+        let (r, rec) = run(&u);
+        let e = r.err().unwrap();
+        assert_eq!(e.errno(), libc::EACCES);
+        assert!(
+            matches!(
+                e,
+                HandlerError::Requester(requester::RequesterError::AmbiguousAuthKey {
+                    auth: 0x22,
+                    lines: 2
+                })
+            ),
+            "{e:?}"
+        );
+        assert!(chain(&e).contains("forged"), "{}", chain(&e));
+        assert_eq!(rec.pid, None, "no thread is named");
     }
 
     #[test]

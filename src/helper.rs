@@ -116,14 +116,33 @@ pub fn exit_errno(code: i32) -> i32 {
     }
 }
 
-/// Finds the line of /proc/keys that describes key `auth`, fed in chunks
-/// of any size. Lines longer than the output buffer never match (the
-/// authorization key's line is short).
+/// Scans the whole of /proc/keys, fed in chunks of any size, for the
+/// lines that start with key `auth`'s serial (8 lowercase hex digits and a
+/// space). Key descriptions may contain newlines and /proc/keys prints
+/// them raw, so a line further down can be forged by anyone whose key we
+/// may view: only a serial that starts exactly one line is trusted (the
+/// broker refuses otherwise). Keeps the first such line if it fits the
+/// output buffer (the authorization key's line is short).
 #[derive(Debug)]
 pub struct KeysLine {
     want: [u8; 9],
-    len: usize,
-    long: bool,
+    /// Bytes seen of the current line.
+    col: usize,
+    /// The current line starts with `want`, as far as seen.
+    head: bool,
+    /// Lines so far that start with `want`.
+    count: u32,
+    /// The first such line, once complete and if it fit.
+    found: Option<usize>,
+}
+
+/// What a whole scan of /proc/keys found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeysScan {
+    /// Length of the first line with the serial (0 if none, or too long).
+    pub len: usize,
+    /// How many lines start with the serial; anything but 1 is refused.
+    pub count: u32,
 }
 
 impl KeysLine {
@@ -136,37 +155,159 @@ impl KeysLine {
         }
         KeysLine {
             want,
-            len: 0,
-            long: false,
+            col: 0,
+            head: true,
+            count: 0,
+            found: None,
         }
     }
 
-    fn matches(&self, out: &[u8]) -> bool {
-        !self.long && out[..self.len].starts_with(&self.want)
-    }
-
-    /// Feeds the next chunk; `Some(len)` once `out[..len]` holds the line.
-    pub fn feed(&mut self, chunk: &[u8], out: &mut [u8]) -> Option<usize> {
-        for &b in chunk {
-            if b == b'\n' {
-                if self.matches(out) {
-                    return Some(self.len);
-                }
-                self.len = 0;
-                self.long = false;
-            } else if self.len < out.len() {
-                out[self.len] = b;
-                self.len += 1;
-            } else {
-                self.long = true;
+    /// The current line ends (a newline, or the end of input).
+    fn end_line(&mut self, out: &[u8]) {
+        if self.head && self.col >= self.want.len() {
+            self.count = self.count.saturating_add(1);
+            if self.found.is_none() && self.col <= out.len() {
+                self.found = Some(self.col);
             }
         }
-        None
+        self.col = 0;
+        self.head = true;
     }
 
-    /// At end of input: the last line, if it had no newline and matches.
-    pub fn finish(&self, out: &[u8]) -> Option<usize> {
-        self.matches(out).then_some(self.len)
+    /// Feeds the next chunk. The first matching line is copied to `out`;
+    /// `out` must be the same buffer on every call.
+    pub fn feed(&mut self, chunk: &[u8], out: &mut [u8]) {
+        for &b in chunk {
+            if b == b'\n' {
+                self.end_line(out);
+                continue;
+            }
+            if self.head {
+                match self.want.get(self.col) {
+                    Some(&w) if w != b => self.head = false,
+                    _ => {
+                        if self.found.is_none() {
+                            if let Some(slot) = out.get_mut(self.col) {
+                                *slot = b;
+                            }
+                        }
+                    }
+                }
+            }
+            self.col = self.col.saturating_add(1);
+        }
+    }
+
+    /// At end of input (a last line without a newline counts too).
+    pub fn finish(mut self, out: &[u8]) -> KeysScan {
+        if self.col > 0 {
+            self.end_line(out);
+        }
+        KeysScan {
+            len: self.found.unwrap_or(0),
+            count: self.count,
+        }
+    }
+}
+
+/// The one escaping of audit-line fields, for the broker's lines and the
+/// handler's alike, so a line means one thing whatever bytes a requester
+/// chose (its executable's path, say): printable ASCII (0x21 to 0x7e)
+/// stands for itself, except `\` (written `\\`) and `"`, `'` and `=`; every
+/// other byte (space, tab, newline, other controls, DEL, non-ASCII,
+/// invalid UTF-8) and those three are written `\xNN`, two lowercase hex
+/// digits. A value never contains a space, so fields split on spaces, and
+/// the first `=` of a field ends its key. `\...` marks a value cut at
+/// `max` bytes of input: read left to right, an escape is `\\` or `\xNN`,
+/// so a backslash followed by `.` is only ever that mark.
+pub fn escape(bytes: &[u8], max: usize, push: &mut dyn FnMut(&[u8])) {
+    let hex = b"0123456789abcdef";
+    for &b in bytes.iter().take(max) {
+        match b {
+            b'\\' => push(b"\\\\"),
+            b'"' | b'\'' | b'=' => push(&[
+                b'\\',
+                b'x',
+                hex[usize::from(b >> 4)],
+                hex[usize::from(b & 0xf)],
+            ]),
+            0x21..=0x7e => push(&[b]),
+            _ => push(&[
+                b'\\',
+                b'x',
+                hex[usize::from(b >> 4)],
+                hex[usize::from(b & 0xf)],
+            ]),
+        }
+    }
+    if bytes.len() > max {
+        push(b"\\...");
+    }
+}
+
+/// Longest input kept of a path in an audit line.
+pub const AUDIT_MAX_PATH: usize = 256;
+/// Longest input kept of any other audit field.
+pub const AUDIT_MAX_FIELD: usize = 512;
+
+/// An audit line's fields; `None` is written `-`. The broker's and the
+/// handler's lines are both made here, one format and one escaping.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditFields<'a> {
+    /// "granted" or the errno name.
+    pub outcome: &'a str,
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    pub exe: Option<&'a [u8]>,
+    pub name: Option<&'a [u8]>,
+    pub op: Option<&'a [u8]>,
+    pub binding: Option<&'a [u8]>,
+    pub key_type: Option<&'a [u8]>,
+    /// Why it was refused; the field is left out when None.
+    pub reason: Option<&'a [u8]>,
+}
+
+impl AuditFields<'_> {
+    /// `derived-keys: <outcome> uid=.. pid=.. exe=.. name=.. op=.. binding=.. type=.. [reason=..]`
+    pub fn write(&self, push: &mut dyn FnMut(&[u8])) {
+        push(b"derived-keys: ");
+        escape(self.outcome.as_bytes(), AUDIT_MAX_FIELD, push);
+        for (key, value) in [
+            ("uid", self.uid.map(i64::from)),
+            ("pid", self.pid.map(i64::from)),
+        ] {
+            push(b" ");
+            push(key.as_bytes());
+            push(b"=");
+            match value {
+                Some(v) => {
+                    let mut num = Line::new();
+                    let _ = write!(num, "{v}");
+                    push(num.as_bytes());
+                }
+                None => push(b"-"),
+            }
+        }
+        let text = [
+            ("exe", self.exe, AUDIT_MAX_PATH),
+            ("name", self.name, AUDIT_MAX_FIELD),
+            ("op", self.op, AUDIT_MAX_FIELD),
+            ("binding", self.binding, AUDIT_MAX_FIELD),
+            ("type", self.key_type, AUDIT_MAX_FIELD),
+        ];
+        for (key, value, max) in text {
+            push(b" ");
+            push(key.as_bytes());
+            push(b"=");
+            match value {
+                Some(v) => escape(v, max, push),
+                None => push(b"-"),
+            }
+        }
+        if let Some(r) = self.reason {
+            push(b" reason=");
+            escape(r, AUDIT_MAX_FIELD, push);
+        }
     }
 }
 
@@ -308,30 +449,179 @@ mod tests {
         }
     }
 
+    fn scan(text: &[u8], auth: i32, chunk: usize, out: &mut [u8]) -> KeysScan {
+        let mut m = KeysLine::new(auth);
+        for c in text.chunks(chunk.max(1)) {
+            m.feed(c, out);
+        }
+        m.finish(out)
+    }
+
+    const KEYS: &[u8] = b"0000000a I--Q--- 1 perm 3f010000 0 0 user x: 1\n\
+        1a2b3c4d I--Q--- 1 perm 3f010000 0 0 .request_ key:0000000b pid:42 ci:7\n\
+        1a2b3c4e I--Q--- 1 perm 3f010000 0 0 user y: 1\n";
+
     #[test]
     fn keys_line_is_found_across_chunks() {
-        let text = b"0000000a I--Q--- 1 perm 3f010000 0 0 user x: 1\n\
-                     1a2b3c4d I--Q--- 1 perm 3f010000 0 0 .request_ key:0000000b pid:42 ci:7\n\
-                     1a2b3c4e I--Q--- 1 perm 3f010000 0 0 user y: 1\n";
-        let want = text.split(|&b| b == b'\n').nth(1).unwrap();
-        for chunk in [1, 7, 64, text.len()] {
-            let mut m = KeysLine::new(0x1a2b_3c4d);
+        let want = KEYS.split(|&b| b == b'\n').nth(1).unwrap();
+        for chunk in [1, 2, 7, 9, 10, 64, KEYS.len()] {
             let mut out = [0u8; 512];
-            let found = text.chunks(chunk).find_map(|c| m.feed(c, &mut out));
-            assert_eq!(found.map(|n| &out[..n]), Some(want));
+            let s = scan(KEYS, 0x1a2b_3c4d, chunk, &mut out);
+            assert_eq!((&out[..s.len], s.count), (want, 1), "chunk {chunk}");
         }
-        // The last line without a newline, a serial that is only a prefix
-        // of another (always 8 digits), and a line too long for the buffer.
-        let mut m = KeysLine::new(0x1a2b_3c4e);
+        // The last line without a newline counts.
         let mut out = [0u8; 512];
-        assert_eq!(m.feed(&text[..text.len() - 1], &mut out), None);
-        assert!(m.finish(&out).is_some());
-        let mut m = KeysLine::new(0x01a2_b3c4);
-        assert_eq!(m.feed(text, &mut out), None);
-        assert_eq!(m.finish(&out), None);
-        let mut m = KeysLine::new(0x0a);
+        let s = scan(&KEYS[..KEYS.len() - 1], 0x1a2b_3c4e, 5, &mut out);
+        assert_eq!(s.count, 1);
+        assert!(out[..s.len].ends_with(b"user y: 1"));
+        // A serial that is only a prefix of another (always 8 digits) or
+        // of a longer token, and no serial at all.
+        for (auth, text) in [
+            (0x01a2_b3c4, KEYS),
+            (
+                0x1a2b_3c4d,
+                &b"1a2b3c4dd I--Q--- 1 perm 0 0 0 user z: 1\n"[..],
+            ),
+            (0x1a2b_3c4d, b"1a2b3c4d"),
+            (0x1a2b_3c4d, b""),
+            (0x1a2b_3c4d, b" 1a2b3c4d I--Q--- x\n"),
+        ] {
+            let mut out = [0u8; 512];
+            assert_eq!(scan(text, auth, 3, &mut out), KeysScan { len: 0, count: 0 });
+        }
+        // A line too long for the buffer is counted, but not kept.
         let mut small = [0u8; 8];
-        assert_eq!(m.feed(text, &mut small), None);
+        assert_eq!(
+            scan(KEYS, 0x0a, 4, &mut small),
+            KeysScan { len: 0, count: 1 }
+        );
+    }
+
+    #[test]
+    fn every_line_with_the_serial_is_counted() {
+        let real = &b"1a2b3c4d I--Q--- 1 perm 3f010000 0 0 .request_ key:0000000b pid:42 ci:7"[..];
+        // A forged line in another key's description, before and after
+        // the real one, and a second copy of the real line itself.
+        let forged_desc = b"0000000a I--Q--- 1 perm 3f3f3f3f 4310 4310 user x\n\
+            1a2b3c4d I--Q--- 1 perm 3f010000 4300 4300 .request_ key:0000000b pid:99 ci:7: 0\n";
+        let mut before = forged_desc.to_vec();
+        before.extend_from_slice(real);
+        before.push(b'\n');
+        let mut after = real.to_vec();
+        after.push(b'\n');
+        after.extend_from_slice(forged_desc);
+        let mut twice = after[..real.len() + 1].to_vec();
+        twice.extend_from_slice(&after[..real.len() + 1]);
+        for text in [&before, &after, &twice] {
+            for chunk in [1, 3, 9, 100, text.len()] {
+                let mut out = [0u8; 512];
+                let s = scan(text, 0x1a2b_3c4d, chunk, &mut out);
+                assert_eq!(s.count, 2, "chunk {chunk}");
+                // Whatever is kept, the count tells the broker to refuse.
+                assert!(out[..s.len].starts_with(b"1a2b3c4d "));
+            }
+        }
+        // Many decoys saturate, never wrap.
+        let mut m = KeysLine::new(0x0a);
+        let mut out = [0u8; 64];
+        for _ in 0..3 {
+            m.feed(b"0000000a x\n", &mut out);
+        }
+        assert_eq!(m.finish(&out).count, 3);
+    }
+
+    fn escaped(b: &[u8]) -> String {
+        let mut v = Vec::new();
+        escape(b, AUDIT_MAX_FIELD, &mut |p| v.extend_from_slice(p));
+        String::from_utf8(v).unwrap()
+    }
+
+    /// The reverse of `escape`, to show it loses nothing.
+    fn unescape(s: &str) -> Vec<u8> {
+        let (out, cut) = decode(s);
+        assert!(!cut, "{s:?} was cut");
+        out
+    }
+
+    /// A value's bytes, and whether it was cut.
+    fn decode(s: &str) -> (Vec<u8>, bool) {
+        let b = s.as_bytes();
+        let (mut out, mut i) = (Vec::new(), 0);
+        while i < b.len() {
+            match (b[i], b.get(i + 1)) {
+                (b'\\', Some(b'.')) if &b[i..] == b"\\..." => return (out, true),
+                (b'\\', Some(b'\\')) => {
+                    out.push(b'\\');
+                    i += 2;
+                }
+                (b'\\', Some(b'x')) => {
+                    let h = std::str::from_utf8(&b[i + 2..i + 4]).unwrap();
+                    out.push(u8::from_str_radix(h, 16).unwrap());
+                    i += 4;
+                }
+                (b'\\', _) => panic!("a backslash that is no escape in {s:?}"),
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn audit_escaping_is_unambiguous() {
+        for (raw, want) in [
+            (&b"/usr/bin/app"[..], "/usr/bin/app"),
+            (b"a b", "a\\x20b"),
+            (b"a\\x20b", "a\\\\x20b"),
+            (b"tab\there", "tab\\x09here"),
+            (b"nl\nexe=/bin/x", "nl\\x0aexe\\x3d/bin/x"),
+            (b"cr\r", "cr\\x0d"),
+            (b"\"q\" 'q'", "\\x22q\\x22\\x20\\x27q\\x27"),
+            (b"back\\slash\\", "back\\\\slash\\\\"),
+            (b"\x1b[31m\x7f", "\\x1b[31m\\x7f"),
+            (b"\xff\xfe", "\\xff\\xfe"),
+            ("caf\u{e9}".as_bytes(), "caf\\xc3\\xa9"),
+            (b"", ""),
+        ] {
+            let e = escaped(raw);
+            assert_eq!(e, want, "{raw:?}");
+            assert!(e.bytes().all(|c| c.is_ascii_graphic()), "{e:?}");
+            assert!(!e.contains(['"', '\'', '=', ' ']), "{e:?}");
+            assert_eq!(unescape(&e), raw);
+        }
+        assert_ne!(escaped(b"a\\x20b"), escaped(b"a b"));
+        // Every single byte, and every pair, decodes back to itself.
+        for a in 0..=255u8 {
+            assert_eq!(unescape(&escaped(&[a])), [a]);
+            for b in [0u8, b'\\', b'x', b'2', b'0', b' ', 0xff] {
+                assert_eq!(unescape(&escaped(&[a, b])), [a, b]);
+            }
+        }
+        // A cut value says so, and the mark cannot come from escaping.
+        let mut v = Vec::new();
+        escape(b"abcdef", 3, &mut |p| v.extend_from_slice(p));
+        assert_eq!(v, b"abc\\...");
+        assert_eq!(decode("abc\\..."), (b"abc".to_vec(), true));
+        assert_eq!(decode(&escaped(b"abc\\...")), (b"abc\\...".to_vec(), false));
+    }
+
+    #[test]
+    fn audit_fields_line() {
+        let mut l = Line::new();
+        AuditFields {
+            outcome: "EIO",
+            uid: Some(4310),
+            reason: Some(b"cannot connect to the broker: errno 2"),
+            ..AuditFields::default()
+        }
+        .write(&mut |b| l.push(b));
+        assert_eq!(
+            std::str::from_utf8(l.as_bytes()).unwrap(),
+            "derived-keys: EIO uid=4310 pid=- exe=- name=- op=- binding=- type=- \
+             reason=cannot\\x20connect\\x20to\\x20the\\x20broker:\\x20errno\\x202"
+        );
     }
 
     #[test]

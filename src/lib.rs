@@ -23,6 +23,7 @@ pub mod audit;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod csum;
 pub mod derive;
 pub mod error;
 pub mod handler;

@@ -12,6 +12,9 @@ pub struct Facts<'a> {
     pub groups: &'a [u32],
     pub same_mount_ns: bool,
     pub exe_at_path: bool,
+    /// In the broker's user namespace, the initial one (see
+    /// `requester::Requester::same_user_ns`).
+    pub same_user_ns: bool,
 }
 
 /// Why policy refused a request.
@@ -25,6 +28,11 @@ pub enum PolicyError {
     ForeignMountNamespace,
     #[error("path binding refused: the requester's executable is no longer at its path (replaced or deleted)")]
     ExeNotAtPath,
+    #[error(
+        "{binding} binding refused: the requester is not in the initial user namespace, \
+         where a process can make its executable name any file it can read"
+    )]
+    ForeignUserNamespace { binding: Binding },
 }
 
 /// Allows or refuses `req` from a requester with `facts`.
@@ -44,6 +52,13 @@ pub fn check(config: &Config, req: &Request, facts: &Facts<'_>) -> Result<(), Po
             if !(by_uid || by_gid) {
                 return Err(PolicyError::MachineNotAllowed { uid: facts.uid });
             }
+        }
+        // Both name the requester by its executable, which a process in a
+        // user namespace of its own can replace (PR_SET_MM_MAP exe_fd).
+        Binding::Path | Binding::Csum if !facts.same_user_ns => {
+            return Err(PolicyError::ForeignUserNamespace {
+                binding: req.binding,
+            });
         }
         Binding::Path => {
             if !facts.same_mount_ns {
@@ -79,6 +94,7 @@ mod tests {
             groups,
             same_mount_ns: true,
             exe_at_path: true,
+            same_user_ns: true,
         }
     }
 
@@ -123,6 +139,29 @@ mod tests {
         assert_eq!(
             check(&c, &req("32 path"), &f),
             Err(PolicyError::ExeNotAtPath)
+        );
+    }
+
+    #[test]
+    fn executable_bindings_need_the_initial_user_namespace() {
+        let c = cfg("[bindings]\nmachine_uids = [4320]\n");
+        let mut f = facts(4320, 4320, &[]);
+        f.same_user_ns = false;
+        for (callout, binding) in [("32 path", Binding::Path), ("32 csum", Binding::Csum)] {
+            let e = check(&c, &req(callout), &f).unwrap_err();
+            assert_eq!(e, PolicyError::ForeignUserNamespace { binding });
+            assert!(e.to_string().contains("user namespace"), "{e}");
+        }
+        // The uid alone, or nothing about the requester, still work.
+        assert!(check(&c, &req("32 user"), &f).is_ok());
+        assert!(check(&c, &req("32 machine"), &f).is_ok());
+        // A disabled binding is still reported as disabled first.
+        let c = cfg("[bindings]\npath = false\n");
+        assert_eq!(
+            check(&c, &req("32 path"), &f),
+            Err(PolicyError::BindingDisabled {
+                binding: Binding::Path
+            })
         );
     }
 

@@ -6,15 +6,17 @@
 //! requester is blocked in request_key(2) until this handler exits, so its
 //! tid, credentials and executable cannot change underneath us; we still
 //! confirm it is in that syscall before trusting anything about it.
+//!
+//! Key descriptions may contain newlines, and /proc/keys prints them raw:
+//! any user whose key the handler may view can plant a line that starts
+//! with our authorization key's serial and names another thread. The
+//! handler therefore counts every line that starts with the serial, and we
+//! trust the line only when it is the one (`helper::KeysLine`).
 
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 /// Why the requester could not be identified. All mean EACCES: we only
 /// serve requesters we can name.
@@ -28,6 +30,11 @@ pub enum RequesterError {
     },
     #[error("no authorization key {auth:#x} in /proc/keys")]
     NoAuthKey { auth: i32 },
+    #[error(
+        "{lines} lines of /proc/keys start with authorization key {auth:#x}'s serial: \
+         all but one are forged in key descriptions, so none names the requester"
+    )]
+    AmbiguousAuthKey { auth: i32, lines: u32 },
     #[error("authorization key {auth:#x} is for key {found:#x}, not {expected:#x}")]
     WrongTarget {
         auth: i32,
@@ -55,16 +62,32 @@ fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
         .filter(|f| !f.is_empty())
 }
 
+/// The lines of `text` that start with `auth`'s serial: 8 lowercase hex
+/// digits and a space, as the kernel prints it (`%08x `) and as the
+/// handler counts (`helper::KeysLine`).
+fn auth_lines(text: &[u8], auth: i32) -> impl Iterator<Item = &[u8]> {
+    let serial = format!("{:08x} ", auth as u32);
+    text.split(|&b| b == b'\n')
+        .filter(move |l| l.starts_with(serial.as_bytes()))
+}
+
+/// How many lines of `text` claim to be key `auth`'s.
+pub fn count_auth_lines(text: &[u8], auth: i32) -> usize {
+    auth_lines(text, auth).count()
+}
+
 /// Finds the authorization key `auth` in /proc/keys and parses its
 /// description. Lines are `serial flags usage expiry perm uid gid type
 /// description`, the serial in hex; the type is cut to 9 characters.
 /// Works on bytes: other keys' descriptions may be anything but UTF-8, and
-/// must not stop us from finding ours.
+/// must not stop us from finding ours. None unless exactly one line
+/// starts with the serial: a second one is forged (see the module docs).
 pub fn parse_proc_keys(text: &[u8], auth: i32) -> Option<AuthRecord> {
-    let serial = format!("{:08x}", auth as u32);
-    let line = text
-        .split(|&b| b == b'\n')
-        .find(|l| fields(l).next() == Some(serial.as_bytes()))?;
+    let mut lines = auth_lines(text, auth);
+    let line = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
     let mut it = fields(line);
     let ktype = it.nth(7)?;
     if ktype != b".request_" && ktype != b".request_key_auth" {
@@ -149,17 +172,29 @@ pub struct Requester {
     /// Whether `exe` names, in our namespace, the very file the requester
     /// runs (false after the binary was replaced or deleted).
     pub exe_at_path: bool,
+    /// Whether the requester is in this broker's (the initial) user
+    /// namespace. In a namespace of its own a process holds
+    /// CAP_CHECKPOINT_RESTORE there and can point its /proc/<tid>/exe at
+    /// any file it can read (prctl PR_SET_MM_MAP), so `exe` says nothing.
+    pub same_user_ns: bool,
 }
 
 /// Identifies the requester of `target` through authorization key `auth`,
 /// whose /proc/keys line (read by the handler, which possesses the key) is
-/// `keys`.
+/// `keys`; `lines` is how many lines of the whole of /proc/keys the
+/// handler saw start with the serial.
 pub fn identify(
     proc_root: &Path,
     keys: &[u8],
+    lines: u32,
     auth: i32,
     target: i32,
 ) -> Result<Requester, RequesterError> {
+    let here = u32::try_from(count_auth_lines(keys, auth)).unwrap_or(u32::MAX);
+    let lines = lines.max(here);
+    if lines > 1 {
+        return Err(RequesterError::AmbiguousAuthKey { auth, lines });
+    }
     let rec = parse_proc_keys(keys, auth).ok_or(RequesterError::NoAuthKey { auth })?;
     if rec.target != target {
         return Err(RequesterError::WrongTarget {
@@ -195,6 +230,7 @@ pub fn identify(
             .map_err(|source| RequesterError::Read { path: p, source })
     };
     let same_mount_ns = ns(proc_root.join("self/ns/mnt"))? == ns(dir.join("ns/mnt"))?;
+    let same_user_ns = ns(proc_root.join("self/ns/user"))? == ns(dir.join("ns/user"))?;
     let groups = parse_groups(&read(&dir.join("status"))?);
     // Re-check that the thread is still the blocked requester: if the tid
     // had been reused in between, it would not be in request_key now.
@@ -211,28 +247,8 @@ pub fn identify(
         groups,
         same_mount_ns,
         exe_at_path,
+        same_user_ns,
     })
-}
-
-/// SHA-256 of the file the requester runs, read through /proc/<tid>/exe so
-/// that it is that very file, whatever now sits at its path.
-pub fn exe_digest(proc_root: &Path, tid: i32) -> Result<[u8; 32], RequesterError> {
-    let path = proc_root.join(tid.to_string()).join("exe");
-    let err = |source| RequesterError::Read {
-        path: path.clone(),
-        source,
-    };
-    let mut f = File::open(&path).map_err(err)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = f.read(&mut buf).map_err(err)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
 }
 
 /// Where the kernel publishes IMA measurements.
@@ -298,6 +314,68 @@ mod tests {
         assert_eq!(parse_proc_keys(&hostile, 0x1f2e3d4c), Some(r));
     }
 
+    /// A user key whose description carries a newline and a line of its
+    /// own naming another thread, as an attacker would add it.
+    const FORGED: &str = "\
+0a000001 I--Q---     1 perm 3f3f3f3f  4310  4310 user      x
+1f2e3d4c I--Q---     1 perm 3f010000  4300  4300 .request_ key:2c9a1f3b pid:777 ci:7: 0
+";
+
+    #[test]
+    fn a_forged_line_makes_the_serial_ambiguous() {
+        let auth = 0x1f2e3d4c;
+        for text in [
+            format!("{FORGED}{KEYS}"),
+            format!("{KEYS}{FORGED}"),
+            format!("{KEYS}{KEYS}"),
+        ] {
+            assert_eq!(count_auth_lines(text.as_bytes(), auth), 2, "{text}");
+            assert_eq!(parse_proc_keys(text.as_bytes(), auth), None, "{text}");
+        }
+        // A serial that is a prefix of another's, or the serial further in
+        // a line, is not a line with the serial.
+        let near = "1f2e3d4c0 I--Q--- 1 perm 3f010000 0 0 .request_ key:2c9a1f3b pid:9 ci:7
+                    0b1c2d3e I--Q--- 1 perm 3f030000 0 0 user 1f2e3d4c .request_ key:2c9a1f3b
+                     1f2e3d4c I--Q--- 1 perm 3f010000 0 0 .request_ key:2c9a1f3b pid:9 ci:7
+";
+        let text = format!("{near}{KEYS}");
+        assert_eq!(count_auth_lines(text.as_bytes(), auth), 1);
+        assert_eq!(
+            parse_proc_keys(text.as_bytes(), auth).map(|r| r.tid),
+            Some(4242)
+        );
+        assert_eq!(parse_proc_keys(near.as_bytes(), auth), None);
+    }
+
+    #[test]
+    fn identify_refuses_an_ambiguous_serial() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = KEYS.lines().nth(1).unwrap().as_bytes();
+        // The handler saw two lines: refused before anything is read.
+        let e = identify(dir.path(), line, 2, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RequesterError::AmbiguousAuthKey {
+                    auth: 0x1f2e3d4c,
+                    lines: 2
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("forged in key descriptions"), "{e}");
+        // Two lines passed on as one text count too, whatever the handler said.
+        let text = format!("{KEYS}{FORGED}");
+        let e = identify(dir.path(), text.as_bytes(), 1, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        assert!(
+            matches!(e, RequesterError::AmbiguousAuthKey { lines: 2, .. }),
+            "{e:?}"
+        );
+        // None at all is no authorization key.
+        let e = identify(dir.path(), b"", 0, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        assert!(matches!(e, RequesterError::NoAuthKey { .. }), "{e:?}");
+    }
+
     #[test]
     fn syscall_field() {
         assert_eq!(
@@ -338,9 +416,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(format!("/proc/{me}"), dir.path().join(me.to_string())).unwrap();
         std::os::unix::fs::symlink("/proc/self", dir.path().join("self")).unwrap();
-        let e = identify(dir.path(), fake.as_bytes(), 1, 2).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 2).unwrap_err();
         assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
-        let e = identify(dir.path(), fake.as_bytes(), 1, 3).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 3).unwrap_err();
         assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
     }
 
@@ -350,16 +428,7 @@ mod tests {
         let keys =
             "00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:999999999 ci:1\n";
         let dir = tempfile::tempdir().unwrap();
-        let e = identify(dir.path(), keys.as_bytes(), 1, 2).unwrap_err();
+        let e = identify(dir.path(), keys.as_bytes(), 1, 1, 2).unwrap_err();
         assert!(matches!(e, RequesterError::Read { .. }), "{e:?}");
-        assert!(exe_digest(dir.path(), 999_999_999).is_err());
-    }
-
-    #[test]
-    fn exe_digest_hashes_the_running_file() {
-        let me = std::process::id() as i32;
-        let d = exe_digest(Path::new("/proc"), me).unwrap();
-        let want: [u8; 32] = Sha256::digest(std::fs::read("/proc/self/exe").unwrap()).into();
-        assert_eq!(d, want);
     }
 }

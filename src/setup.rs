@@ -29,6 +29,9 @@ use crate::tpm::{HierarchyAuth, Tcti, Tpm, TpmError};
 pub const RULE: &str = include_str!("../request-key/derived-keys.conf");
 /// The default configuration shipped in conf/.
 pub const DEFAULT_CONFIG: &str = include_str!("../conf/derived-keys.conf");
+/// The defaults earlier releases shipped: a configuration install wrote
+/// from one of them and nobody edited is replaced on upgrade, not kept.
+const PREVIOUS_DEFAULTS: &[&str] = &[include_str!("../conf/previous/0.1-derived-keys.conf")];
 
 /// Where everything goes. Fixed paths; `root` lets tests install into a
 /// scratch tree (the kernel only reads the real one).
@@ -199,8 +202,13 @@ fn install_file(path: &Path, bytes: &[u8], mode: u32) -> Result<Change, SetupErr
 /// The configuration install writes: the shipped one with this TCTI and,
 /// for the embedded software TPM, its namespace and owner password file.
 pub fn config_text(tcti: &Tcti, netns: Option<&Path>, owner_auth: Option<&Path>) -> String {
+    render(DEFAULT_CONFIG, tcti, netns, owner_auth)
+}
+
+/// A shipped default with install's values filled in.
+fn render(default: &str, tcti: &Tcti, netns: Option<&Path>, owner_auth: Option<&Path>) -> String {
     let mut out = String::new();
-    for line in DEFAULT_CONFIG.lines() {
+    for line in default.lines() {
         if line.starts_with("tcti = ") {
             out.push_str(&format!("tcti = \"{}\"\n", tcti.as_str()));
         } else if let (Some(p), true) = (netns, line.starts_with("# netns = ")) {
@@ -221,6 +229,15 @@ pub fn config_text(tcti: &Tcti, netns: Option<&Path>, owner_auth: Option<&Path>)
     out
 }
 
+/// What earlier releases' install would have written for this TCTI (they
+/// had no namespace for the embedded TPM).
+fn previous_texts(tcti: &Tcti, owner_auth: Option<&Path>) -> Vec<String> {
+    PREVIOUS_DEFAULTS
+        .iter()
+        .map(|d| render(d, tcti, None, owner_auth))
+        .collect()
+}
+
 /// Installs the configuration; an edited one is never overwritten unless
 /// `force` (then it is saved as `.bak` first). One an earlier release
 /// wrote for the embedded TPM on the host's network gets the line that
@@ -232,6 +249,18 @@ fn install_config(
     force: bool,
     netns: Option<&Path>,
 ) -> Result<Change, SetupError> {
+    install_config_after(path, text, force, netns, &[])
+}
+
+/// `install_config`, where `unedited` are the texts earlier releases
+/// would have written here: one of them is replaced like an unedited file.
+fn install_config_after(
+    path: &Path,
+    text: &str,
+    force: bool,
+    netns: Option<&Path>,
+    unedited: &[String],
+) -> Result<Change, SetupError> {
     let old = match std::fs::read_to_string(path) {
         Err(_) => {
             write_atomic(path, text.as_bytes(), 0o644)?;
@@ -241,6 +270,10 @@ fn install_config(
     };
     if old == text {
         return Ok(Change::Unchanged);
+    }
+    if unedited.contains(&old) {
+        write_atomic(path, text.as_bytes(), 0o644)?;
+        return Ok(Change::Updated);
     }
     if let Some(migrated) = netns.and_then(|n| migrate_config(&old, n)) {
         write_atomic(&path.with_extension("conf.bak"), old.as_bytes(), 0o644)?;
@@ -638,7 +671,13 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
     steps.push(Step {
         what: "configuration".into(),
         path: layout.config(),
-        change: install_config(&layout.config(), &text, opts.force, netns.as_deref())?,
+        change: install_config_after(
+            &layout.config(),
+            &text,
+            opts.force,
+            netns.as_deref(),
+            &previous_texts(&tcti, owner_auth.as_deref()),
+        )?,
     });
     Ok(steps)
 }
@@ -1025,21 +1064,8 @@ mod tests {
 
     /// The configuration the previous release wrote for the embedded TPM.
     fn previous_release_config() -> String {
-        let mut out = String::new();
-        for line in DEFAULT_CONFIG.lines() {
-            if line.starts_with("# netns") || line.starts_with("# it for the embedded") {
-                continue;
-            }
-            if line.starts_with("tcti = ") {
-                out.push_str(&format!("tcti = \"{SWTPM_TCTI}\"\n"));
-            } else if line.starts_with("# owner_auth_file = ") {
-                out.push_str("owner_auth_file = \"/etc/derived-keys/owner-auth\"\n");
-            } else {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
+        let t = Tcti::parse(SWTPM_TCTI).unwrap();
+        previous_texts(&t, Some(Path::new("/etc/derived-keys/owner-auth"))).remove(0)
     }
 
     #[test]
@@ -1073,10 +1099,15 @@ mod tests {
         );
         // Unedited, it becomes the new release's text.
         std::fs::write(&p, previous_release_config()).unwrap();
+        let before = previous_texts(
+            &Tcti::parse(SWTPM_TCTI).unwrap(),
+            Some(Path::new("/etc/derived-keys/owner-auth")),
+        );
         assert_eq!(
-            install_config(&p, &new, false, Some(ns)).unwrap(),
+            install_config_after(&p, &new, false, Some(ns), &before).unwrap(),
             Change::Updated
         );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), new);
         let got = Config::parse(&std::fs::read_to_string(&p).unwrap(), Path::new("/x")).unwrap();
         assert_eq!(got.tpm_netns.as_deref(), Some(ns));
     }

@@ -19,7 +19,7 @@
 //! message decodes to `None` and the connection is dropped.
 
 /// Protocol version; both ends are built from one tree.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 
 /// Largest `KEYCTL_DESCRIBE` answer we accept: type, ids, permissions and
 /// a description of up to 4095 bytes.
@@ -35,7 +35,7 @@ pub const MAX_PAYLOAD: usize = 1024;
 /// Largest syslog socket path in a hello.
 pub const MAX_LOG_PATH: usize = 108;
 
-const UPCALL_FIXED: usize = 1 + 4 * 4 + 8 + 2 * 4;
+const UPCALL_FIXED: usize = 1 + 4 * 5 + 8 + 2 * 4;
 /// Largest encoded upcall.
 pub const MAX_UPCALL: usize =
     UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT + MAX_KEYS_LINE;
@@ -137,6 +137,10 @@ pub struct Upcall<'a> {
     pub callout: &'a [u8],
     /// The authorization key's line of /proc/keys (names the requester).
     pub keys_line: &'a [u8],
+    /// How many lines of the whole of /proc/keys start with the
+    /// authorization key's serial: a description can forge one, so the
+    /// broker trusts `keys_line` only when this is 1.
+    pub auth_lines: u32,
 }
 
 impl<'a> Upcall<'a> {
@@ -147,6 +151,7 @@ impl<'a> Upcall<'a> {
         w.u32(self.uid)?;
         w.u32(self.gid)?;
         w.u32(self.auth as u32)?;
+        w.u32(self.auth_lines)?;
         w.bytes(&self.started_us.to_le_bytes())?;
         w.field(self.prefix, MAX_PREFIX)?;
         w.field(self.describe, MAX_DESCRIBE)?;
@@ -161,11 +166,14 @@ impl<'a> Upcall<'a> {
         if r.u8()? != VERSION {
             return None;
         }
+        let (key, uid, gid, auth) = (r.u32()? as i32, r.u32()?, r.u32()?, r.u32()? as i32);
+        let auth_lines = r.u32()?;
         let up = Upcall {
-            key: r.u32()? as i32,
-            uid: r.u32()?,
-            gid: r.u32()?,
-            auth: r.u32()? as i32,
+            key,
+            uid,
+            gid,
+            auth,
+            auth_lines,
             started_us: r.u64()?,
             prefix: r.field(MAX_PREFIX)?,
             describe: r.field(MAX_DESCRIBE)?,
@@ -181,7 +189,7 @@ impl<'a> Upcall<'a> {
     /// `Complete(n)`.
     pub fn progress(head: &[u8]) -> Progress {
         let mut r = Reader::new(head);
-        let mut need = 1 + 4 * 4 + 8;
+        let mut need = 1 + 4 * 5 + 8;
         if r.skip(need).is_none() {
             return Progress::Need(need);
         }
@@ -351,6 +359,7 @@ mod tests {
             describe: b"user;1000;100;3f010000;derived:db",
             callout: b"32 path",
             keys_line: b"0a0b0c0d I--Q--- 1 perm 3f010000 1000 100 .request_key_auth 12345678: key:12345678 pid:42 ci:7",
+            auth_lines: 1,
         }
     }
 
@@ -371,6 +380,15 @@ mod tests {
         }
         // Trailing bytes are an error, not ignored.
         assert_eq!(Upcall::decode(&buf[..n + 1]), None);
+        // The line count travels as it is, whatever it is.
+        for count in [0, 2, u32::MAX] {
+            let up = Upcall {
+                auth_lines: count,
+                ..sample()
+            };
+            let n = up.encode(&mut buf).unwrap();
+            assert_eq!(Upcall::decode(&buf[..n]).map(|u| u.auth_lines), Some(count));
+        }
     }
 
     #[test]
@@ -383,9 +401,9 @@ mod tests {
         let mut buf = [0u8; MAX_UPCALL + 16];
         assert_eq!(up.encode(&mut buf), None);
         // A forged length beyond the maximum.
-        let mut forged = [0u8; 1 + 24 + 2];
+        let mut forged = [0u8; 1 + 28 + 2];
         forged[0] = VERSION;
-        forged[25..27].copy_from_slice(&u16::MAX.to_le_bytes());
+        forged[29..31].copy_from_slice(&u16::MAX.to_le_bytes());
         assert_eq!(Upcall::progress(&forged), Progress::Invalid);
         assert_eq!(Upcall::decode(&forged), None);
         // Too small an output buffer.

@@ -220,7 +220,7 @@ fn broker_killed_mid_request_gives_eio_and_is_replaced() {
     };
     assert!(line.starts_with("<85>derived-key-helper["), "{line}");
     assert!(
-        line.contains("uid=0 ") && line.contains("the broker closed the connection"),
+        line.contains("uid=0 ") && line.contains(r"the\x20broker\x20closed\x20the\x20connection"),
         "{line}"
     );
 

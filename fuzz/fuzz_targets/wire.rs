@@ -1,11 +1,12 @@
 //! The broker's side of the handler protocol: any bytes a peer sends must
 //! decode to a well-formed upcall or to None, never panic; whatever decodes
 //! must re-encode to the same bytes; and the handler's /proc/keys scanner
-//! must cope with any input split anywhere.
+//! must cope with any input split anywhere, counting every line with the
+//! serial (a forged one included) wherever the split falls.
 #![no_main]
 
 use derived_keys::helper::KeysLine;
-use derived_keys::wire::{Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_UPCALL};
+use derived_keys::wire::{Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_HELLO, MAX_UPCALL};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Some(h) = Hello::decode(data) {
         assert_eq!(Hello::len(data), Some(data.len()));
-        let _ = h;
+        let mut buf = [0u8; MAX_HELLO];
+        let n = h.encode(&mut buf).expect("a decoded hello re-encodes");
+        assert_eq!(&buf[..n], data);
     }
     if let Ok(head) = <&[u8; ANSWER_HEADER]>::try_from(data.get(..ANSWER_HEADER).unwrap_or(&[])) {
         if let Some(a) = Answer::decode(head) {
@@ -32,7 +35,22 @@ fuzz_target!(|data: &[u8]| {
     let split = data.first().map_or(0, |&b| usize::from(b)).min(data.len());
     let mut scan = KeysLine::new(0x1234_5678);
     let mut out = [0u8; 64];
-    if let Some(n) = scan.feed(&data[..split], &mut out).or_else(|| scan.feed(&data[split..], &mut out)) {
-        assert!(out[..n].starts_with(b"12345678 "));
-    }
+    scan.feed(&data[..split], &mut out);
+    scan.feed(&data[split..], &mut out);
+    let found = scan.finish(&out);
+    assert!(found.len == 0 || out[..found.len].starts_with(b"12345678 "));
+    // The same count as the broker's parser, and as one unsplit feed.
+    let lines = data
+        .split(|&b| b == b'\n')
+        .filter(|l| l.starts_with(b"12345678 "))
+        .count();
+    assert_eq!(found.count as usize, lines);
+    let mut whole = KeysLine::new(0x1234_5678);
+    let mut out2 = [0u8; 64];
+    whole.feed(data, &mut out2);
+    assert_eq!(whole.finish(&out2), found);
+    assert_eq!(
+        derived_keys::requester::count_auth_lines(data, 0x1234_5678),
+        lines
+    );
 });

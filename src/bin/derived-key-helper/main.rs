@@ -29,7 +29,9 @@ use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, Ordering};
 
 use helper::errno::{EINVAL, EIO, ENODEV, ETIMEDOUT};
-use helper::{exit_errno, parse_args, runtime_path, Args, Cli, Fnv, KeysLine, Line};
+use helper::{
+    exit_errno, parse_args, runtime_path, Args, AuditFields, Cli, Fnv, KeysLine, KeysScan, Line,
+};
 use sys::{CPath, Errno, Fd};
 use wire::{Answer, Hello, LogTo, Upcall};
 
@@ -199,8 +201,9 @@ fn request(
     let mut callout = [0u8; wire::MAX_CALLOUT];
     let clen = sys::read_key(auth, &mut callout).map_err(|Errno(e)| Fail::Callout(e))?;
     let mut line = [0u8; wire::MAX_KEYS_LINE];
-    // A missing line is the broker's to refuse (it names the reason).
-    let llen = auth_line(auth, &mut line).unwrap_or(0);
+    // A missing or ambiguous line is the broker's to refuse (it names the
+    // reason).
+    let scan = auth_line(auth, &mut line).unwrap_or(KeysScan { len: 0, count: 0 });
 
     // 2. The broker. The upcall goes out at once (the socket buffers it
     // until the broker accepts); the hello comes back meanwhile.
@@ -213,7 +216,8 @@ fn request(
         prefix: args.prefix,
         describe: &describe[..dlen],
         callout: &callout[..clen],
-        keys_line: &line[..llen],
+        keys_line: &line[..scan.len],
+        auth_lines: scan.count,
     };
     let mut msg = [0u8; wire::MAX_UPCALL];
     let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
@@ -284,19 +288,19 @@ fn exchange_fail(Errno(e): Errno, deadline: u64) -> Fail {
 }
 
 /// The authorization key's line in /proc/keys, which names the requesting
-/// thread (`pid:`); only a possessor of the key sees it.
-fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<usize> {
+/// thread (`pid:`); only a possessor of the key sees it. The whole file is
+/// read: how many lines carry the serial matters as much as the first one
+/// (a key description can forge a line).
+fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<KeysScan> {
     let f = Fd::open_read(c"/proc/keys").ok()?;
     let mut chunk = [0u8; 8192];
     let mut scan = KeysLine::new(auth);
     loop {
         let n = f.read(&mut chunk).ok()?;
         if n == 0 {
-            return scan.finish(out);
+            return Some(scan.finish(out));
         }
-        if let Some(len) = scan.feed(&chunk[..n], out) {
-            return Some(len);
-        }
+        scan.feed(&chunk[..n], out);
     }
 }
 
@@ -380,16 +384,17 @@ fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
 }
 
 /// The audit line for a request this handler answered itself, in the
-/// broker's format, to where the broker said (syslog if it did not).
+/// broker's format and escaping (one function, in `helper`), to where the
+/// broker said (syslog if it did not).
 fn audit(log: Option<&LogConf>, args: &Args<'_>, outcome: &str, reason: &[u8]) {
     let mut line = Line::new();
-    let _ = write!(
-        line,
-        "derived-keys: {outcome} uid={} pid=- exe=- name=- op=- binding=- type=- reason=\"",
-        args.uid
-    );
-    line.push(reason);
-    line.push(b"\"");
+    AuditFields {
+        outcome,
+        uid: Some(args.uid),
+        reason: Some(reason),
+        ..AuditFields::default()
+    }
+    .write(&mut |b| line.push(b));
     let (to, path) = match log {
         Some(l) if !(l.to == LogTo::Syslog && l.path_len == 0) => (l.to, &l.path[..l.path_len]),
         Some(l) => (l.to, &b"/dev/log"[..]),

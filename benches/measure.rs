@@ -1,6 +1,6 @@
 //! Shared by the benchmarks: one raw request through the kernel, and
 //! latency rows with percentiles.
-#![allow(dead_code)]
+#![allow(dead_code, unsafe_code)]
 
 use std::ffi::CString;
 use std::time::{Duration, Instant};

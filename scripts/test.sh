@@ -8,6 +8,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 # Every target but the handler binary's own test harness: the handler is
-# no_std and linked statically (its pure parts are tested in the library).
+# no_std and linked statically (its pure parts are tested in the library
+# and in derived-keys-core).
+cargo test --locked -p derived-keys-core
 cargo test --locked --lib --tests --benches --bin dkey --bin derived-keys-broker -- --test-threads=4
 cargo test --locked --doc

@@ -22,8 +22,8 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-pub use crate::helper::escape;
-use crate::helper::AuditFields;
+pub use derived_keys_core::audit_line::escape;
+use derived_keys_core::audit_line::AuditFields;
 
 use crate::config::LogTarget;
 
@@ -213,9 +213,11 @@ mod tests {
 
     fn escape_to_string(b: &[u8]) -> String {
         let mut v = Vec::new();
-        escape(b, crate::helper::AUDIT_MAX_FIELD, &mut |p| {
-            v.extend_from_slice(p)
-        });
+        escape(
+            b,
+            derived_keys_core::audit_line::AUDIT_MAX_FIELD,
+            &mut |p| v.extend_from_slice(p),
+        );
         String::from_utf8(v).unwrap()
     }
 
@@ -225,7 +227,7 @@ mod tests {
     #[test]
     fn handler_lines_match_the_brokers() {
         let reason = "cannot connect to the broker: errno 2 \"/run\\x\"";
-        let mut handler = crate::helper::Line::new();
+        let mut handler = derived_keys_core::runtime::Line::new();
         AuditFields {
             outcome: "EIO",
             uid: Some(4310),

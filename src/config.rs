@@ -52,6 +52,13 @@ pub enum ConfigError {
     Memory(#[from] SecretAllocError),
 }
 
+impl ConfigError {
+    /// ENODEV: without a valid configuration there is no TPM to use.
+    pub fn errno(&self) -> i32 {
+        libc::ENODEV
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -204,7 +211,7 @@ fn default_log_socket() -> PathBuf {
 /// function; collisions would only make two configurations share a broker
 /// name, and the broker checks its configuration's fingerprint.
 pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
-    let mut h = crate::helper::Fnv::default();
+    let mut h = derived_keys_core::runtime::Fnv::default();
     for b in bytes {
         h.feed(std::slice::from_ref(b));
     }
@@ -521,5 +528,18 @@ mod tests {
         assert!(c.enabled(Binding::Csum));
         assert_eq!(c.machine_uids, vec![0, 1000]);
         assert_eq!(c.machine_gids, vec![10]);
+    }
+
+    #[test]
+    fn fingerprint_matches_the_library() {
+        let mut f = derived_keys_core::runtime::Fnv::default();
+        f.feed(b"/etc/x.conf");
+        f.feed(b"[tpm]\n");
+        assert_eq!(f.0, fnv1a(b"/etc/x.conf[tpm]\n"));
+        let name = derived_keys_core::runtime::runtime_path(0xab, "sock");
+        let name = std::str::from_utf8(name.as_bytes()).unwrap();
+        assert!(name.starts_with("/run/derived-keys/broker-00000000000000ab-"));
+        assert!(name.ends_with(&format!("-w{}.sock", crate::wire::VERSION)));
+        assert!(name.contains(env!("CARGO_PKG_VERSION")));
     }
 }

@@ -35,6 +35,13 @@ pub enum PolicyError {
     ForeignUserNamespace { binding: Binding },
 }
 
+impl PolicyError {
+    /// Every policy refusal is EACCES.
+    pub fn errno(&self) -> i32 {
+        libc::EACCES
+    }
+}
+
 /// Allows or refuses `req` from a requester with `facts`.
 pub fn check(config: &Config, req: &Request, facts: &Facts<'_>) -> Result<(), PolicyError> {
     if !config.enabled(req.binding) {

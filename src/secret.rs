@@ -129,6 +129,13 @@ pub fn probe_backing() -> Option<Backing> {
     SecretBuf::new(1).ok().map(|b| b.backing())
 }
 
+/// Makes this process non-dumpable: no core files, no ptrace or
+/// /proc/<pid>/mem by non-root, no key material on disk after a crash.
+pub fn harden() {
+    let _ = nix::sys::prctl::set_dumpable(false);
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

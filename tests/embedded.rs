@@ -211,7 +211,7 @@ fn start_previous_release_swtpm(layout: &Layout) -> String {
 fn prks(tcti: &Tcti, netns: Option<&std::path::Path>, layout: &Layout) -> Vec<[u8; 32]> {
     let pw = std::fs::read(layout.owner_auth()).unwrap();
     let pw = derived_keys::secret::SecretBuf::copy_from(&pw).unwrap();
-    derived_keys::netns::run_in(netns, || {
+    derived_keys::tpm::netns::run_in(netns, || {
         let mut tpm = Tpm::open(tcti).unwrap();
         (0u8..3)
             .map(|i| {

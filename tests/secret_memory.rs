@@ -15,7 +15,7 @@ fn child_holds_secret() {
     if std::env::var("DK_SECRET_CHILD").is_err() {
         return;
     }
-    derived_keys::handler::harden();
+    derived_keys::secret::harden();
     let secret = derived_keys::secret::SecretBuf::copy_from(PATTERN).unwrap();
     let plain = Box::new(*PATTERN);
     let dumpable = nix::sys::prctl::get_dumpable().unwrap();

@@ -5,7 +5,7 @@
 //! serial (a forged one included) wherever the split falls.
 #![no_main]
 
-use derived_keys::helper::KeysLine;
+use derived_keys_core::proc_keys::KeysLine;
 use derived_keys::wire::{Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_HELLO, MAX_UPCALL};
 use libfuzzer_sys::fuzz_target;
 

@@ -16,24 +16,20 @@
 #![no_std]
 #![no_main]
 
-#[path = "../../helper.rs"]
-#[allow(dead_code)]
-mod helper;
+#[allow(unsafe_code)]
 mod sys;
-#[path = "../../wire.rs"]
-#[allow(dead_code)]
-mod wire;
 
 use core::ffi::{c_char, c_int};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, Ordering};
 
-use helper::errno::{EINVAL, EIO, ENODEV, ETIMEDOUT};
-use helper::{
-    exit_errno, parse_args, runtime_path, Args, AuditFields, Cli, Fnv, KeysLine, KeysScan, Line,
-};
+use derived_keys_core::audit_line::AuditFields;
+use derived_keys_core::errno::{self, exit_errno, EINVAL, EIO, ENODEV, ETIMEDOUT};
+use derived_keys_core::handler_args::{parse_args, Args, Cli};
+use derived_keys_core::proc_keys::{KeysLine, KeysScan};
+use derived_keys_core::runtime::{runtime_path, Fnv, Line};
+use derived_keys_core::wire::{self, Answer, Hello, LogTo, Upcall};
 use sys::{CPath, Errno, Fd};
-use wire::{Answer, Hello, LogTo, Upcall};
 
 const BROKER_EXE: &[u8] = b"derived-keys-broker";
 /// The bound until the broker has told us the configured one.
@@ -57,9 +53,12 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 
 /// Only referenced by unoptimized builds of `core`; this program aborts on
 /// panic and never unwinds.
+// The C runtime's symbols are this program's only entry points.
+#[allow(unsafe_code)]
 #[no_mangle]
 extern "C" fn rust_eh_personality() {}
 
+#[allow(unsafe_code)]
 #[no_mangle]
 pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     sys::harden();
@@ -115,7 +114,7 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
         Err(fail) => {
             let errno = fail.errno();
             let _ = sys::reject(args.key, session.negative_s, errno);
-            let name = helper::errno::name(errno);
+            let name = errno::name(errno);
             let mut reason = Line::new();
             fail.reason(&mut reason);
             audit(session.log.as_ref(), &args, name, reason.as_bytes());

@@ -76,28 +76,29 @@ extern "C" {
     static environ: *const *const c_char;
 }
 
-const SYS_KEYCTL: c_long = 250;
-const KEYCTL_GET_KEYRING_ID: c_long = 0;
-const KEYCTL_DESCRIBE: c_long = 6;
-const KEYCTL_READ: c_long = 11;
-const KEYCTL_INSTANTIATE: c_long = 12;
-const KEYCTL_SET_TIMEOUT: c_long = 15;
-const KEYCTL_REJECT: c_long = 19;
-const O_RDONLY: c_int = 0;
-const O_WRONLY: c_int = 1;
-const O_CLOEXEC: c_int = 0o2000000;
-const AF_UNIX: c_int = 1;
-const SOCK_STREAM: c_int = 1;
-const SOCK_DGRAM: c_int = 2;
-const SOCK_CLOEXEC: c_int = 0o2000000;
-const SOL_SOCKET: c_int = 1;
-const SO_RCVTIMEO: c_int = 20;
-const SO_SNDTIMEO: c_int = 21;
-const MSG_NOSIGNAL: c_int = 0x4000;
-const CLOCK_MONOTONIC: c_int = 1;
-const WNOHANG: c_int = 1;
-const PR_SET_DUMPABLE: c_int = 4;
-const RLIMIT_CORE: c_int = 4;
+// Numbers from the libc crate (constants only: nothing of it is linked).
+const SYS_KEYCTL: c_long = libc::SYS_keyctl;
+const KEYCTL_GET_KEYRING_ID: c_long = libc::KEYCTL_GET_KEYRING_ID as c_long;
+const KEYCTL_DESCRIBE: c_long = libc::KEYCTL_DESCRIBE as c_long;
+const KEYCTL_READ: c_long = libc::KEYCTL_READ as c_long;
+const KEYCTL_INSTANTIATE: c_long = libc::KEYCTL_INSTANTIATE as c_long;
+const KEYCTL_SET_TIMEOUT: c_long = libc::KEYCTL_SET_TIMEOUT as c_long;
+const KEYCTL_REJECT: c_long = libc::KEYCTL_REJECT as c_long;
+const O_RDONLY: c_int = libc::O_RDONLY as c_int;
+const O_WRONLY: c_int = libc::O_WRONLY as c_int;
+const O_CLOEXEC: c_int = libc::O_CLOEXEC as c_int;
+const AF_UNIX: c_int = libc::AF_UNIX as c_int;
+const SOCK_STREAM: c_int = libc::SOCK_STREAM as c_int;
+const SOCK_DGRAM: c_int = libc::SOCK_DGRAM as c_int;
+const SOCK_CLOEXEC: c_int = libc::SOCK_CLOEXEC as c_int;
+const SOL_SOCKET: c_int = libc::SOL_SOCKET as c_int;
+const SO_RCVTIMEO: c_int = libc::SO_RCVTIMEO as c_int;
+const SO_SNDTIMEO: c_int = libc::SO_SNDTIMEO as c_int;
+const MSG_NOSIGNAL: c_int = libc::MSG_NOSIGNAL as c_int;
+const CLOCK_MONOTONIC: c_int = libc::CLOCK_MONOTONIC as c_int;
+const WNOHANG: c_int = libc::WNOHANG as c_int;
+const PR_SET_DUMPABLE: c_int = libc::PR_SET_DUMPABLE as c_int;
+const RLIMIT_CORE: c_int = libc::RLIMIT_CORE as c_int;
 
 fn errno() -> Errno {
     // SAFETY: __errno_location returns this thread's errno slot, valid

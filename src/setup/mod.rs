@@ -3,7 +3,7 @@
 //! without a TPM device.
 //!
 //! The embedded swtpm listens on 127.0.0.1 inside a network namespace of
-//! its own (see [`crate::netns`]: tss-esapi 7 cannot reach swtpm's unix
+//! its own (see [`crate::tpm::netns`]: tss-esapi 7 cannot reach swtpm's unix
 //! socket), so no other local user can connect to it, for commands or
 //! control. Install also locks it down: random owner, endorsement and
 //! lockout passwords in root-only files, and after every start a random,
@@ -12,26 +12,32 @@
 //! THREAT-MODEL.md.
 
 use std::io::Write;
-use std::net::TcpStream;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_PATH};
-use crate::derive::{Input, Purpose, Subject};
-use crate::secret::{self, SecretBuf};
-use crate::tpm::{HierarchyAuth, Tcti, Tpm, TpmError};
+use crate::secret;
+use crate::tpm::{Tcti, TpmError};
+
+mod embedded;
+mod status;
+
+pub use embedded::{
+    exec_embedded_swtpm, lockdown, lockdown_embedded, start_embedded_swtpm, stop_embedded_swtpm,
+    SWTPM_PORT, SWTPM_TCTI,
+};
+use embedded::{run, swtpm_process};
+pub use status::{status, tpm_access, Status};
 
 /// The rule file shipped in request-key/.
-pub const RULE: &str = include_str!("../request-key/derived-keys.conf");
+pub const RULE: &str = include_str!("../../request-key/derived-keys.conf");
 /// The default configuration shipped in conf/.
-pub const DEFAULT_CONFIG: &str = include_str!("../conf/derived-keys.conf");
+pub const DEFAULT_CONFIG: &str = include_str!("../../conf/derived-keys.conf");
 /// The defaults earlier releases shipped: a configuration install wrote
 /// from one of them and nobody edited is replaced on upgrade, not kept.
-const PREVIOUS_DEFAULTS: &[&str] = &[include_str!("../conf/previous/0.1-derived-keys.conf")];
+const PREVIOUS_DEFAULTS: &[&str] = &[include_str!("../../conf/previous/0.1-derived-keys.conf")];
 
 /// Where everything goes. Fixed paths; `root` lets tests install into a
 /// scratch tree (the kernel only reads the real one).
@@ -77,7 +83,7 @@ impl Layout {
     }
     /// Runtime files: root only (0700), on tmpfs.
     pub fn run_dir(&self) -> PathBuf {
-        self.at(crate::helper::RUN_DIR)
+        self.at(derived_keys_core::runtime::RUN_DIR)
     }
     /// The embedded software TPM's private network namespace (a bind mount).
     pub fn tpm_netns(&self) -> PathBuf {
@@ -93,11 +99,6 @@ impl Layout {
         self.at("/etc/systemd/system/derived-keys-swtpm.service")
     }
 }
-
-/// The embedded software TPM's ports (swtpm's and tpm2-tools' defaults),
-/// inside its own network namespace: the host's ports stay free.
-pub const SWTPM_PORT: u16 = 2321;
-pub const SWTPM_TCTI: &str = "swtpm:host=127.0.0.1,port=2321";
 
 /// Setup's errors; each says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -120,14 +121,17 @@ pub enum SetupError {
     #[error("software TPM lockdown: {0}")]
     Lockdown(#[source] TpmError),
     #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
+    Netns(#[from] crate::tpm::netns::NetnsError),
     #[error("the TPM's owner hierarchy has a password but {path} is missing; put the password there (root-owned, mode 0600) and run install again")]
     LostOwnerAuth { path: PathBuf },
     #[error(transparent)]
     Memory(#[from] secret::SecretAllocError),
 }
 
-fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> SetupError + 'a {
+pub(crate) fn io<'a>(
+    path: &'a Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> SetupError + 'a {
     move |source| SetupError::Io {
         path: path.to_owned(),
         action,
@@ -140,7 +144,7 @@ fn is_root() -> bool {
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, then rename).
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SetupError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SetupError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
     let tmp = dir.join(format!(
@@ -187,7 +191,7 @@ pub struct Step {
 }
 
 /// Installs `bytes` at `path` unless identical.
-fn install_file(path: &Path, bytes: &[u8], mode: u32) -> Result<Change, SetupError> {
+pub(crate) fn install_file(path: &Path, bytes: &[u8], mode: u32) -> Result<Change, SetupError> {
     match std::fs::read(path) {
         Ok(old) if old == bytes => {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -303,286 +307,6 @@ pub struct InstallOptions {
     pub force: bool,
     /// Directory holding the build's `derived-key-helper` (and `dkey`).
     pub build_dir: PathBuf,
-}
-
-/// Whether systemd manages this host (then the swtpm gets a unit).
-fn systemd_running() -> bool {
-    Path::new("/run/systemd/system").is_dir()
-}
-
-fn listening(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_millis(200),
-    )
-    .is_ok()
-}
-
-/// Waits until the embedded swtpm answers connections inside its namespace.
-fn wait_listening(netns: &Path, within: Duration) -> bool {
-    crate::netns::run_in(Some(netns), || {
-        let end = Instant::now() + within;
-        while Instant::now() < end {
-            if listening(SWTPM_PORT) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    })
-    .unwrap_or(false)
-}
-
-/// Creates a root-only directory, or makes an existing one root-only.
-fn private_dir(dir: &Path) -> Result<(), SetupError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io(dir, "create directory"))?;
-    std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir, "chown"))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir, "chmod"))
-}
-
-fn swtpm_args(layout: &Layout, daemon: bool) -> Vec<String> {
-    let mut a = vec![
-        "socket".to_owned(),
-        "--tpm2".into(),
-        "--server".into(),
-        format!("type=tcp,port={SWTPM_PORT},bindaddr=127.0.0.1"),
-        "--ctrl".into(),
-        format!("type=tcp,port={},bindaddr=127.0.0.1", SWTPM_PORT + 1),
-        "--tpmstate".into(),
-        format!("dir={}", layout.swtpm_state().display()),
-        "--flags".into(),
-        "not-need-init,startup-clear".into(),
-    ];
-    if daemon {
-        a.push("--daemon".into());
-        a.push("--pid".into());
-        a.push(format!("file={}", layout.swtpm_pid().display()));
-    }
-    a
-}
-
-fn swtpm_unit(dkey: &Path) -> String {
-    format!(
-        "[Unit]\nDescription=derived-keys embedded software TPM (swtpm): no hardware protection\n\
-         \n[Service]\nExecStart={dkey} swtpm-run\nExecStartPost={dkey} swtpm-lockdown\n\
-         Restart=on-failure\n\n[Install]\nWantedBy=multi-user.target\n",
-        dkey = dkey.display()
-    )
-}
-
-fn run(cmd: &str, args: &[&str]) -> Result<(), SetupError> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| SetupError::Swtpm {
-            reason: format!("cannot run {cmd}: {e}"),
-        })?;
-    if !out.status.success() {
-        return Err(SetupError::Swtpm {
-            reason: format!(
-                "{cmd} {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// The swtpm process named by the pid file, if it still runs.
-fn swtpm_process(layout: &Layout) -> Option<i32> {
-    let pid = std::fs::read_to_string(layout.swtpm_pid()).ok()?;
-    let pid = pid.trim().parse::<i32>().ok().filter(|p| *p > 0)?;
-    let comm = std::fs::read(format!("/proc/{pid}/comm")).ok()?;
-    (comm.trim_ascii_end() == b"swtpm").then_some(pid)
-}
-
-fn stop_process(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let end = Instant::now() + Duration::from_secs(5);
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < end {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Stops an embedded swtpm that an earlier release started on the host's
-/// network (every local user could reach it); returns whether there was one.
-/// Its state directory stays: the new one serves the same seed, every key.
-fn retire_host_swtpm(layout: &Layout) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Some(pid) = swtpm_process(layout) else {
-        return false;
-    };
-    // Unreadable: leave it alone rather than stop a TPM we cannot place.
-    let Ok(its_netns) = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
-        return false;
-    };
-    if Some(its_netns) == crate::netns::inode(&layout.tpm_netns()) {
-        return false; // already in its own namespace
-    }
-    stop_process(pid);
-    let _ = std::fs::remove_file(layout.swtpm_pid());
-    true
-}
-
-/// Starts the embedded swtpm in its namespace unless it already runs there
-/// (moving one an earlier release left on the host's network); returns
-/// the step.
-pub fn start_embedded_swtpm(layout: &Layout) -> Result<Step, SetupError> {
-    let state = layout.swtpm_state();
-    private_dir(&state)?;
-    private_dir(&layout.run_dir())?;
-    let moved = retire_host_swtpm(layout);
-    let netns = layout.tpm_netns();
-    crate::netns::create(&netns)?;
-    let mut step = Step {
-        what: "software TPM (swtpm, no hardware protection; root only)".into(),
-        path: state.clone(),
-        change: if moved {
-            Change::Updated
-        } else {
-            Change::Unchanged
-        },
-    };
-    if systemd_running() {
-        let unit = layout.swtpm_unit();
-        let change = install_file(&unit, swtpm_unit(&layout.dkey()).as_bytes(), 0o644)?;
-        run("systemctl", &["daemon-reload"])?;
-        run("systemctl", &["enable", "derived-keys-swtpm.service"])?;
-        let verb = if change == Change::Unchanged && !moved {
-            "start"
-        } else {
-            "restart"
-        };
-        run("systemctl", &[verb, "derived-keys-swtpm.service"])?;
-        step.path = unit;
-        if change != Change::Unchanged {
-            step.change = change;
-        }
-    } else if !wait_listening(&netns, Duration::ZERO) {
-        let args = swtpm_args(layout, true);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        crate::netns::run_in(Some(&netns), || run("swtpm", &args))??;
-        if !moved {
-            step.change = Change::Created;
-        }
-    }
-    if !wait_listening(&netns, Duration::from_secs(10)) {
-        return Err(SetupError::Swtpm {
-            reason: format!(
-                "nothing listens on 127.0.0.1:{SWTPM_PORT} in {} after starting swtpm",
-                netns.display()
-            ),
-        });
-    }
-    Ok(step)
-}
-
-/// `dkey swtpm-run` (the systemd unit's ExecStart): the embedded swtpm in
-/// the foreground, in its namespace. Returns only on failure.
-pub fn exec_embedded_swtpm(layout: &Layout) -> SetupError {
-    use std::os::unix::process::CommandExt;
-    let netns = layout.tpm_netns();
-    let ready = private_dir(&layout.swtpm_state())
-        .and_then(|()| private_dir(&layout.run_dir()))
-        .and_then(|()| crate::netns::create(&netns).map_err(SetupError::from))
-        // Single-threaded here: the whole process, and swtpm after exec.
-        .and_then(|()| crate::netns::enter(&netns).map_err(SetupError::from));
-    if let Err(e) = ready {
-        return e;
-    }
-    let e = Command::new("swtpm").args(swtpm_args(layout, false)).exec();
-    SetupError::Swtpm {
-        reason: format!("cannot run swtpm: {e}"),
-    }
-}
-
-fn random_password() -> Result<SecretBuf, SetupError> {
-    let mut raw = SecretBuf::new(16)?;
-    getrandom::getrandom(raw.as_mut()).map_err(|e| SetupError::Swtpm {
-        reason: format!("no randomness: {e}"),
-    })?;
-    // Hex, so the files work as tpm2-tools `-P file:...` passwords too.
-    let mut text = SecretBuf::new(32)?;
-    hex::encode_to_slice(raw.as_ref(), text.as_mut()).map_err(|_| SetupError::Swtpm {
-        reason: "hex encoding".into(),
-    })?;
-    Ok(text)
-}
-
-/// Locks a software TPM down (idempotent; run after each start): owner,
-/// endorsement and lockout passwords set once and kept in root-only files,
-/// the platform password set to a random value nobody keeps. `netns`: the
-/// namespace the TCTI is reached in.
-pub fn lockdown(layout: &Layout, tcti: &Tcti, netns: Option<&Path>) -> Result<(), SetupError> {
-    crate::netns::run_in(netns, || lockdown_here(layout, tcti))?
-}
-
-fn lockdown_here(layout: &Layout, tcti: &Tcti) -> Result<(), SetupError> {
-    let mut tpm = Tpm::open(tcti).map_err(SetupError::Lockdown)?;
-    let set = tpm.auth_set().map_err(SetupError::Lockdown)?;
-    for (which, is_set, path) in [
-        (HierarchyAuth::Owner, set.owner, layout.owner_auth()),
-        (
-            HierarchyAuth::Endorsement,
-            set.endorsement,
-            layout.endorsement_auth(),
-        ),
-        (HierarchyAuth::Lockout, set.lockout, layout.lockout_auth()),
-    ] {
-        if is_set {
-            if !path.exists() {
-                return Err(SetupError::LostOwnerAuth { path });
-            }
-            continue;
-        }
-        let pw = random_password()?;
-        // The file first: a password set but not saved would be lost.
-        write_atomic(&path, pw.as_ref(), 0o600)?;
-        tpm.change_auth(which, None, &pw)
-            .map_err(SetupError::Lockdown)?;
-    }
-    let throwaway = random_password()?;
-    match tpm.change_auth(HierarchyAuth::Platform, None, &throwaway) {
-        Ok(()) | Err(TpmError::OwnerAuth { .. }) => Ok(()), // already locked
-        Err(e) => Err(SetupError::Lockdown(e)),
-    }
-}
-
-/// Locks down the embedded software TPM once it listens (its service runs
-/// this after every start: platform passwords do not survive a restart).
-pub fn lockdown_embedded(layout: &Layout) -> Result<(), SetupError> {
-    let netns = layout.tpm_netns();
-    if !wait_listening(&netns, Duration::from_secs(5)) {
-        return Err(SetupError::Swtpm {
-            reason: format!(
-                "nothing listens on 127.0.0.1:{SWTPM_PORT} in {}",
-                netns.display()
-            ),
-        });
-    }
-    lockdown(
-        layout,
-        &Tcti::parse(SWTPM_TCTI).map_err(SetupError::Tcti)?,
-        Some(&netns),
-    )
-}
-
-/// Stops the embedded swtpm and removes its namespace (its state stays).
-pub fn stop_embedded_swtpm(layout: &Layout) -> Result<(), SetupError> {
-    if let Some(pid) = swtpm_process(layout) {
-        stop_process(pid);
-    }
-    let _ = std::fs::remove_file(layout.swtpm_pid());
-    crate::netns::remove(&layout.tpm_netns())?;
-    Ok(())
 }
 
 /// An embedded configuration an earlier release wrote (the swtpm on the
@@ -760,234 +484,9 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
     Ok(steps)
 }
 
-/// What `dkey status` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub ready: bool,
-    pub config_path: PathBuf,
-    pub config_valid: bool,
-    pub config_error: Option<String>,
-    pub tcti: Option<String>,
-    pub tpm_reachable: bool,
-    /// "hardware", "software" or null when unreachable.
-    pub tpm_kind: Option<&'static str>,
-    pub tpm_manufacturer: Option<String>,
-    pub tpm_vendor: Option<String>,
-    pub tpm_error: Option<String>,
-    /// Who can send the configured TPM commands, in words.
-    pub tpm_access: Option<String>,
-    /// Every local user can reach the TPM (a TCP TCTI on the host's
-    /// network, a device node open to all); null when unknown.
-    pub tpm_open_to_all_users: Option<bool>,
-    /// A test derivation (owner password included) went through.
-    pub derivation_ok: bool,
-    pub protection: String,
-    pub rule_path: PathBuf,
-    pub rule_installed: bool,
-    pub rule_current: bool,
-    pub handler_path: PathBuf,
-    pub handler_installed: bool,
-    pub broker_installed: bool,
-    /// The broker serving this configuration, if one runs now (it starts
-    /// with the first request and exits when idle).
-    pub broker_pid: Option<u32>,
-    pub secret_memory: &'static str,
-    pub ima_available: bool,
-}
-
-/// `dkey status`: everything a request needs, checked.
-pub fn status(layout: &Layout, config_path: &Path) -> Status {
-    let rule = std::fs::read_to_string(layout.rule()).ok();
-    let executable = |p: PathBuf| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    let handler_installed = executable(layout.handler());
-    let broker_installed = executable(layout.broker());
-    let mut s = Status {
-        ready: false,
-        config_path: config_path.to_owned(),
-        config_valid: false,
-        config_error: None,
-        tcti: None,
-        tpm_reachable: false,
-        tpm_kind: None,
-        tpm_manufacturer: None,
-        tpm_vendor: None,
-        tpm_error: None,
-        tpm_access: None,
-        tpm_open_to_all_users: None,
-        derivation_ok: false,
-        protection: "none: no TPM reachable".into(),
-        rule_path: layout.rule(),
-        rule_installed: rule.is_some(),
-        rule_current: rule.as_deref() == Some(RULE),
-        handler_path: layout.handler(),
-        handler_installed,
-        broker_installed,
-        broker_pid: None,
-        secret_memory: secret::probe_backing().map_or("unavailable", |b| b.as_str()),
-        ima_available: crate::requester::ima_available(),
-    };
-    let config = match Config::load(config_path) {
-        Ok(c) => c,
-        Err(e) => {
-            s.config_error = Some(e.to_string());
-            return s;
-        }
-    };
-    s.config_valid = true;
-    s.tcti = Some(config.tcti.to_string());
-    s.broker_pid = std::fs::read_to_string(crate::broker::paths(&config).pid)
-        .ok()
-        .and_then(|p| p.trim().parse::<u32>().ok())
-        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
-    let (access, open) = tpm_access(&config);
-    s.tpm_access = Some(access);
-    s.tpm_open_to_all_users = open;
-    let probed = crate::netns::run_in(config.tpm_netns.as_deref(), || {
-        let mut part = s.clone();
-        let r = probe_tpm(&config, &mut part).map_err(|e| e.to_string());
-        (part, r)
-    });
-    match probed {
-        Ok((part, r)) => {
-            s = part;
-            s.tpm_error = r.err();
-        }
-        Err(e) => s.tpm_error = Some(e.to_string()),
-    }
-    s.ready = s.config_valid
-        && s.tpm_reachable
-        && s.derivation_ok
-        && s.rule_installed
-        && s.handler_installed
-        && s.broker_installed;
-    s
-}
-
-/// Who can reach the TPM the configuration names, and whether that is
-/// every local user.
-pub fn tpm_access(config: &Config) -> (String, Option<bool>) {
-    use crate::tpm::TctiKind;
-    use std::os::unix::fs::MetadataExt;
-    if let Some(ns) = &config.tpm_netns {
-        let ok = crate::netns::exists(ns);
-        let private = ns
-            .parent()
-            .and_then(|d| std::fs::metadata(d).ok())
-            .is_some_and(|m| m.uid() == 0 && m.mode() & 0o077 == 0);
-        return if ok && private {
-            (
-                format!(
-                    "root only: the TPM listens only inside network namespace {}, which only root can enter",
-                    ns.display()
-                ),
-                Some(false),
-            )
-        } else if ok {
-            (
-                format!(
-                    "root only (network namespace {}), but its directory is not root-only (0700)",
-                    ns.display()
-                ),
-                Some(false),
-            )
-        } else {
-            (
-                format!(
-                    "no TPM: network namespace {} is missing (run dkey install)",
-                    ns.display()
-                ),
-                None,
-            )
-        };
-    }
-    match config.tcti.kind() {
-        TctiKind::Device => {
-            let path = config.tcti.device_path().unwrap_or("/dev/tpmrm0");
-            match std::fs::metadata(path) {
-                Ok(m) => {
-                    let group = nix::unistd::Group::from_gid(m.gid().into())
-                        .ok()
-                        .flatten()
-                        .map_or_else(|| m.gid().to_string(), |g| g.name);
-                    let owner = nix::unistd::User::from_uid(m.uid().into())
-                        .ok()
-                        .flatten()
-                        .map_or_else(|| m.uid().to_string(), |u| u.name);
-                    let mode = m.mode() & 0o777;
-                    let open = mode & 0o006 != 0;
-                    let who = if open {
-                        "every local user".to_owned()
-                    } else if mode & 0o060 != 0 {
-                        format!("root and members of group {group}")
-                    } else {
-                        format!("root and {owner}")
-                    };
-                    (
-                        format!("{who}: device node {path} (owner {owner}, group {group}, mode {mode:04o})"),
-                        Some(open),
-                    )
-                }
-                Err(_) => (format!("no TPM: {path} does not exist"), None),
-            }
-        }
-        TctiKind::Swtpm | TctiKind::Mssim => (
-            format!(
-                "every local user: {} is a TCP socket on this host's network that any process can connect to",
-                config.tcti
-            ),
-            Some(true),
-        ),
-        TctiKind::Tabrmd => (
-            "whoever tpm2-abrmd's D-Bus policy admits".to_owned(),
-            None,
-        ),
-    }
-}
-
-/// Reaches the TPM, says what kind it is, and runs one test derivation
-/// (owner password included), filling in `s` as it goes.
-fn probe_tpm(config: &Config, s: &mut Status) -> Result<(), crate::error::HandlerError> {
-    // Take turns with the broker: swtpm serves one client at a time.
-    let _lock = crate::broker::tpm_lock(config)?;
-    let mut tpm = Tpm::open(&config.tcti)?;
-    let info = tpm.info()?;
-    s.tpm_reachable = true;
-    s.tpm_kind = Some(if info.software {
-        "software"
-    } else {
-        "hardware"
-    });
-    s.protection = if info.software {
-        "software only: a software TPM (swtpm) keeps its seed in a file; keys are as safe as that file and this host's root".into()
-    } else {
-        format!(
-            "hardware TPM ({}) through {}",
-            info.manufacturer,
-            config.tcti.device_path().unwrap_or(config.tcti.as_str())
-        )
-    };
-    s.tpm_manufacturer = Some(info.manufacturer);
-    s.tpm_vendor = Some(info.vendor);
-    let auth = config.owner_auth()?;
-    let probe_input = Input {
-        purpose: Purpose::Symmetric(32),
-        name: "dkey-status-self-test",
-        subject: Subject::Machine,
-        account: None,
-        client: None,
-        epoch: 0,
-    };
-    tpm.prk(auth.as_ref(), &probe_input.message())?;
-    s.derivation_ok = true;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::embedded::{swtpm_args, swtpm_unit};
     use super::*;
 
     #[test]

@@ -11,7 +11,9 @@
 //! any user whose key the handler may view can plant a line that starts
 //! with our authorization key's serial and names another thread. The
 //! handler therefore counts every line that starts with the serial, and we
-//! trust the line only when it is the one (`helper::KeysLine`).
+//! trust the line only when it is the one (`derived_keys_core::proc_keys::KeysLine`).
+
+pub mod csum;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -49,6 +51,13 @@ pub enum RequesterError {
     NoImaMeasurement { path: String },
 }
 
+impl RequesterError {
+    /// EACCES: we only serve requesters we can name.
+    pub fn errno(&self) -> i32 {
+        libc::EACCES
+    }
+}
+
 /// The authorization key's record of the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthRecord {
@@ -64,7 +73,7 @@ fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The lines of `text` that start with `auth`'s serial: 8 lowercase hex
 /// digits and a space, as the kernel prints it (`%08x `) and as the
-/// handler counts (`helper::KeysLine`).
+/// handler counts (`derived_keys_core::proc_keys::KeysLine`).
 fn auth_lines(text: &[u8], auth: i32) -> impl Iterator<Item = &[u8]> {
     let serial = format!("{:08x} ", auth as u32);
     text.split(|&b| b == b'\n')

@@ -55,6 +55,13 @@ pub enum RequestError {
     UnsupportedKeyType { key_type: String },
 }
 
+impl RequestError {
+    /// Every malformed request is EINVAL.
+    pub fn errno(&self) -> i32 {
+        libc::EINVAL
+    }
+}
+
 /// Shows at most 80 characters of untrusted input, escaped, in errors.
 fn shown(bytes: &[u8]) -> String {
     let cut = &bytes[..bytes.len().min(80)];

@@ -11,10 +11,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::audit::Record;
-use crate::broker::BrokerError;
 use crate::config::{Config, CsumSource};
 use crate::derive::{self, Input, P256Key, Prk, Purpose, Subject};
-use crate::error::HandlerError;
 use crate::keyring::{KeyRecord, KeyringError};
 use crate::policy::{self, Facts};
 use crate::request::{Binding, Callout, Description, KeyType, Request, RequestError, Want};
@@ -29,13 +27,6 @@ use crate::wire::Upcall;
 /// at least the configured time (and at most one second more).
 pub fn kernel_timeout(configured_s: u32) -> u32 {
     configured_s.saturating_add(1)
-}
-
-/// Makes this process non-dumpable: no core files, no ptrace or
-/// /proc/<pid>/mem by non-root, no key material on disk after a crash.
-pub fn harden() {
-    let _ = nix::sys::prctl::set_dumpable(false);
-    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
 }
 
 /// An error and its sources, for the audit line: what an operator needs.
@@ -54,7 +45,79 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The TPM step: the PRK for a 32-byte message, by a deadline.
-pub type PrkFn<'a> = dyn Fn(&[u8; 32], Instant) -> Result<Prk, BrokerError> + 'a;
+pub type PrkFn<'a> = dyn Fn(&[u8; 32], Instant) -> Result<Prk, PrkError> + 'a;
+
+/// Why the TPM step gave no PRK.
+#[derive(Debug, thiserror::Error)]
+pub enum PrkError {
+    #[error("no TPM turn before the request's deadline")]
+    TimedOut,
+    #[error("cannot take the TPM lock {path}")]
+    Lock {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the TPM's answer is not a 32-byte PRK")]
+    BadPrk,
+    #[error(transparent)]
+    Tpm(#[from] crate::tpm::TpmError),
+    #[error(transparent)]
+    Memory(#[from] crate::secret::SecretAllocError),
+}
+
+impl PrkError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            PrkError::TimedOut => libc::ETIMEDOUT,
+            PrkError::Tpm(t) => t.errno(),
+            PrkError::Lock { .. } | PrkError::BadPrk | PrkError::Memory(_) => libc::EIO,
+        }
+    }
+}
+
+/// Everything that can stop a request from being answered with a key.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("malformed request: {0}")]
+    Request(#[from] RequestError),
+    #[error("refused: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("cannot identify the requester: {0}")]
+    Requester(#[from] requester::RequesterError),
+    #[error("csum: {0}")]
+    Csum(#[from] crate::requester::csum::CsumError),
+    #[error("configuration: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    #[error("TPM: {0}")]
+    Prk(#[from] PrkError),
+    #[error("derivation: {0}")]
+    Derive(#[from] derive::DeriveError),
+    #[error("keyring: {0}")]
+    Keyring(#[from] KeyringError),
+    #[error("no answer within {ms} ms")]
+    TimedOut { ms: u128 },
+}
+
+impl PipelineError {
+    /// The errno the requester's request_key(2) fails with: each
+    /// boundary's own mapping.
+    pub fn errno(&self) -> i32 {
+        use PipelineError as P;
+        match self {
+            P::Request(e) => e.errno(),
+            P::Policy(e) => e.errno(),
+            P::Requester(e) => e.errno(),
+            P::Csum(e) => e.errno(),
+            P::Config(e) => e.errno(),
+            P::Prk(e) => e.errno(),
+            // A derivation that fails is an internal error of ours.
+            P::Derive(_) => libc::EIO,
+            P::Keyring(k) => k.errno().unwrap_or(libc::EIO),
+            P::TimedOut { .. } => libc::ETIMEDOUT,
+        }
+    }
+}
 
 /// What the pipeline needs besides the upcall.
 pub struct Context<'a> {
@@ -64,7 +127,7 @@ pub struct Context<'a> {
     pub proc_root: &'a Path,
     pub prk: &'a PrkFn<'a>,
     /// `csum` digests: bounded, cached, one file at a time per uid.
-    pub hasher: &'a crate::csum::Hasher,
+    pub hasher: &'a crate::requester::csum::Hasher,
 }
 
 /// A granted request: what to instantiate, and the key's timeout.
@@ -81,7 +144,7 @@ pub fn decide(
     ctx: &Context<'_>,
     deadline: Instant,
     record: &mut Record,
-) -> Result<Grant, HandlerError> {
+) -> Result<Grant, PipelineError> {
     let config = ctx.config;
     record.uid = Some(up.uid);
     let target = KeyRecord::parse(up.describe).ok_or(KeyringError::Describe { key: up.key })?;
@@ -102,7 +165,7 @@ pub fn decide(
 
     // 2. The requester.
     if target.uid != up.uid {
-        return Err(HandlerError::Requester(
+        return Err(PipelineError::Requester(
             requester::RequesterError::UidMismatch {
                 key_uid: target.uid,
                 argv_uid: up.uid,
@@ -209,16 +272,16 @@ mod tests {
         }
     }
 
-    fn run(u: &Upcall<'_>) -> (Result<Grant, HandlerError>, Record) {
+    fn run(u: &Upcall<'_>) -> (Result<Grant, PipelineError>, Record) {
         let config = Config::parse("", Path::new("/t.conf")).unwrap();
-        let no_tpm = |_: &[u8; 32], _: Instant| -> Result<Prk, BrokerError> {
+        let no_tpm = |_: &[u8; 32], _: Instant| -> Result<Prk, PrkError> {
             panic!("the TPM must not be reached")
         };
         let ctx = Context {
             config: &config,
             proc_root: Path::new("/nonexistent-proc"),
             prk: &no_tpm,
-            hasher: &crate::csum::Hasher::default(),
+            hasher: &crate::requester::csum::Hasher::default(),
         };
         let mut record = Record::default();
         let r = decide(
@@ -230,7 +293,7 @@ mod tests {
         (r, record)
     }
 
-    fn errno(r: Result<Grant, HandlerError>) -> i32 {
+    fn errno(r: Result<Grant, PipelineError>) -> i32 {
         match r {
             Ok(_) => 0,
             Err(e) => e.errno(),
@@ -296,7 +359,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                HandlerError::Requester(requester::RequesterError::AmbiguousAuthKey {
+                PipelineError::Requester(requester::RequesterError::AmbiguousAuthKey {
                     auth: 0x22,
                     lines: 2
                 })

@@ -9,6 +9,8 @@
 //! the same HMAC key whatever its authValue). Another client of the same
 //! TPM that finds the loaded primary's handle cannot use it.
 
+pub mod netns;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -160,6 +162,17 @@ pub enum TpmError {
     HmacLength { len: usize },
     #[error(transparent)]
     Memory(#[from] SecretAllocError),
+}
+
+impl TpmError {
+    /// ENODEV when no TPM is reachable (or none is named right), EIO when
+    /// the TPM answered with an error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            TpmError::BadTcti { .. } | TpmError::Unreachable { .. } => libc::ENODEV,
+            _ => libc::EIO,
+        }
+    }
 }
 
 /// Layers of a TSS2_RC (bits 16..23), from the TSS spec.

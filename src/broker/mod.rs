@@ -2,7 +2,7 @@
 //!
 //! Started on demand by the handler (`derived-key-helper`) and gone after
 //! a configured idle time, it keeps the derivation primary loaded and runs
-//! the whole request pipeline ([`crate::handler::decide`]): the handler is
+//! the whole request pipeline ([`crate::broker::pipeline::decide`]): the handler is
 //! left with reading the kernel's facts and answering the kernel. Why: on
 //! a VM every exec of a glibc program pays for CPU feature probing and
 //! dynamic linking (~0.6 ms here), and a request that loads the TPM stack,
@@ -16,7 +16,6 @@
 //! (one per worker thread); TPM commands take turns, each waiting at most
 //! until its request's deadline.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -30,25 +29,23 @@ use crate::audit::{self, Record};
 use crate::config::{Config, ConfigError, LogTarget};
 use crate::derive::Prk;
 use crate::error::errno_name;
-use crate::handler::{self, kernel_timeout, Context};
 use crate::secret::{SecretAllocError, SecretBuf};
 use crate::tpm::{Primary, Tpm, TpmError};
 use crate::wire::{self, Answer, Hello, LogTo, Progress, Upcall};
+use pipeline::{kernel_timeout, Context, PrkError};
 
-pub use crate::helper::RUN_DIR;
+pub use derived_keys_core::runtime::RUN_DIR;
+
+pub mod pipeline;
+mod queue;
+
+use queue::{Job, Queues, MAX_QUEUED, MAX_QUEUED_PER_UID};
 /// The broker's executable, beside the handler's.
 pub const BROKER_EXE: &str = "derived-keys-broker";
 
 /// Requests served at once. More wait in per-uid queues; a request stuck
 /// on a hung filesystem holds one until its deadline.
 const WORKERS: usize = 8;
-/// Requests of one uid served at once: the rest of the workers stay free
-/// for other uids, whatever one uid sends.
-const PER_UID: usize = 2;
-/// Requests waiting at most, per uid and in all (each holds a socket);
-/// past that, ETIMEDOUT at once.
-const MAX_QUEUED_PER_UID: usize = 128;
-const MAX_QUEUED: usize = 512;
 /// The broker answers ETIMEDOUT itself this long before the handler's
 /// deadline, so that the answer (and its audit line) is the broker's.
 const MARGIN: Duration = Duration::from_millis(25);
@@ -62,10 +59,6 @@ pub enum BrokerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no TPM turn before the request's deadline")]
-    TimedOut,
-    #[error("the TPM's answer is not a 32-byte PRK")]
-    BadPrk,
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -73,19 +66,16 @@ pub enum BrokerError {
     #[error(transparent)]
     Memory(#[from] SecretAllocError),
     #[error(transparent)]
-    Netns(#[from] crate::netns::NetnsError),
+    Netns(#[from] crate::tpm::netns::NetnsError),
 }
 
 impl BrokerError {
     /// The contract errno for this failure.
     pub fn errno(&self) -> i32 {
         match self {
-            BrokerError::TimedOut => libc::ETIMEDOUT,
             BrokerError::Config(_) | BrokerError::Netns(_) => libc::ENODEV,
-            BrokerError::Tpm(TpmError::BadTcti { .. } | TpmError::Unreachable { .. }) => {
-                libc::ENODEV
-            }
-            _ => libc::EIO,
+            BrokerError::Tpm(t) => t.errno(),
+            BrokerError::Io { .. } | BrokerError::Memory(_) => libc::EIO,
         }
     }
 }
@@ -100,7 +90,7 @@ pub struct Paths {
 
 pub fn paths(config: &Config) -> Paths {
     let path = |ext| {
-        let name = crate::helper::runtime_path(config.fingerprint, ext);
+        let name = derived_keys_core::runtime::runtime_path(config.fingerprint, ext);
         PathBuf::from(std::ffi::OsStr::from_bytes(name.as_bytes()))
     };
     Paths {
@@ -119,15 +109,14 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BrokerError + '_ {
 
 /// Creates the runtime directory root-only, or makes an existing one so:
 /// what is in it (sockets, pids, locks) is nobody else's business.
-fn run_dir() -> Result<(), BrokerError> {
+fn run_dir() -> std::io::Result<()> {
     let dir = Path::new(RUN_DIR);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .recursive(true)
-        .create(dir)
-        .map_err(io(dir))?;
-    std::os::unix::fs::chown(dir, Some(0), Some(0)).map_err(io(dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
+        .create(dir)?;
+    std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// The lock file serializing access to the TPM a TCTI names (in the
@@ -146,22 +135,23 @@ pub fn tpm_lock_path(tcti: &str, netns: Option<&Path>) -> PathBuf {
     Path::new(RUN_DIR).join(format!("tpm-{hash:016x}.lock"))
 }
 
-fn open_lock(config: &Config) -> Result<std::fs::File, BrokerError> {
+fn open_lock(config: &Config) -> std::io::Result<std::fs::File> {
     run_dir()?;
-    let path = tpm_lock_path(config.tcti.as_str(), config.tpm_netns.as_deref());
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(io(&path))
+        .open(tpm_lock_path(
+            config.tcti.as_str(),
+            config.tpm_netns.as_deref(),
+        ))
 }
 
 /// An exclusive lock per TPM (by TCTI): swtpm takes one client at a time,
 /// so brokers of different configurations and `dkey status` take turns.
 pub fn tpm_lock(config: &Config) -> Result<nix::fcntl::Flock<std::fs::File>, BrokerError> {
-    let file = open_lock(config)?;
+    let file = open_lock(config).map_err(io(Path::new(RUN_DIR)))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
         BrokerError::Io {
             path: RUN_DIR.into(),
@@ -221,12 +211,12 @@ fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Turn {
-    fn take(&self, deadline: Instant, hung: &AtomicBool) -> Result<TurnGuard<'_>, BrokerError> {
+    fn take(&self, deadline: Instant, hung: &AtomicBool) -> Result<TurnGuard<'_>, PrkError> {
         let mut busy = relock(&self.busy);
         while *busy {
             let left = remaining(deadline)?;
             if hung.load(Ordering::SeqCst) {
-                return Err(BrokerError::TimedOut);
+                return Err(PrkError::TimedOut);
             }
             busy = self
                 .freed
@@ -239,11 +229,11 @@ impl Turn {
     }
 }
 
-fn remaining(deadline: Instant) -> Result<Duration, BrokerError> {
+fn remaining(deadline: Instant) -> Result<Duration, PrkError> {
     deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
-        .ok_or(BrokerError::TimedOut)
+        .ok_or(PrkError::TimedOut)
 }
 
 /// Everything the worker threads share.
@@ -267,7 +257,7 @@ struct Server {
     queues: Mutex<Queues>,
     work: Condvar,
     /// Digests of executables for `csum`, and per-uid hashing turns.
-    hasher: crate::csum::Hasher,
+    hasher: crate::requester::csum::Hasher,
     /// The listening socket and its path, to stop accepting at once.
     listener: std::os::fd::RawFd,
     socket: PathBuf,
@@ -308,20 +298,20 @@ impl Server {
     }
 
     /// The PRK for `msg`: one TPM2_HMAC, in turn with other requests.
-    fn prk(&self, msg: &[u8; 32], deadline: Instant) -> Result<Prk, BrokerError> {
+    fn prk(&self, msg: &[u8; 32], deadline: Instant) -> Result<Prk, PrkError> {
         let mut out = SecretBuf::new(32)?;
         let _turn = self.turn.take(deadline, &self.hung)?;
         let mut st = relock(&self.tpm);
+        let lock_err = |source| PrkError::Lock {
+            path: tpm_lock_path(self.config.tcti.as_str(), self.config.tpm_netns.as_deref()),
+            source,
+        };
         let file = match st.lock.take() {
             Some(f) => f,
-            None => open_lock(&self.config)?,
+            None => open_lock(&self.config).map_err(lock_err)?,
         };
-        let guard = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(
-            |(_, errno)| BrokerError::Io {
-                path: RUN_DIR.into(),
-                source: std::io::Error::from(errno),
-            },
-        )?;
+        let guard = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, errno)| lock_err(std::io::Error::from(errno)))?;
         self.busy_since.store(self.micros(), Ordering::SeqCst);
         let mut hmac = |loaded: &mut Option<Loaded>| {
             let l = load(loaded, &self.config, self.owner_auth.as_ref())?;
@@ -346,7 +336,7 @@ impl Server {
         }
         st.lock = guard.unlock().ok();
         result?;
-        Prk::new(out).map_err(|_| BrokerError::BadPrk)
+        Prk::new(out).map_err(|_| PrkError::BadPrk)
     }
 
     fn shutdown(&self) {
@@ -378,70 +368,6 @@ fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
             .ok()
             .filter(|&n| n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-/// One request between its arrival and its answer.
-struct Job {
-    stream: UnixStream,
-    upcall: Vec<u8>,
-    uid: u32,
-}
-
-/// Requests waiting for a worker, one queue per requester uid, served
-/// round robin with at most [`PER_UID`] of one uid at once: however many
-/// requests one uid sends (or however slow they are), every other uid's
-/// next request goes to the next free worker.
-#[derive(Default)]
-struct Queues {
-    waiting: BTreeMap<u32, VecDeque<Job>>,
-    running: HashMap<u32, usize>,
-    queued: usize,
-    /// Where the round robin goes on.
-    next_uid: u32,
-}
-
-impl Queues {
-    /// Queues a job, or gives it back when its uid (or everyone) has too
-    /// many waiting.
-    fn push(&mut self, job: Job) -> Result<(), Job> {
-        let q = self.waiting.entry(job.uid).or_default();
-        if q.len() >= MAX_QUEUED_PER_UID || self.queued >= MAX_QUEUED {
-            return Err(job);
-        }
-        q.push_back(job);
-        self.queued += 1;
-        Ok(())
-    }
-
-    /// The next job of the next uid (after the last one served) that has
-    /// fewer than PER_UID running.
-    fn pop(&mut self) -> Option<Job> {
-        let running = &self.running;
-        let uid = self
-            .waiting
-            .range(self.next_uid..)
-            .chain(self.waiting.range(..self.next_uid))
-            .find(|(uid, q)| !q.is_empty() && running.get(uid).copied().unwrap_or(0) < PER_UID)
-            .map(|(uid, _)| *uid)?;
-        let q = self.waiting.get_mut(&uid)?;
-        let job = q.pop_front()?;
-        if q.is_empty() {
-            self.waiting.remove(&uid);
-        }
-        self.queued -= 1;
-        *self.running.entry(uid).or_default() += 1;
-        self.next_uid = uid.wrapping_add(1);
-        Some(job)
-    }
-
-    fn done(&mut self, uid: u32) {
-        if let Some(n) = self.running.get_mut(&uid) {
-            *n -= 1;
-            if *n == 0 {
-                self.running.remove(&uid);
-            }
-        }
     }
 }
 
@@ -518,9 +444,9 @@ fn serve_one(server: &Server, job: Job) {
         prk: &|msg, deadline| server.prk(msg, deadline),
         hasher: &server.hasher,
     };
-    let result = handler::decide(&up, &ctx, deadline, &mut record);
+    let result = pipeline::decide(&up, &ctx, deadline, &mut record);
     let result = match result {
-        Ok(_) if Instant::now() > deadline => Err(crate::error::HandlerError::TimedOut {
+        Ok(_) if Instant::now() > deadline => Err(pipeline::PipelineError::TimedOut {
             ms: bound.as_millis(),
         }),
         other => other,
@@ -547,7 +473,7 @@ fn serve_one(server: &Server, job: Job) {
         Err(e) => {
             let errno = e.errno();
             record.outcome = Some(errno_name(errno));
-            record.reason = Some(handler::chain(&e));
+            record.reason = Some(pipeline::chain(&e));
             let header = Answer {
                 errno: u8::try_from(errno).unwrap_or(libc::EIO as u8),
                 timeout_s: kernel_timeout(server.config.negative_timeout_s),
@@ -668,7 +594,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     // Leave the request-key context we were started from.
     let _ = nix::unistd::setsid();
     let _ = crate::keyring::detach();
-    handler::harden();
+    crate::secret::harden();
 
     // Everything that can fail for configuration reasons, before any
     // runtime file exists: a broker that cannot serve never listens.
@@ -677,10 +603,10 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     // The embedded TPM listens only in its own network namespace; enter it
     // before any thread starts, so that every thread is in it.
     if let Some(ns) = &config.tpm_netns {
-        crate::netns::enter(ns)?;
+        crate::tpm::netns::enter(ns)?;
     }
     let p = paths(&config);
-    run_dir()?;
+    run_dir().map_err(io(Path::new(RUN_DIR)))?;
     let Some(_instance) = instance_lock(&p.lock)? else {
         return Ok(()); // another broker serves this configuration
     };
@@ -713,7 +639,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         hello: encode_hello(&config),
         queues: Mutex::new(Queues::default()),
         work: Condvar::new(),
-        hasher: crate::csum::Hasher::default(),
+        hasher: crate::requester::csum::Hasher::default(),
         owner_auth,
         config,
         turn: Turn {
@@ -857,62 +783,9 @@ mod tests {
         assert!(paths(&a).socket.to_string_lossy().ends_with(".sock"));
     }
 
-    fn job(uid: u32) -> Job {
-        let (a, _b) = UnixStream::pair().unwrap();
-        Job {
-            stream: a,
-            upcall: Vec::new(),
-            uid,
-        }
-    }
-
-    #[test]
-    fn a_flooding_uid_gets_its_share_and_no_more() {
-        let mut q = Queues::default();
-        for _ in 0..50 {
-            q.push(job(1000)).map_err(|_| ()).unwrap();
-        }
-        // Only PER_UID of the flooder's run at once, however many wait.
-        let first: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
-        assert_eq!(first, vec![1000; PER_UID]);
-        // Another uid's request goes next, ahead of the flooder's backlog.
-        q.push(job(0)).map_err(|_| ()).unwrap();
-        q.push(job(2000)).map_err(|_| ()).unwrap();
-        let mut next: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
-        next.sort_unstable();
-        assert_eq!(next, vec![0, 2000]);
-        q.done(1000);
-        assert_eq!(q.pop().map(|j| j.uid), Some(1000));
-        assert_eq!(q.queued, 50 - PER_UID - 1);
-    }
-
-    #[test]
-    fn round_robin_across_uids() {
-        let mut q = Queues::default();
-        for uid in [5, 5, 5, 7, 7, 9] {
-            q.push(job(uid)).map_err(|_| ()).unwrap();
-        }
-        let mut order = Vec::new();
-        while let Some(j) = q.pop() {
-            order.push(j.uid);
-            q.done(j.uid);
-        }
-        assert_eq!(order, vec![5, 7, 9, 5, 7, 5]);
-    }
-
-    #[test]
-    fn queues_are_bounded() {
-        let mut q = Queues::default();
-        for _ in 0..MAX_QUEUED_PER_UID {
-            q.push(job(1)).map_err(|_| ()).unwrap();
-        }
-        assert!(q.push(job(1)).is_err(), "per uid");
-        assert!(q.push(job(2)).is_ok(), "others still queue");
-    }
-
     #[test]
     fn errnos() {
-        assert_eq!(BrokerError::TimedOut.errno(), libc::ETIMEDOUT);
+        assert_eq!(PrkError::TimedOut.errno(), libc::ETIMEDOUT);
         assert_eq!(
             BrokerError::Config(ConfigError::Read {
                 path: "/x".into(),
@@ -921,6 +794,6 @@ mod tests {
             .errno(),
             libc::ENODEV
         );
-        assert_eq!(BrokerError::BadPrk.errno(), libc::EIO);
+        assert_eq!(PrkError::BadPrk.errno(), libc::EIO);
     }
 }

@@ -1,0 +1,134 @@
+//! Requests waiting for a worker, by requester uid: the broker's fairness.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::unix::net::UnixStream;
+
+/// Requests of one uid served at once: the rest of the workers stay free
+/// for other uids, whatever one uid sends.
+pub(super) const PER_UID: usize = 2;
+/// Requests waiting at most, per uid and in all (each holds a socket);
+/// past that, ETIMEDOUT at once.
+pub(super) const MAX_QUEUED_PER_UID: usize = 128;
+pub(super) const MAX_QUEUED: usize = 512;
+
+/// One request between its arrival and its answer.
+pub(super) struct Job {
+    pub stream: UnixStream,
+    pub upcall: Vec<u8>,
+    pub uid: u32,
+}
+
+/// Requests waiting for a worker, one queue per requester uid, served
+/// round robin with at most [`PER_UID`] of one uid at once: however many
+/// requests one uid sends (or however slow they are), every other uid's
+/// next request goes to the next free worker.
+#[derive(Default)]
+pub(super) struct Queues {
+    waiting: BTreeMap<u32, VecDeque<Job>>,
+    running: HashMap<u32, usize>,
+    pub queued: usize,
+    /// Where the round robin goes on.
+    next_uid: u32,
+}
+
+impl Queues {
+    /// Queues a job, or gives it back when its uid (or everyone) has too
+    /// many waiting.
+    pub fn push(&mut self, job: Job) -> Result<(), Job> {
+        let q = self.waiting.entry(job.uid).or_default();
+        if q.len() >= MAX_QUEUED_PER_UID || self.queued >= MAX_QUEUED {
+            return Err(job);
+        }
+        q.push_back(job);
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// The next job of the next uid (after the last one served) that has
+    /// fewer than PER_UID running.
+    pub fn pop(&mut self) -> Option<Job> {
+        let running = &self.running;
+        let uid = self
+            .waiting
+            .range(self.next_uid..)
+            .chain(self.waiting.range(..self.next_uid))
+            .find(|(uid, q)| !q.is_empty() && running.get(uid).copied().unwrap_or(0) < PER_UID)
+            .map(|(uid, _)| *uid)?;
+        let q = self.waiting.get_mut(&uid)?;
+        let job = q.pop_front()?;
+        if q.is_empty() {
+            self.waiting.remove(&uid);
+        }
+        self.queued -= 1;
+        *self.running.entry(uid).or_default() += 1;
+        self.next_uid = uid.wrapping_add(1);
+        Some(job)
+    }
+
+    pub fn done(&mut self, uid: u32) {
+        if let Some(n) = self.running.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&uid);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(uid: u32) -> Job {
+        let (a, _b) = UnixStream::pair().unwrap();
+        Job {
+            stream: a,
+            upcall: Vec::new(),
+            uid,
+        }
+    }
+
+    #[test]
+    fn a_flooding_uid_gets_its_share_and_no_more() {
+        let mut q = Queues::default();
+        for _ in 0..50 {
+            q.push(job(1000)).map_err(|_| ()).unwrap();
+        }
+        // Only PER_UID of the flooder's run at once, however many wait.
+        let first: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
+        assert_eq!(first, vec![1000; PER_UID]);
+        // Another uid's request goes next, ahead of the flooder's backlog.
+        q.push(job(0)).map_err(|_| ()).unwrap();
+        q.push(job(2000)).map_err(|_| ()).unwrap();
+        let mut next: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
+        next.sort_unstable();
+        assert_eq!(next, vec![0, 2000]);
+        q.done(1000);
+        assert_eq!(q.pop().map(|j| j.uid), Some(1000));
+        assert_eq!(q.queued, 50 - PER_UID - 1);
+    }
+
+    #[test]
+    fn round_robin_across_uids() {
+        let mut q = Queues::default();
+        for uid in [5, 5, 5, 7, 7, 9] {
+            q.push(job(uid)).map_err(|_| ()).unwrap();
+        }
+        let mut order = Vec::new();
+        while let Some(j) = q.pop() {
+            order.push(j.uid);
+            q.done(j.uid);
+        }
+        assert_eq!(order, vec![5, 7, 9, 5, 7, 5]);
+    }
+
+    #[test]
+    fn queues_are_bounded() {
+        let mut q = Queues::default();
+        for _ in 0..MAX_QUEUED_PER_UID {
+            q.push(job(1)).map_err(|_| ()).unwrap();
+        }
+        assert!(q.push(job(1)).is_err(), "per uid");
+        assert!(q.push(job(2)).is_ok(), "others still queue");
+    }
+}

@@ -9,6 +9,7 @@
 //! PRK = TPM2_HMAC(owner-hierarchy HMAC primary, m)        (tpm module)
 //! symmetric key = HKDF-SHA256(IKM=PRK, salt=none, info=INFO_SYMMETRIC, L)
 //! P-256 scalar  = hash_to_field(PRK) mod n, expand_message_xmd SHA-256, DST_P256
+//! signature     = RFC 6979 ECDSA, HMAC-SHA256, z = digest mod n   (sign_digest)
 //! ```
 
 use hkdf::Hkdf;
@@ -231,37 +232,75 @@ impl P256Key {
             .map_err(|_| DeriveError::Spki)
     }
 
-    /// ECDSA over a SHA-256 digest, deterministic nonce (RFC 6979), DER.
+    /// ECDSA P-256 over a 32-byte (SHA-256) digest with the deterministic
+    /// nonce of RFC 6979 section 3.2, HMAC-SHA256, DER-encoded. Exactly, with
+    /// n the group order, d the secret scalar and h1 the 32 digest bytes:
     ///
-    /// The steps of `ecdsa::hazmat`'s `try_sign_prehashed_rfc6979` (which
-    /// p256 uses, without low-s normalization), except that k×G comes from
-    /// [`mul_generator`]. The known-answer vectors hold both to the same
-    /// bytes.
+    /// ```text
+    /// z = bits2int(h1) mod n = OS2IP(h1) mod n     qlen = hlen = 256: no shift
+    /// k = RFC 6979 3.2 steps b-h, HMAC-SHA256, with
+    ///       int2octets(x)  = d as 32 bytes big-endian
+    ///       bits2octets(h1) = z as 32 bytes big-endian      (step d and f)
+    ///       no additional data (the k' of section 3.6 is empty)
+    /// r = x(k·G) mod n
+    /// s = k^-1 · (z + r·d) mod n                   not normalized to low s
+    /// DER ECDSA-Sig-Value { r INTEGER, s INTEGER }
+    /// ```
+    ///
+    /// z is the same value in the nonce and in the equation, so for a digest
+    /// whose integer value is n or more the result is the one of every
+    /// conforming implementation. If r or s is 0 (probability about 2^-256)
+    /// this returns [`DeriveError::Sign`] instead of taking the next k of
+    /// step h.3.
+    ///
+    /// It is `ecdsa::hazmat`'s `try_sign_prehashed_rfc6979` (p256 0.13,
+    /// ecdsa 0.16, which hands the unreduced digest to the nonce HMAC) with
+    /// the digest reduced first and k×G from [`mul_generator`]. k, k^-1 and
+    /// the byte copies of d and k are zeroized before it returns.
     pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, DeriveError> {
-        let z = p256::FieldBytes::from(*digest);
-        let n = <U256 as FieldBytesEncoding<NistP256>>::encode_field_bytes(&NistP256::ORDER);
-        let mut d = self.0.to_repr();
-        let mut k_bytes = rfc6979::generate_k::<Sha256, _>(&d, &n, &z, &[]);
-        d.zeroize();
-        let k = Option::<Scalar>::from(Scalar::from_repr(k_bytes));
-        k_bytes.zeroize();
-        let mut k = k.ok_or(DeriveError::Sign)?;
+        // For P-256, 2^256 < 2n: one constant-time conditional subtraction.
+        let z = <Scalar as Reduce<U256>>::reduce_bytes(&p256::FieldBytes::from(*digest));
+        let mut k = rfc6979_nonce(&self.0, &z)?;
         let result = (|| {
-            let k_inv = Option::<Scalar>::from(k.invert()).ok_or(DeriveError::Sign)?;
+            let mut k_inv = Option::<Scalar>::from(k.invert()).ok_or(DeriveError::Sign)?;
             let big_r = mul_generator(&k).to_affine();
             let r = <Scalar as Reduce<U256>>::reduce_bytes(&big_r.x());
-            let z = <Scalar as Reduce<U256>>::reduce_bytes(&z);
             let s = k_inv * (z + r * self.0);
+            k_inv.zeroize();
             Signature::from_scalars(r, s).map_err(|_| DeriveError::Sign)
         })();
         k.zeroize();
         Ok(result?.to_der().as_bytes().to_vec())
     }
 
+    /// A key from a given scalar, for the RFC 6979 test vectors.
+    #[cfg(test)]
+    fn from_scalar_bytes(bytes: &[u8; 32]) -> Option<P256Key> {
+        Option::<Scalar>::from(Scalar::from_repr((*bytes).into()))
+            .filter(|s| !bool::from(s.is_zero()))
+            .map(P256Key)
+    }
+
     /// The 32-byte big-endian secret scalar, for the known-answer tests.
     pub fn secret_scalar(&self) -> Result<SecretBuf, DeriveError> {
         Ok(SecretBuf::copy_from(&self.0.to_bytes())?)
     }
+}
+
+/// The RFC 6979 section 3.2 nonce for secret scalar `d` and the already
+/// reduced digest `z` (HMAC-SHA256, no additional data): the HMAC_DRBG is
+/// seeded with int2octets(d) || int2octets(z), and int2octets(z) is
+/// bits2octets(h1) because z = bits2int(h1) mod n. The byte copies of d and
+/// k are zeroized.
+fn rfc6979_nonce(d: &Scalar, z: &Scalar) -> Result<Scalar, DeriveError> {
+    let n = <U256 as FieldBytesEncoding<NistP256>>::encode_field_bytes(&NistP256::ORDER);
+    let mut x = d.to_repr();
+    let mut k_bytes = rfc6979::generate_k::<Sha256, _>(&x, &n, &z.to_repr(), &[]);
+    x.zeroize();
+    // generate_k returns 0 < k < n, so from_repr cannot fail.
+    let k = Option::<Scalar>::from(Scalar::from_repr(k_bytes));
+    k_bytes.zeroize();
+    k.ok_or(DeriveError::Sign)
 }
 
 /// k×G by table: 64 four-bit windows, each holding the 16 multiples of
@@ -464,15 +503,35 @@ mod tests {
 
     #[test]
     fn lengths_give_unrelated_keys() {
-        let short = symmetric_key(&soft_prk(&[1; 32]), 16).unwrap();
-        let long = symmetric_key(&soft_prk(&[2; 32]), 32).unwrap();
-        assert_ne!(short.as_ref(), &long.as_ref()[..16]);
-        assert!(symmetric_key(&soft_prk(&[1; 32]), 0).is_err());
-        assert!(symmetric_key(&soft_prk(&[1; 32]), 1025).is_err());
+        // One request, only its length differs. Under one PRK, HKDF-Expand's
+        // first 16 bytes are the 16-byte output (RFC 5869 T(1) || T(2) ...):
+        // what keeps a 16-byte key from being the prefix of the 32-byte key
+        // is the length in E, hence in m and in the PRK.
+        let request = |len| Input {
+            purpose: Purpose::Symmetric(len),
+            ..input(Subject::User { uid: 1000 })
+        };
+        let key = |len: u16| symmetric_key(&soft_prk(&request(len).message()), len.into()).unwrap();
+        let lengths = [1u16, 16, 31, 32, 33, 64, 1024];
+        for (i, &a) in lengths.iter().enumerate() {
+            for &b in &lengths[i + 1..] {
+                let (short, long) = (key(a), key(b));
+                assert_ne!(
+                    short.as_ref(),
+                    &long.as_ref()[..short.len()],
+                    "{a} bytes is a prefix of {b}"
+                );
+            }
+        }
+        // What the length in E protects against: one PRK, two lengths.
+        let prk = soft_prk(&request(32).message());
         assert_eq!(
-            symmetric_key(&soft_prk(&[1; 32]), 1024).unwrap().len(),
-            1024
+            symmetric_key(&prk, 16).unwrap().as_ref(),
+            &symmetric_key(&prk, 32).unwrap().as_ref()[..16]
         );
+        assert!(symmetric_key(&prk, 0).is_err());
+        assert!(symmetric_key(&prk, 1025).is_err());
+        assert_eq!(symmetric_key(&prk, 1024).unwrap().len(), 1024);
     }
 
     #[test]
@@ -504,5 +563,128 @@ mod tests {
         assert_eq!(spki_from_pem_or_der(pem.as_bytes()).unwrap(), spki);
         assert_eq!(spki_from_pem_or_der(&spki).unwrap(), spki);
         assert!(spki_from_pem_or_der(b"junk").is_none());
+    }
+
+    fn bytes32(hex_str: &str) -> [u8; 32] {
+        hex::decode(hex_str).unwrap().try_into().unwrap()
+    }
+
+    /// RFC 6979 appendix A.2.5 (NIST P-256), private key and public key.
+    const RFC_X: &str = "c9afa9d845ba75166b5c215767b1d6934e50c3db36e89b127b8a622b120f6721";
+    const RFC_UX: &str = "60fed4ba255a9d31c961eb74c6356d68c049b8923b61fa6ce669622e60f29fb6";
+    const RFC_UY: &str = "7903fe1008b8bc99a41ae9e95628bc64f2f1b20c2d7e9f5177a3c294d4462299";
+
+    /// The nonce and r || s that sign_digest's own steps give.
+    fn nonce_and_raw(key: &P256Key, digest: &[u8; 32]) -> (String, String) {
+        let z = <Scalar as Reduce<U256>>::reduce_bytes(&p256::FieldBytes::from(*digest));
+        let k = rfc6979_nonce(&key.0, &z).unwrap();
+        let sig = key.sign_digest(digest).unwrap();
+        (
+            hex::encode(k.to_bytes()),
+            hex::encode(signature_to_raw(&sig).unwrap()),
+        )
+    }
+
+    /// RFC 6979 A.2.5, "With SHA-256": k, r and s for the messages "sample"
+    /// and "test", signed over SHA-256(message) by sign_digest.
+    #[test]
+    fn rfc6979_appendix_a25_p256_sha256() {
+        let key = P256Key::from_scalar_bytes(&bytes32(RFC_X)).unwrap();
+        let spki = hex::encode(key.spki_der().unwrap());
+        assert!(spki.ends_with(&format!("04{RFC_UX}{RFC_UY}")), "{spki}");
+        let cases = [
+            (
+                &b"sample"[..],
+                "a6e3c57dd01abe90086538398355dd4c3b17aa873382b0f24d6129493d8aad60",
+                "efd48b2aacb6a8fd1140dd9cd45e81d69d2c877b56aaf991c34d0ea84eaf3716",
+                "f7cb1c942d657c41d436c7a1b6e29f65f3e900dbb9aff4064dc4ab2f843acda8",
+            ),
+            (
+                &b"test"[..],
+                "d16b6ae827f17175e040871a1c7ec3500192c4c92677336ec2537acaee0008e0",
+                "f1abb023518351cd71d881567b1ea663ed3efcf6c5132b354f28d3b0b7d38367",
+                "019f4113742a2b14bd25926b49c649155f267e60d3814b4c0cc84250e46f0083",
+            ),
+        ];
+        for (msg, k, r, s) in cases {
+            let digest: [u8; 32] = Sha256::digest(msg).into();
+            assert_eq!(nonce_and_raw(&key, &digest), (k.into(), format!("{r}{s}")));
+        }
+    }
+
+    /// A digest above n: h1 = 2^256 - 1, the RFC's key. The expected k and
+    /// signature come from python-ecdsa 0.19.2
+    /// (`rfc6979.generate_k`, `sign_digest_deterministic(digest,
+    /// hashfunc=sha256, sigencode=sigencode_der)`) and agree with pyca
+    /// cryptography 48 on OpenSSL 4.0.0 (`ECDSA(Prehashed(SHA256()),
+    /// deterministic_signing=True)`). Both reduce h1 mod n in bits2octets.
+    #[test]
+    fn rfc6979_reduces_a_digest_above_n() {
+        let key = P256Key::from_scalar_bytes(&bytes32(RFC_X)).unwrap();
+        let digest = [0xff; 32];
+        let (k, _) = nonce_and_raw(&key, &digest);
+        assert_eq!(
+            k,
+            "a2d7ccca091233c3888120593a491e2281e641361334223e6e5c3c7a217b7c8d"
+        );
+        assert_eq!(
+            hex::encode(key.sign_digest(&digest).unwrap()),
+            "304502201f2adbc54b88764c279f689fc9505959fc9e73e80dc20889a4e0be91865de75b\
+             0221009d109b65e2fbfc0ae42ba0b2e5f03670cd458cff4882df6783f3d93d607d1755"
+        );
+    }
+
+    /// Cross-check with RustCrypto's `ecdsa` (through p256's `SigningKey`),
+    /// which the project did not write. Its `sign_prehash` is RFC 6979 for a
+    /// digest below n, but ecdsa 0.16 hands the unreduced digest to the nonce
+    /// HMAC, so for h1 >= n it is given int2octets(h1 mod n) instead: by RFC
+    /// 6979 that is the same signature, since bits2octets and the signing
+    /// equation both see only h1 mod n.
+    #[test]
+    fn signatures_match_rustcrypto_ecdsa_over_the_reduced_digest() {
+        use p256::ecdsa::signature::hazmat::PrehashSigner;
+        let n = "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551";
+        let mut digests: Vec<[u8; 32]> = [
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "0000000000000000000000000000000000000000000000000000000000000001",
+            "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632550",
+            n,
+            "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632552",
+            "ffffffff00000001000000000000000000000000000000000000000000000000",
+            "fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffe",
+            "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        ]
+        .iter()
+        .map(|h| bytes32(h))
+        .collect();
+        let mut h: [u8; 32] = Sha256::digest(b"digests").into();
+        for i in 0..64 {
+            h = Sha256::digest(h).into();
+            let mut d = h;
+            if i % 2 == 0 {
+                d[..8].fill(0xff); // >= n: n starts ffffffff 00000000
+            }
+            digests.push(d);
+        }
+        let above = digests
+            .iter()
+            .filter(|d| d.as_slice() >= &bytes32(n)[..])
+            .count();
+        assert_eq!(above, 37, "the cross-check covers digests >= n");
+        let rfc_key = P256Key::from_scalar_bytes(&bytes32(RFC_X)).unwrap();
+        let derived = P256Key::from_prk(&soft_prk(&[9; 32])).unwrap();
+        for key in [rfc_key, derived] {
+            let theirs = p256::ecdsa::SigningKey::from_bytes(&key.0.to_bytes()).unwrap();
+            for d in &digests {
+                let z = <Scalar as Reduce<U256>>::reduce_bytes(&p256::FieldBytes::from(*d));
+                let want: Signature = theirs.sign_prehash(&z.to_bytes()).unwrap();
+                assert_eq!(
+                    hex::encode(key.sign_digest(d).unwrap()),
+                    hex::encode(want.to_der().as_bytes()),
+                    "digest {}",
+                    hex::encode(d)
+                );
+            }
+        }
     }
 }

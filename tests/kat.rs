@@ -106,7 +106,26 @@ fn cases() -> Vec<(String, Vec<u8>, Value)> {
             digest,
             json!({"purpose":"p256","name":"enroll","binding":"csum","uid":0,"client":"ca"}),
         ),
+        (
+            DIGEST_ABOVE_N.into(),
+            vec![],
+            json!({"purpose":"p256","name":"host-id","binding":"machine"}),
+        ),
     ]
+}
+
+/// The case whose signed digest is 2^256 - 1, above the group order n:
+/// RFC 6979 reduces it mod n, in the nonce (bits2octets) and in the equation.
+const DIGEST_ABOVE_N: &str = "p256 machine, digest above n";
+
+/// The digest a P-256 case signs: SHA-256 of the case name, or 32 bytes ff
+/// for [`DIGEST_ABOVE_N`].
+fn signed_digest(case: &str) -> [u8; 32] {
+    if case == DIGEST_ABOVE_N {
+        [0xff; 32]
+    } else {
+        Sha256::digest(case.as_bytes()).into()
+    }
 }
 
 fn as_input<'a>(v: &'a Value, data: &'a [u8]) -> Input<'a> {
@@ -158,7 +177,7 @@ fn compute(case: &str, data: &[u8], input: &Value) -> Value {
         }
         Purpose::P256 => {
             let k = P256Key::from_prk(&prk).unwrap();
-            let digest: [u8; 32] = Sha256::digest(case.as_bytes()).into();
+            let digest = signed_digest(case);
             out["scalar"] = json!(hex::encode(k.secret_scalar().unwrap().as_ref()));
             out["spki"] = json!(hex::encode(k.spki_der().unwrap()));
             out["sign_digest"] = json!(hex::encode(digest));
@@ -209,6 +228,42 @@ fn signatures_in_vectors_verify() {
             assert!(derive::verify_digest(&spki, &d, &hex::decode(sig).unwrap()));
         }
     }
+}
+
+/// Every vector's signature is the one RustCrypto's `ecdsa` (which the
+/// project did not write) computes with the vector's scalar. Its
+/// `sign_prehash` is RFC 6979 for a digest below n but (ecdsa 0.16) feeds an
+/// unreduced digest to the nonce HMAC, so it is given int2octets(h1 mod n):
+/// by RFC 6979 the same signature as h1 itself.
+#[test]
+fn signatures_match_rustcrypto_ecdsa() {
+    use p256::ecdsa::signature::hazmat::PrehashSigner;
+    use p256::elliptic_curve::ops::Reduce;
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    let mut above_n = 0;
+    for v in file["vectors"].as_array().unwrap() {
+        let Some(sig) = v["signature"].as_str() else {
+            continue;
+        };
+        let scalar = hex::decode(v["scalar"].as_str().unwrap()).unwrap();
+        let key = p256::ecdsa::SigningKey::from_slice(&scalar).unwrap();
+        let digest: [u8; 32] = hex::decode(v["sign_digest"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let z = <p256::Scalar as Reduce<p256::U256>>::reduce_bytes(&digest.into());
+        if z.to_bytes()[..] != digest[..] {
+            above_n += 1;
+        }
+        let want: p256::ecdsa::Signature = key.sign_prehash(&z.to_bytes()).unwrap();
+        assert_eq!(
+            sig,
+            hex::encode(want.to_der().as_bytes()),
+            "case {}",
+            v["case"]
+        );
+    }
+    assert_eq!(above_n, 1, "one vector signs a digest above n");
 }
 
 /// An independent implementation of DERIVATION.md (Python standard library

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """An independent implementation of DERIVATION.md (derived-keys v1), written
 from the specification with the Python standard library only. It recomputes
-every known-answer vector from its inputs and checks every byte, then
-verifies each signature with its own ECDSA. Usage: derive_v1.py VECTORS.json
+every known-answer vector from its inputs and checks every byte, signatures
+included (RFC 6979 deterministic ECDSA, its own code), and verifies each
+signature with its own ECDSA verification. Its signing is first checked
+against RFC 6979 appendix A.2.5. Usage: derive_v1.py VECTORS.json
 """
 import hashlib
 import hmac
@@ -93,6 +95,62 @@ def ec_mul(k, pt):
     return r
 
 
+def rfc6979_k(d, h1):
+    """RFC 6979 section 3.2 with HMAC-SHA256, q = N (qlen = hlen = 256, so
+    bits2int is OS2IP), no additional data."""
+    def mac(key, data):
+        return hmac.new(key, data, hashlib.sha256).digest()
+    x = d.to_bytes(32, "big")                          # int2octets(x)
+    h = (int.from_bytes(h1, "big") % N).to_bytes(32, "big")  # bits2octets(h1)
+    v, k = b"\x01" * 32, b"\x00" * 32                  # steps b, c
+    k = mac(k, v + b"\x00" + x + h)                    # step d
+    v = mac(k, v)                                      # step e
+    k = mac(k, v + b"\x01" + x + h)                    # step f
+    v = mac(k, v)                                      # step g
+    while True:                                        # step h
+        v = mac(k, v)
+        cand = int.from_bytes(v, "big")
+        if 1 <= cand < N:
+            return cand
+        k = mac(k, v + b"\x00")
+        v = mac(k, v)
+
+
+def der_int(i):
+    b = i.to_bytes((i.bit_length() + 8) // 8, "big")   # minimal, positive
+    return b"\x02" + bytes([len(b)]) + b
+
+
+def ecdsa_sign(d, h1):
+    """DERIVATION.md section 5: z = OS2IP(h1) mod n for the nonce and the
+    equation, s not normalized, DER ECDSA-Sig-Value."""
+    z = int.from_bytes(h1, "big") % N
+    k = rfc6979_k(d, h1)
+    r = ec_mul(k, G)[0] % N
+    s = pow(k, -1, N) * (z + r * d) % N
+    assert r != 0 and s != 0
+    body = der_int(r) + der_int(s)
+    return k, bytes([0x30, len(body)]) + body
+
+
+def rfc6979_self_test():
+    """RFC 6979 A.2.5, P-256 with SHA-256: k, r, s for "sample" and "test"."""
+    x = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+    for msg, k, r, s in [
+        (b"sample", 0xA6E3C57DD01ABE90086538398355DD4C3B17AA873382B0F24D6129493D8AAD60,
+         0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716,
+         0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8),
+        (b"test", 0xD16B6AE827F17175E040871A1C7EC3500192C4C92677336EC2537ACAEE0008E0,
+         0xF1ABB023518351CD71D881567B1EA663ED3EFCF6C5132B354F28D3B0B7D38367,
+         0x019F4113742A2B14BD25926B49C649155F267E60D3814B4C0CC84250E46F0083),
+    ]:
+        got_k, sig = ecdsa_sign(x, hashlib.sha256(msg).digest())
+        if (got_k, der_ints(sig)) != (k, [r, s]):
+            print(f"FAIL RFC 6979 A.2.5 {msg!r}")
+            return False
+    return True
+
+
 def der_ints(sig):
     """(r, s) from a DER ECDSA-Sig-Value."""
     assert sig[0] == 0x30 and sig[1] == len(sig) - 2
@@ -117,6 +175,8 @@ def ecdsa_verify(q, digest, sig):
 
 
 def main(path):
+    if not rfc6979_self_test():
+        return 1
     doc = json.load(open(path))
     prf_key = bytes.fromhex(doc["prf_key"])
     count = 0
@@ -136,6 +196,7 @@ def main(path):
             got["scalar"] = d.to_bytes(32, "big").hex()
             got["spki"] = (SPKI_PREFIX + b"\x04" + q[0].to_bytes(32, "big") + q[1].to_bytes(32, "big")).hex()
             digest = bytes.fromhex(v["sign_digest"])
+            got["signature"] = ecdsa_sign(d, digest)[1].hex()
             if not ecdsa_verify(q, digest, bytes.fromhex(v["signature"])):
                 print(f"FAIL {case}: signature does not verify")
                 return 1

@@ -28,8 +28,8 @@ use sha2::{Digest, Sha256};
 
 use crate::keyring::{self, KeyringError, PROCESS_KEYRING};
 use crate::request::{
-    Binding, Digest32, KeyType, Meta, Name, Options, Request, RequestError, Tag, Want,
-    DEFAULT_PREFIX, MAX_SYMMETRIC_LEN,
+    Algorithm, Binding, Digest32, KeyType, Meta, Name, Options, Request, RequestError, Selector,
+    Tag, Want, DEFAULT_PREFIX, MAX_SYMMETRIC_LEN,
 };
 use crate::secret::SecretBuf;
 
@@ -124,6 +124,22 @@ impl KeyRequest {
             name: Name::parse(name.as_bytes())?,
             binding: Binding::Path,
             options: Options::default(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+        })
+    }
+
+    /// The key a selector names (`machine:host,epoch=2`): its binding and
+    /// options. Only P-256 selectors are served by this release.
+    pub fn from_selector(sel: &Selector) -> Result<KeyRequest, ClientError> {
+        if sel.alg != Algorithm::P256 {
+            return Err(ClientError::Invalid(RequestError::UnsupportedAlgorithm {
+                alg: sel.alg.as_str(),
+            }));
+        }
+        Ok(KeyRequest {
+            name: sel.name.clone(),
+            binding: sel.binding,
+            options: sel.options.clone(),
             prefix: DEFAULT_PREFIX.to_owned(),
         })
     }

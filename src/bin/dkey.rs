@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use derived_keys::client::{ClientError, KeyRequest};
 use derived_keys::error::{exit, exit_code_for_errno};
-use derived_keys::request::{Binding, KeyType};
+use derived_keys::request::{Binding, KeyType, Selector};
 use derived_keys::setup::{self, Change, InstallOptions, Layout};
 use sha2::{Digest, Sha256};
 
@@ -112,7 +112,8 @@ enum Cmd {
 
 #[derive(Args)]
 struct KeyArgs {
-    /// Key name (1 to 64 of A-Z a-z 0-9 . _ -).
+    /// Key name (1 to 64 of A-Z a-z 0-9 . _ -), or a whole key selector
+    /// ([BINDING:]NAME[,account=A][,client=C][,epoch=N][,alg=p256]).
     name: String,
     /// Whose key: path, csum (both: dkey's own), user (default) or machine.
     #[arg(long, value_enum, default_value_t = BindingArg::User)]
@@ -140,7 +141,7 @@ struct Signed {
     digest: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BindingArg {
     Path,
     Csum,
@@ -204,6 +205,23 @@ fn fail(code: u8, message: impl Into<String>) -> Failure {
 }
 
 fn request(k: &KeyArgs) -> Result<KeyRequest, Failure> {
+    // NAME may be a whole key selector (`machine:host,epoch=2`); names
+    // never hold ':' or ','.
+    if k.name.contains([':', ',']) {
+        let sel = Selector::parse(&k.name)
+            .map_err(|e| fail(exit::INVALID, format!("key selector {:?}: {e}", k.name)))?;
+        if k.account.is_some()
+            || k.client.is_some()
+            || k.epoch != 0
+            || k.binding != BindingArg::User
+        {
+            return Err(fail(
+                exit::USAGE,
+                "a key selector carries its binding and options: drop --binding, --account, --client and --epoch",
+            ));
+        }
+        return Ok(KeyRequest::from_selector(&sel)?.prefix(&k.prefix));
+    }
     let binding = match k.binding {
         BindingArg::Path => Binding::Path,
         BindingArg::Csum => Binding::Csum,
@@ -239,19 +257,81 @@ fn keyring_id(s: &str) -> Result<i32, Failure> {
     })
 }
 
-fn write_out(out: Option<&Path>, bytes: &[u8], secret: bool) -> Result<(), Failure> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let res = match out {
-        Some(p) => std::fs::OpenOptions::new()
+/// Where a result goes: standard output, or a file dkey creates itself
+/// (never an existing path, never through a symlink: O_CREAT|O_EXCL), mode
+/// 0600 for key material. Opened before the key is asked for, so that a
+/// refused path costs nothing and leaves nothing.
+enum Output {
+    Stdout,
+    File { path: PathBuf, file: std::fs::File },
+}
+
+impl Output {
+    fn open(out: Option<&Path>, secret: bool) -> Result<Output, Failure> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(path) = out else {
+            return Ok(Output::Stdout);
+        };
+        match std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(if secret { 0o600 } else { 0o644 })
-            .open(p)
-            .and_then(|mut f| f.write_all(bytes)),
-        None => std::io::stdout().lock().write_all(bytes),
-    };
-    res.map_err(|e| fail(exit::FAILURE, format!("cannot write output: {e}")))
+            .open(path)
+        {
+            Ok(file) => Ok(Output::File {
+                path: path.to_owned(),
+                file,
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(fail(
+                exit::USAGE,
+                format!(
+                    "--out {}: the path exists; dkey writes only to a file it creates (remove it first)",
+                    path.display()
+                ),
+            )),
+            Err(e) => Err(fail(
+                exit::FAILURE,
+                format!("--out {}: cannot create: {e}", path.display()),
+            )),
+        }
+    }
+
+    fn write(self, bytes: &[u8]) -> Result<(), Failure> {
+        let res = match &self {
+            Output::Stdout => std::io::stdout().lock().write_all(bytes),
+            Output::File { file, .. } => {
+                let mut f = file;
+                f.write_all(bytes).and_then(|()| f.sync_all())
+            }
+        };
+        res.map_err(|e| {
+            self.abandon();
+            fail(exit::FAILURE, format!("cannot write output: {e}"))
+        })
+    }
+
+    /// Removes a file created for a result that never came.
+    fn abandon(&self) {
+        if let Output::File { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Runs `get` and writes what it gives to `out`.
+fn write_result(
+    out: Option<&Path>,
+    secret: bool,
+    get: impl FnOnce() -> Result<Vec<u8>, Failure>,
+) -> Result<(), Failure> {
+    let output = Output::open(out, secret)?;
+    match get() {
+        Ok(bytes) => output.write(&bytes),
+        Err(e) => {
+            output.abandon();
+            Err(e)
+        }
+    }
 }
 
 fn digest_of(what: &Signed) -> Result<[u8; 32], Failure> {
@@ -390,13 +470,14 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                         "logon keys never leave the kernel: drop --out/--stdout",
                     ));
                 }
-                let k = r.symmetric(len)?;
-                let bytes = if hex {
-                    format!("{}\n", hex::encode(k.as_ref())).into_bytes()
-                } else {
-                    k.as_ref().to_vec()
-                };
-                write_out(out.as_deref(), &bytes, true)?;
+                write_result(out.as_deref(), true, || {
+                    let k = r.symmetric(len)?;
+                    Ok(if hex {
+                        format!("{}\n", hex::encode(k.as_ref())).into_bytes()
+                    } else {
+                        k.as_ref().to_vec()
+                    })
+                })?;
             } else {
                 let t = match key_type {
                     TypeArg::User => KeyType::User,
@@ -407,16 +488,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             }
         }
         Cmd::Pub { key, format, out } => {
-            let der = request(&key)?.public_key()?;
-            let bytes = match format {
-                KeyFormat::Der => der,
-                KeyFormat::Pem => derived_keys::derive::spki_to_pem(&der)
-                    .ok_or_else(|| {
-                        fail(exit::FAILURE, "the handler returned a malformed public key")
-                    })?
-                    .into_bytes(),
-            };
-            write_out(out.as_deref(), &bytes, false)?;
+            let r = request(&key)?;
+            write_result(out.as_deref(), false, || {
+                let der = r.public_key()?;
+                Ok(match format {
+                    KeyFormat::Der => der,
+                    KeyFormat::Pem => derived_keys::derive::spki_to_pem(&der)
+                        .ok_or_else(|| {
+                            fail(exit::FAILURE, "the handler returned a malformed public key")
+                        })?
+                        .into_bytes(),
+                })
+            })?;
         }
         Cmd::Sign {
             key,
@@ -424,16 +507,19 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             format,
             out,
         } => {
-            let sig = request(&key)?.sign_digest(&digest_of(&what)?)?;
-            let bytes = match format {
-                SigFormat::Der => sig,
-                SigFormat::Raw => {
-                    derived_keys::derive::signature_to_raw(&sig).ok_or_else(|| {
-                        fail(exit::FAILURE, "the handler returned a malformed signature")
-                    })?
-                }
-            };
-            write_out(out.as_deref(), &bytes, false)?;
+            let r = request(&key)?;
+            let digest = digest_of(&what)?;
+            write_result(out.as_deref(), false, || {
+                let sig = r.sign_digest(&digest)?;
+                Ok(match format {
+                    SigFormat::Der => sig,
+                    SigFormat::Raw => {
+                        derived_keys::derive::signature_to_raw(&sig).ok_or_else(|| {
+                            fail(exit::FAILURE, "the handler returned a malformed signature")
+                        })?
+                    }
+                })
+            })?;
         }
         Cmd::Verify { public, what, sig } => {
             let read = |p: &Path| {

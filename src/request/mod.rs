@@ -10,6 +10,10 @@
 
 use std::fmt;
 
+pub mod selector;
+
+pub use selector::{Algorithm, Selector};
+
 /// The description prefix of production requests.
 pub const DEFAULT_PREFIX: &str = "derived";
 
@@ -53,6 +57,8 @@ pub enum RequestError {
     LogonNotSymmetric { operation: &'static str },
     #[error("key type {key_type:?} is not served: expected user or logon")]
     UnsupportedKeyType { key_type: String },
+    #[error("{alg} keys are not served by this release")]
+    UnsupportedAlgorithm { alg: &'static str },
 }
 
 impl RequestError {

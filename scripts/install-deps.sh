@@ -7,7 +7,8 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 packages=(keyutils swtpm swtpm-tools libtss2-dev pkg-config tpm2-tools openssl
-          python3 util-linux procps ca-certificates gcc libc6-dev musl-dev git)
+          python3 python3-cryptography util-linux procps ca-certificates gcc libc6-dev musl-dev git
+          openssh-client openssh-server)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,6 +1,12 @@
-//! One line per request to syslog (authpriv), or the kernel log where no
-//! syslog socket exists. Never any key material: the line is built only
-//! from the request's public fields and the requester's identity.
+//! One line per request, authpriv: to the journal's native socket where
+//! journald runs, else to the syslog socket, else to the kernel log, but
+//! only within the kernel's rate limit for /dev/kmsg writers (beyond it
+//! the kernel discards lines without saying so). A line that no channel
+//! takes is counted, in a root-only runtime file shared with the handler;
+//! the count goes out in the next line that gets through ("N audit lines
+//! were dropped") and in `dkey status`. Never any key material: the line
+//! is built only from the request's public fields and the requester's
+//! identity.
 //!
 //! The line is `derived-keys: <outcome>` and then `key=value` fields split
 //! by single spaces; a missing value is `-`. Every value goes through one
@@ -20,10 +26,15 @@
 
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use derived_keys_core::audit_line as line;
 pub use derived_keys_core::audit_line::escape;
 use derived_keys_core::audit_line::AuditFields;
+use serde::Serialize;
 
 use crate::config::LogTarget;
 
@@ -69,25 +80,338 @@ impl Record {
     }
 }
 
-/// LOG_AUTHPRIV facility code.
-const AUTHPRIV: u8 = 10;
+/// syslog severity of the line that reports drops (warning).
+const SEVERITY_DROPPED: u8 = 4;
+/// How long a send to the journal or a syslog socket may take: a daemon
+/// that stops reading must not stall the broker (or the handler, and with
+/// it the requester).
+const SEND_TIMEOUT: Duration = Duration::from_millis(250);
 
-/// /dev/kmsg, opened once per process: opening it costs more than a write
-/// (the kernel positions a reader on its ring), and the broker logs every
-/// request.
-static KMSG: std::sync::Mutex<Option<std::fs::File>> = std::sync::Mutex::new(None);
-
-fn kmsg(line: &str, severity: u8) -> std::io::Result<()> {
-    let mut slot = KMSG.lock().unwrap_or_else(|p| p.into_inner());
-    let f = match slot.take() {
-        Some(f) => f,
-        None => std::fs::OpenOptions::new().write(true).open("/dev/kmsg")?,
-    };
-    let f = slot.insert(f);
-    f.write_all(format!("<{}>{line}\n", AUTHPRIV * 8 + severity).as_bytes())
+/// Where an audit line went (or would go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sink {
+    /// systemd-journald's native socket.
+    Journal,
+    /// The configured syslog socket.
+    Syslog,
+    /// The kernel log, within its rate limit.
+    Kmsg,
+    /// Standard error (`target = "stderr"`, for running by hand).
+    Stderr,
 }
 
-fn syslog(socket: &Path, line: &str, granted: bool) -> Result<(), Box<dyn std::error::Error>> {
+/// Why a line did not reach the kernel log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KmsgRefusal {
+    /// This window's share of the kernel's limit is used up.
+    RateLimited,
+    /// `printk_devkmsg=off`: the kernel discards every line.
+    Off,
+    /// No /dev/kmsg (a container), or writing it failed.
+    Unavailable,
+}
+
+impl KmsgRefusal {
+    fn why(self) -> String {
+        match self {
+            KmsgRefusal::RateLimited => format!(
+                "no journal or syslog socket took them, and the kernel log takes \
+                 at most {} lines per {} s",
+                line::KMSG_BURST,
+                line::KMSG_INTERVAL_MS / 1000
+            ),
+            KmsgRefusal::Off => {
+                "no journal or syslog socket took them, and printk_devkmsg=off discards \
+                 every line written to the kernel log"
+                    .into()
+            }
+            KmsgRefusal::Unavailable => {
+                "no journal or syslog socket took them, and /dev/kmsg cannot be written".into()
+            }
+        }
+    }
+}
+
+/// How the kernel treats /dev/kmsg writers (`/proc/sys/kernel/printk_devkmsg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DevkmsgMode {
+    On,
+    Off,
+    Ratelimit,
+}
+
+fn devkmsg_mode() -> DevkmsgMode {
+    match std::fs::read_to_string(line::PRINTK_DEVKMSG)
+        .as_deref()
+        .map(str::trim)
+    {
+        Ok("on") => DevkmsgMode::On,
+        Ok("off") => DevkmsgMode::Off,
+        // The kernel's default, and the safe assumption when unreadable.
+        _ => DevkmsgMode::Ratelimit,
+    }
+}
+
+/// The broker's share of the kernel log. The kernel allows each open
+/// /dev/kmsg file 10 lines per 5 s and silently discards the rest while
+/// reporting the write as done; so the broker keeps the count itself, at
+/// most that many lines per window of its own, and opens the file afresh
+/// at each window: the kernel's window then starts at our first write in
+/// it, never before ours, so every line we count as written was kept.
+struct KmsgBudget {
+    file: Option<std::fs::File>,
+    window: Option<Instant>,
+    used: u32,
+    mode: DevkmsgMode,
+}
+
+impl KmsgBudget {
+    const fn new() -> KmsgBudget {
+        KmsgBudget {
+            file: None,
+            window: None,
+            used: 0,
+            mode: DevkmsgMode::Ratelimit,
+        }
+    }
+
+    fn write(&mut self, text: &str, severity: u8) -> Result<(), KmsgRefusal> {
+        let interval = Duration::from_millis(line::KMSG_INTERVAL_MS);
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= interval)
+        {
+            self.window = Some(now);
+            self.used = 0;
+            self.mode = devkmsg_mode();
+            self.file = None;
+        }
+        match self.mode {
+            DevkmsgMode::Off => return Err(KmsgRefusal::Off),
+            DevkmsgMode::Ratelimit if self.used >= line::KMSG_BURST => {
+                return Err(KmsgRefusal::RateLimited)
+            }
+            DevkmsgMode::Ratelimit | DevkmsgMode::On => {}
+        }
+        let file = match self.file.take() {
+            Some(f) => f,
+            None => std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .map_err(|_| KmsgRefusal::Unavailable)?,
+        };
+        let file = self.file.insert(file);
+        // Counted before the write: a failed write may still have used
+        // the kernel's allowance.
+        self.used += 1;
+        let pri = line::AUTHPRIV * 8 + severity;
+        file.write_all(format!("<{pri}>{text}\n").as_bytes())
+            .map_err(|_| {
+                self.file = None;
+                KmsgRefusal::Unavailable
+            })
+    }
+}
+
+/// The dropped-lines counter of one configuration (see
+/// `derived_keys_core::audit_line::DROPPED_EXT`): the broker appends to it
+/// and reports what it holds in the next line that gets through.
+struct Counter {
+    /// Opened (and created) at the first drop, so that a broker that never
+    /// drops a line leaves no file behind.
+    file: Option<std::fs::File>,
+    path: PathBuf,
+    state: PathBuf,
+    /// The count when this broker started, and the count up to which drops
+    /// have been reported in a written line.
+    start: u64,
+    reported: u64,
+    /// Why the last line was dropped, for the report.
+    why: String,
+    /// The configuration this counter belongs to, named in the report.
+    config: PathBuf,
+    /// This broker has written its note.
+    noted: bool,
+}
+
+/// The broker's audit state; one per process, behind one lock, so that a
+/// report of drops and the lines around it keep their order.
+struct State {
+    kmsg: KmsgBudget,
+    counter: Option<Counter>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State {
+    kmsg: KmsgBudget::new(),
+    counter: None,
+});
+
+/// Setting up the dropped-lines counter failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit counter {path}")]
+    Counter {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The broker's note beside the counter (`key=value` lines).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Note {
+    pid: u32,
+    start: u64,
+    reported: u64,
+}
+
+impl Note {
+    fn read(path: &Path) -> Option<Note> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut note = Note::default();
+        for l in text.lines() {
+            let (k, v) = l.split_once('=')?;
+            match k {
+                "pid" => note.pid = v.parse().ok()?,
+                "start" => note.start = v.parse().ok()?,
+                "reported" => note.reported = v.parse().ok()?,
+                _ => {}
+            }
+        }
+        Some(note)
+    }
+
+    /// Written whole and renamed into place: a reader never sees half.
+    fn write(&self, path: &Path) -> std::io::Result<()> {
+        let tmp = path.with_extension("audit.new");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(
+            format!(
+                "pid={}\nstart={}\nreported={}\n",
+                self.pid, self.start, self.reported
+            )
+            .as_bytes(),
+        )?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+fn open_counter(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// From now on, lines this process cannot write anywhere are counted in
+/// `dropped` (appended to by the handler too), and the count is reported
+/// in the next line that gets through; `state` keeps how far reports went,
+/// so a later broker reports only what this one did not. Both files live
+/// in the broker's root-only runtime directory; the report names
+/// `config`. Called once by the broker at start.
+pub fn count_into(config: &Path, dropped: &Path, state: &Path) -> Result<(), AuditError> {
+    let err = |source| AuditError::Counter {
+        path: dropped.to_owned(),
+        source,
+    };
+    let file = match std::fs::OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dropped)
+    {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(err(e)),
+    };
+    let size = match &file {
+        Some(f) => f.metadata().map_err(err)?.len(),
+        None => 0,
+    };
+    let reported = Note::read(state).map_or(0, |n| n.reported.min(size));
+    let mut counter = Counter {
+        file,
+        path: dropped.to_owned(),
+        state: state.to_owned(),
+        start: size,
+        reported,
+        why: "earlier, before this broker started".into(),
+        config: config.to_owned(),
+        noted: false,
+    };
+    if size > reported {
+        counter.note();
+    }
+    lock().counter = Some(counter);
+    Ok(())
+}
+
+impl Counter {
+    /// The count now; the handler may have created the file meanwhile.
+    fn size(&self) -> u64 {
+        let meta = match &self.file {
+            Some(f) => f.metadata(),
+            None => std::fs::metadata(&self.path),
+        };
+        meta.map_or(self.reported, |m| m.len())
+    }
+
+    fn note(&mut self) {
+        self.noted = true;
+        let _ = Note {
+            pid: std::process::id(),
+            start: self.start,
+            reported: self.reported,
+        }
+        .write(&self.state);
+    }
+
+    fn drop_one(&mut self, why: String) {
+        // One byte, appended atomically beside the handler's.
+        if self.file.is_none() {
+            self.file = open_counter(&self.path).ok();
+        }
+        if let Some(f) = self.file.as_mut() {
+            let _ = f.write_all(b"b");
+        }
+        self.why = why;
+        // The note changes only when a report goes out; it must exist
+        // once this broker has dropped anything (`dkey status`).
+        if !self.noted {
+            self.note();
+        }
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, State> {
+    // A panic elsewhere while logging leaves the state usable.
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn journal(socket: &Path, text: &str, severity: u8) -> std::io::Result<()> {
+    let mut entry = Vec::with_capacity(text.len() + 96);
+    line::write_journal(
+        text.as_bytes(),
+        severity,
+        "derived-keys",
+        std::process::id(),
+        &mut |b| entry.extend_from_slice(b),
+    );
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
+    sock.send_to(&entry, socket).map(|_| ())
+}
+
+fn syslog(socket: &Path, text: &str, severity: u8) -> Result<(), Box<dyn std::error::Error>> {
     let formatter = syslog::Formatter3164 {
         facility: syslog::Facility::LOG_AUTHPRIV,
         hostname: None,
@@ -95,38 +419,188 @@ fn syslog(socket: &Path, line: &str, granted: bool) -> Result<(), Box<dyn std::e
         pid: std::process::id(),
     };
     let mut logger = syslog::unix_custom(formatter, socket)?;
-    // A syslog daemon that stops reading must not stall the handler (and
-    // with it the requester): sends give up after a short while.
-    let limit = Some(std::time::Duration::from_millis(250));
+    let limit = Some(SEND_TIMEOUT);
     match &logger.backend {
         syslog::LoggerBackend::Unix(d) => d.set_write_timeout(limit)?,
         syslog::LoggerBackend::UnixStream(s) => s.get_ref().set_write_timeout(limit)?,
         _ => {}
     }
-    if granted {
-        logger.info(line)?;
-    } else {
-        logger.notice(line)?;
+    match severity {
+        line::SEVERITY_GRANTED => logger.info(text)?,
+        SEVERITY_DROPPED => logger.warning(text)?,
+        _ => logger.notice(text)?,
     }
     Ok(())
 }
 
-/// Sends the line; falls back to the kernel log, then to stderr, so a
-/// request is never unlogged because one channel is down.
-pub fn emit(target: &LogTarget, record: &Record) {
-    let line = record.line();
-    let granted = record.outcome == Some("granted");
-    let severity = if granted { 6 } else { 5 };
-    let sent = match target {
+/// One line to the first channel that takes it: the journal, the syslog
+/// socket, the kernel log (within its limit); or why none did.
+fn deliver(
+    journal_socket: &Path,
+    target: &LogTarget,
+    kmsg: &mut KmsgBudget,
+    text: &str,
+    severity: u8,
+) -> Result<Sink, KmsgRefusal> {
+    match target {
         LogTarget::Syslog { socket } => {
-            (socket.exists() && syslog(socket, &line, granted).is_ok())
-                || kmsg(&line, severity).is_ok()
+            if journal_socket.exists() && journal(journal_socket, text, severity).is_ok() {
+                return Ok(Sink::Journal);
+            }
+            if socket.exists() && syslog(socket, text, severity).is_ok() {
+                return Ok(Sink::Syslog);
+            }
+            kmsg.write(text, severity).map(|()| Sink::Kmsg)
         }
-        LogTarget::Kmsg => kmsg(&line, severity).is_ok(),
-        LogTarget::Stderr => false,
+        LogTarget::Kmsg => kmsg.write(text, severity).map(|()| Sink::Kmsg),
+        LogTarget::Stderr => {
+            let _ = writeln!(std::io::stderr(), "{text}");
+            Ok(Sink::Stderr)
+        }
+    }
+}
+
+/// Sends the line: to the journal where journald runs, else to the
+/// syslog socket, else to the kernel log within its rate limit. A line
+/// none of them takes is counted, and the count goes out, as its own
+/// line, before the next line that gets through; `dkey status` shows it
+/// too. Never blocks for long: socket sends give up after 250 ms.
+pub fn emit(target: &LogTarget, record: &Record) {
+    emit_via(Path::new(line::JOURNAL_SOCKET), target, record);
+}
+
+fn emit_via(journal_socket: &Path, target: &LogTarget, record: &Record) {
+    let text = record.line();
+    let severity = if record.outcome == Some("granted") {
+        line::SEVERITY_GRANTED
+    } else {
+        line::SEVERITY_REFUSED
     };
-    if !sent {
-        let _ = writeln!(std::io::stderr(), "{line}");
+    let mut st = lock();
+    let State { kmsg, counter } = &mut *st;
+    if let Some(c) = counter.as_mut() {
+        let size = c.size();
+        if size > c.reported {
+            let mut report = Vec::new();
+            let mut push = |b: &[u8]| report.extend_from_slice(b);
+            line::write_dropped(size - c.reported, c.why.as_bytes(), &mut push);
+            // Which broker's count: several configurations may share a log.
+            push(b" config=");
+            escape(
+                c.config.as_os_str().as_bytes(),
+                line::AUDIT_MAX_PATH,
+                &mut push,
+            );
+            let report = String::from_utf8_lossy(&report);
+            if deliver(journal_socket, target, kmsg, &report, SEVERITY_DROPPED).is_ok() {
+                c.reported = size;
+                c.note();
+            }
+        }
+    }
+    if let Err(refusal) = deliver(journal_socket, target, kmsg, &text, severity) {
+        match counter.as_mut() {
+            Some(c) => c.drop_one(refusal.why()),
+            // Not the broker (dkey, tests): say it where someone may look.
+            None => {
+                let _ = writeln!(std::io::stderr(), "{text}");
+            }
+        }
+    }
+}
+
+/// Where audit lines go now, and what was lost: `dkey status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditStatus {
+    /// The channel the next line goes to; null if none would take it.
+    pub sink: Option<Sink>,
+    /// The same, in words (socket path, kernel log mode).
+    pub destination: String,
+    /// Whether lines can be lost there (and then only counted).
+    pub lossy: bool,
+    /// Lines dropped since the running broker started; null when no
+    /// broker runs.
+    pub dropped_since_broker_start: Option<u64>,
+    /// Lines dropped since boot for this configuration.
+    pub dropped_total: u64,
+    /// Of those, how many no written line has reported yet.
+    pub unreported: u64,
+}
+
+/// What `dkey status` says about the audit trail of `config`.
+pub fn status(config: &crate::config::Config) -> AuditStatus {
+    let paths = crate::broker::paths(config);
+    let journal_socket = Path::new(line::JOURNAL_SOCKET);
+    let kmsg = || {
+        match devkmsg_mode() {
+        _ if !Path::new("/dev/kmsg").exists() => (
+            None,
+            "nowhere: no journal or syslog socket, and no /dev/kmsg; every line is only counted"
+                .to_owned(),
+            true,
+        ),
+        DevkmsgMode::On => (
+            Some(Sink::Kmsg),
+            "the kernel log (/dev/kmsg, printk_devkmsg=on: unlimited)".to_owned(),
+            false,
+        ),
+        DevkmsgMode::Off => (
+            None,
+            "nowhere: no journal or syslog socket, and printk_devkmsg=off discards kernel log \
+             lines; every line is only counted"
+                .to_owned(),
+            true,
+        ),
+        DevkmsgMode::Ratelimit => (
+            Some(Sink::Kmsg),
+            format!(
+                "the kernel log (/dev/kmsg): at most {} lines per {} s, more are dropped and counted",
+                line::KMSG_BURST,
+                line::KMSG_INTERVAL_MS / 1000
+            ),
+            true,
+        ),
+    }
+    };
+    let (sink, destination, lossy) = match &config.log {
+        LogTarget::Syslog { .. } if journal_socket.exists() => (
+            Some(Sink::Journal),
+            format!("the journal ({})", journal_socket.display()),
+            false,
+        ),
+        LogTarget::Syslog { socket } if socket.exists() => (
+            Some(Sink::Syslog),
+            format!("syslog, authpriv ({})", socket.display()),
+            false,
+        ),
+        LogTarget::Syslog { .. } | LogTarget::Kmsg => kmsg(),
+        LogTarget::Stderr => (
+            Some(Sink::Stderr),
+            "the broker's standard error (target = \"stderr\": for running by hand)".to_owned(),
+            true,
+        ),
+    };
+    let total = std::fs::metadata(&paths.dropped).map_or(0, |m| m.len());
+    let note = Note::read(&paths.audit).unwrap_or_default();
+    let broker = std::fs::read_to_string(&paths.pid)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .filter(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    let dropped_since_broker_start = broker.map(|pid| {
+        if note.pid == pid {
+            total.saturating_sub(note.start)
+        } else {
+            // It has dropped nothing yet, or it would have noted it.
+            0
+        }
+    });
+    AuditStatus {
+        sink,
+        destination,
+        lossy,
+        dropped_since_broker_start,
+        dropped_total: total,
+        unreported: total.saturating_sub(note.reported.min(total)),
     }
 }
 
@@ -246,7 +720,9 @@ mod tests {
 
     #[test]
     fn syslog_line_reaches_a_socket() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
+        let no_journal = dir.path().join("no-journal");
         let sock = dir.path().join("log");
         let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
         let r = Record {
@@ -254,7 +730,8 @@ mod tests {
             name: Some("db".into()),
             ..Record::default()
         };
-        emit(
+        emit_via(
+            &no_journal,
             &LogTarget::Syslog {
                 socket: sock.clone(),
             },
@@ -272,7 +749,8 @@ mod tests {
         // and emit returns instead of blocking the handler.
         for _ in 0..30 {
             let start = std::time::Instant::now();
-            emit(
+            emit_via(
+                &no_journal,
                 &LogTarget::Syslog {
                     socket: sock.clone(),
                 },
@@ -284,5 +762,95 @@ mod tests {
             );
         }
         drop(rx);
+    }
+
+    /// Tests that use the process's one audit state take turns.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    /// Where journald runs, a line goes to its native socket, as fields.
+    #[test]
+    fn journal_entry_reaches_the_native_socket() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("socket");
+        let rx = std::os::unix::net::UnixDatagram::bind(&journal).unwrap();
+        let r = Record {
+            outcome: Some("EACCES"),
+            name: Some("db".into()),
+            ..Record::default()
+        };
+        let syslog = LogTarget::Syslog {
+            socket: dir.path().join("no-log"),
+        };
+        emit_via(&journal, &syslog, &r);
+        let mut buf = [0u8; 2048];
+        let n = rx.recv(&mut buf).unwrap();
+        let got = String::from_utf8_lossy(&buf[..n]);
+        let fields: Vec<&str> = got.lines().collect();
+        assert!(fields.contains(&"PRIORITY=5"), "{got}");
+        assert!(fields.contains(&"SYSLOG_FACILITY=10"), "{got}");
+        assert!(fields.contains(&"SYSLOG_IDENTIFIER=derived-keys"), "{got}");
+        assert!(
+            fields.contains(&format!("MESSAGE={}", r.line()).as_str()),
+            "{got}"
+        );
+    }
+
+    /// Drops counted by anyone (the handler appends too) are reported in
+    /// the next line that gets through, once, and the note says so.
+    #[test]
+    fn dropped_lines_are_reported_in_the_next_line() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = dir.path().join("x.dropped");
+        let state = dir.path().join("x.audit");
+        std::fs::write(&dropped, b"hh").unwrap();
+        std::fs::write(&state, "pid=1\nstart=0\nreported=0\n").unwrap();
+        count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
+        let sock = dir.path().join("log");
+        let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+        let target = LogTarget::Syslog {
+            socket: sock.clone(),
+        };
+        let r = Record {
+            outcome: Some("granted"),
+            name: Some("db".into()),
+            ..Record::default()
+        };
+        let no_journal = dir.path().join("no-journal");
+        emit_via(&no_journal, &target, &r);
+        emit_via(&no_journal, &target, &r);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let mut buf = [0u8; 2048];
+            let n = rx.recv(&mut buf).unwrap();
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        // <84> = authpriv.warning
+        assert!(got[0].starts_with("<84>"), "{got:?}");
+        assert!(
+            got[0].contains("derived-keys: 2 audit lines were dropped (earlier"),
+            "{got:?}"
+        );
+        assert!(got[0].ends_with(") config=/x.conf"), "{got:?}");
+        assert!(got[1].contains("derived-keys: granted"), "{got:?}");
+        assert!(got[2].contains("derived-keys: granted"), "{got:?}");
+        let note = Note::read(&state).unwrap();
+        assert_eq!((note.start, note.reported), (2, 2));
+        assert_eq!(note.pid, std::process::id());
+        lock().counter = None;
+    }
+
+    #[test]
+    fn kmsg_budget_follows_the_kernels_limit() {
+        // Never writes: the window is spent before the first line.
+        let mut b = KmsgBudget::new();
+        b.window = Some(Instant::now());
+        b.used = line::KMSG_BURST;
+        b.mode = DevkmsgMode::Ratelimit;
+        assert_eq!(b.write("x", 6), Err(KmsgRefusal::RateLimited));
+        b.mode = DevkmsgMode::Off;
+        assert_eq!(b.write("x", 6), Err(KmsgRefusal::Off));
+        assert!(KmsgRefusal::RateLimited.why().contains("10 lines per 5 s"));
     }
 }

@@ -20,6 +20,15 @@
 //! let spki_der = host.public_key()?;
 //! let signature = host.sign_message(b"enrollment request")?;
 //! assert!(derived_keys::client::verify_message(&spki_der, b"enrollment request", &signature));
+//!
+//! // The Ed25519 key of the same name: another key, signing the message
+//! // itself (1 to 1024 bytes) with 64-byte RFC 8032 signatures.
+//! use derived_keys::request::Algorithm;
+//! let ssh = KeyRequest::new("host-id")?.binding(Binding::Machine).alg(Algorithm::Ed25519);
+//! let ed_spki = ssh.public_key()?;
+//! let ed_sig = ssh.sign_message(b"challenge")?;
+//! assert_eq!(ed_sig.len(), 64);
+//! assert!(derived_keys::client::verify_message(&ed_spki, b"challenge", &ed_sig));
 //! # Ok(())
 //! # }
 //! ```
@@ -28,8 +37,8 @@ use sha2::{Digest, Sha256};
 
 use crate::keyring::{self, KeyringError, PROCESS_KEYRING};
 use crate::request::{
-    Algorithm, Binding, Digest32, KeyType, Meta, Name, Options, Request, RequestError, Selector,
-    Tag, Want, DEFAULT_PREFIX, MAX_SYMMETRIC_LEN,
+    Algorithm, Binding, Digest32, KeyType, Message, Meta, Name, Options, Request, RequestError,
+    Selector, Tag, Want, DEFAULT_PREFIX, MAX_SYMMETRIC_LEN,
 };
 use crate::secret::SecretBuf;
 
@@ -85,13 +94,15 @@ impl ClientError {
     }
 }
 
-/// A request under construction: name, binding and options.
+/// A request under construction: name, binding, options, and the
+/// algorithm of its key pair (P-256 unless told otherwise).
 #[derive(Debug, Clone)]
 pub struct KeyRequest {
     name: Name,
     binding: Binding,
     options: Options,
     prefix: String,
+    alg: Algorithm,
 }
 
 /// A key left in a keyring (a `logon` key for the kernel to use, or a
@@ -125,23 +136,33 @@ impl KeyRequest {
             binding: Binding::Path,
             options: Options::default(),
             prefix: DEFAULT_PREFIX.to_owned(),
+            alg: Algorithm::P256,
         })
     }
 
-    /// The key a selector names (`machine:host,epoch=2`): its binding and
-    /// options. Only P-256 selectors are served by this release.
+    /// The key a selector names (`machine:host,epoch=2`,
+    /// `git,alg=ed25519`): its binding, options and algorithm.
     pub fn from_selector(sel: &Selector) -> Result<KeyRequest, ClientError> {
-        if sel.alg != Algorithm::P256 {
-            return Err(ClientError::Invalid(RequestError::UnsupportedAlgorithm {
-                alg: sel.alg.as_str(),
-            }));
-        }
         Ok(KeyRequest {
             name: sel.name.clone(),
             binding: sel.binding,
             options: sel.options.clone(),
             prefix: DEFAULT_PREFIX.to_owned(),
+            alg: sel.alg,
         })
+    }
+
+    /// The algorithm of the key pair that [`KeyRequest::public_key`] and
+    /// [`KeyRequest::sign_message`] use: P-256 (the default) or Ed25519, a
+    /// different key of the same name. Symmetric keys do not depend on it.
+    pub fn alg(mut self, alg: Algorithm) -> KeyRequest {
+        self.alg = alg;
+        self
+    }
+
+    /// The algorithm this request's key pair has.
+    pub fn algorithm(&self) -> Algorithm {
+        self.alg
     }
 
     /// Whose key it is: `Path`, `Csum`, `User` or `Machine`.
@@ -249,29 +270,62 @@ impl KeyRequest {
         })
     }
 
-    /// The P-256 public key, DER SubjectPublicKeyInfo.
+    /// The public key, DER SubjectPublicKeyInfo: P-256 (id-ecPublicKey,
+    /// 91 bytes) or Ed25519 (RFC 8410 id-Ed25519, 44 bytes), by
+    /// [`KeyRequest::alg`].
     pub fn public_key(&self) -> Result<Vec<u8>, ClientError> {
-        let req = self.typed(KeyType::User, Want::PublicKey)?;
-        let (serial, _) = self.ask(&req, PROCESS_KEYRING)?;
-        Self::take(serial, keyring::read_public)
+        let req = self.typed(KeyType::User, Want::PublicKey(self.alg))?;
+        self.ask_and_take(&req)
     }
 
-    /// An ECDSA P-256 signature (DER) over a SHA-256 digest.
+    /// An ECDSA P-256 signature (DER) over a SHA-256 digest. An Ed25519 key
+    /// signs no digest (pure RFC 8032 hashes the message itself): use
+    /// [`KeyRequest::sign_message`].
     pub fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, ClientError> {
+        if self.alg != Algorithm::P256 {
+            return Err(ClientError::Invalid(RequestError::DigestForMessageSigner {
+                alg: self.alg.as_str(),
+            }));
+        }
         let req = self.typed(KeyType::User, Want::Sign(Digest32(*digest)))?;
-        let (serial, _) = self.ask(&req, PROCESS_KEYRING)?;
-        Self::take(serial, keyring::read_public)
+        self.ask_and_take(&req)
     }
 
-    /// An ECDSA P-256 signature (DER) over SHA-256(`message`).
+    /// A signature over `message`: for P-256, ECDSA (DER) over its SHA-256;
+    /// for Ed25519, the 64-byte pure RFC 8032 signature over the message
+    /// itself, which travels to the handler in the callout and so is 1 to
+    /// 1024 bytes.
     pub fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, ClientError> {
-        self.sign_digest(&Sha256::digest(message).into())
+        match self.alg {
+            Algorithm::P256 => self.sign_digest(&Sha256::digest(message).into()),
+            Algorithm::Ed25519 => {
+                let req = self.typed(KeyType::User, Want::SignEd25519(Message::new(message)?))?;
+                self.ask_and_take(&req)
+            }
+        }
+    }
+
+    /// Asks into this process's keyring, reads the (public) result and
+    /// drops it.
+    fn ask_and_take(&self, req: &Request) -> Result<Vec<u8>, ClientError> {
+        let (serial, _) = self.ask(req, PROCESS_KEYRING)?;
+        Self::take(serial, keyring::read_public)
     }
 }
 
-/// Verifies a DER (or raw r||s) signature over SHA-256(`message`).
+/// Verifies a signature over `message` with a DER SubjectPublicKeyInfo,
+/// by the key's algorithm: P-256, a DER (or raw r||s) ECDSA signature over
+/// SHA-256(`message`); Ed25519, a 64-byte RFC 8032 signature over the
+/// message itself.
 pub fn verify_message(spki_der: &[u8], message: &[u8], signature: &[u8]) -> bool {
-    crate::derive::verify_digest(spki_der, &Sha256::digest(message).into(), signature)
+    use crate::derive::PublicKey;
+    match PublicKey::from_der(spki_der) {
+        Some(PublicKey::P256(der)) => {
+            crate::derive::verify_digest(&der, &Sha256::digest(message).into(), signature)
+        }
+        Some(PublicKey::Ed25519(_)) => crate::derive::verify_ed25519(spki_der, message, signature),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +371,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(back, a);
+    }
+
+    #[test]
+    fn the_algorithm_picks_the_request() {
+        let r = KeyRequest::new("git").unwrap().binding(Binding::User);
+        assert_eq!(r.algorithm(), Algorithm::P256);
+        let ed = r.clone().alg(Algorithm::Ed25519);
+        let public = ed
+            .typed(KeyType::User, Want::PublicKey(ed.algorithm()))
+            .unwrap();
+        assert_eq!(public.callout(), "ed25519 user");
+        assert!(matches!(
+            ed.sign_digest(&[0; 32]),
+            Err(ClientError::Invalid(
+                RequestError::DigestForMessageSigner { .. }
+            ))
+        ));
+        for bad in [&b""[..], &[1; 1025]] {
+            assert!(matches!(
+                ed.sign_message(bad),
+                Err(ClientError::Invalid(RequestError::MessageLength { .. }))
+            ));
+        }
+        let sel = Selector::parse("machine:git,epoch=2,alg=ed25519").unwrap();
+        let from_sel = KeyRequest::from_selector(&sel).unwrap();
+        assert_eq!(from_sel.algorithm(), Algorithm::Ed25519);
+        let via_lib = from_sel
+            .typed(KeyType::User, Want::PublicKey(from_sel.algorithm()))
+            .unwrap();
+        let mut via_sel = sel.public_key_request(None).unwrap();
+        via_sel.tag = via_lib.tag.clone();
+        assert_eq!(via_lib, via_sel);
     }
 
     #[test]

@@ -78,11 +78,14 @@ struct RawTpm {
     #[serde(default = "default_tcti")]
     tcti: String,
     netns: Option<PathBuf>,
+    salt_key_name: Option<String>,
     owner_auth_file: Option<PathBuf>,
     #[serde(default = "default_timeout_ms")]
     timeout_ms: u64,
     #[serde(default = "default_broker_idle_s")]
     broker_idle_s: u32,
+    #[serde(default = "default_hot_key_s")]
+    hot_key_s: u32,
 }
 
 impl Default for RawTpm {
@@ -90,13 +93,18 @@ impl Default for RawTpm {
         RawTpm {
             tcti: default_tcti(),
             netns: None,
+            salt_key_name: None,
             owner_auth_file: None,
             timeout_ms: default_timeout_ms(),
             broker_idle_s: default_broker_idle_s(),
+            hot_key_s: default_hot_key_s(),
         }
     }
 }
 
+fn default_hot_key_s() -> u32 {
+    60
+}
 fn default_broker_idle_s() -> u32 {
     30
 }
@@ -218,13 +226,23 @@ pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
     h.0
 }
 
-/// Where the executable digest for `csum` comes from.
+/// A setting that is still accepted but no longer does what its name says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CsumSource {
-    /// The handler hashes the file the process runs (via /proc/<tid>/exe).
-    File,
-    /// The kernel IMA's sha256 measurement of that file.
-    Ima,
+pub enum Deprecated {
+    /// `bindings.csum_source = "ima"`: matched IMA entries by path name.
+    CsumSourceIma,
+}
+
+impl std::fmt::Display for Deprecated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Deprecated::CsumSourceIma => f.write_str(
+                "bindings.csum_source = \"ima\" is deprecated: csum hashes the file the \
+                 requester runs, as \"file\" does (the same digest, so keys are unchanged); \
+                 set \"file\"",
+            ),
+        }
+    }
 }
 
 /// Where audit lines go.
@@ -246,16 +264,24 @@ pub struct Config {
     /// The network namespace the TCTI is reached in (the embedded software
     /// TPM listens only there), or None for the host's.
     pub tpm_netns: Option<PathBuf>,
+    /// The Name of the TPM's salt key, pinned by `dkey install`: a TPM
+    /// presenting another is refused (EIO). None: salted, not pinned.
+    pub salt_key_name: Option<Vec<u8>>,
     pub owner_auth_file: Option<PathBuf>,
     pub tpm_timeout: Duration,
     /// How long the TPM broker stays without requests before it exits.
     pub broker_idle: Duration,
+    /// How long the broker serves a key again without the TPM (its PRK in
+    /// secret memory); zero: every request asks the TPM.
+    pub hot_key: Duration,
     /// Identifies this configuration (path and content): one broker each.
     pub fingerprint: u64,
     enabled: [bool; 4],
     pub machine_uids: Vec<u32>,
     pub machine_gids: Vec<u32>,
-    pub csum_source: CsumSource,
+    /// Settings that still work but should be changed, each with why
+    /// (`dkey status` shows them).
+    pub deprecated: Vec<Deprecated>,
     /// Executables larger than this are refused for `csum` (EACCES).
     pub csum_max_bytes: u64,
     pub negative_timeout_s: u32,
@@ -300,19 +326,28 @@ impl Config {
         if !(100..=120_000).contains(&raw.tpm.timeout_ms) {
             return Err(value("tpm.timeout_ms", "must be 100 to 120000".into()));
         }
+        if raw.tpm.hot_key_s > 3600 {
+            return Err(value("tpm.hot_key_s", "must be 0 (off) to 3600".into()));
+        }
         if !(1..=3600).contains(&raw.tpm.broker_idle_s) {
             return Err(value("tpm.broker_idle_s", "must be 1 to 3600".into()));
         }
-        let csum_source = match raw.bindings.csum_source.as_str() {
-            "file" => CsumSource::File,
-            "ima" => CsumSource::Ima,
+        // `csum` always hashes the file the requester runs. "ima" once
+        // looked the digest up in IMA's measurement list by path name, which
+        // a private mount namespace or a file named `p (deleted)` spoofs; it
+        // stays accepted so that existing configurations keep working, and
+        // keeps their keys: IMA's sha256 is the file's SHA-256.
+        let mut deprecated = Vec::new();
+        match raw.bindings.csum_source.as_str() {
+            "file" => {}
+            "ima" => deprecated.push(Deprecated::CsumSourceIma),
             other => {
                 return Err(value(
                     "bindings.csum_source",
-                    format!("{other:?} is neither \"file\" nor \"ima\""),
+                    format!("{other:?} is not \"file\" (\"ima\" is a deprecated alias of it)"),
                 ))
             }
-        };
+        }
         if !(1..=3600).contains(&raw.results.negative_timeout_s) {
             return Err(value(
                 "results.negative_timeout_s",
@@ -338,6 +373,21 @@ impl Config {
                 ))
             }
         };
+        let salt_key_name = match &raw.tpm.salt_key_name {
+            None => None,
+            Some(h) => Some(
+                hex::decode(h)
+                    .ok()
+                    .filter(|n| n.len() == 34 && n[..2] == [0x00, 0x0b])
+                    .ok_or_else(|| {
+                        value(
+                            "tpm.salt_key_name",
+                            "must be the hex of a SHA-256 Name (000b followed by 64 hex digits)"
+                                .into(),
+                        )
+                    })?,
+            ),
+        };
         if raw.tpm.netns.as_deref().is_some_and(|p| !p.is_absolute()) {
             return Err(value("tpm.netns", "must be an absolute path".into()));
         }
@@ -360,9 +410,11 @@ impl Config {
             path: path.to_owned(),
             tcti,
             tpm_netns: raw.tpm.netns,
+            salt_key_name,
             owner_auth_file: raw.tpm.owner_auth_file,
             tpm_timeout: Duration::from_millis(raw.tpm.timeout_ms),
             broker_idle: Duration::from_secs(raw.tpm.broker_idle_s.into()),
+            hot_key: Duration::from_secs(raw.tpm.hot_key_s.into()),
             fingerprint: fnv1a(
                 path.as_os_str()
                     .as_encoded_bytes()
@@ -372,7 +424,7 @@ impl Config {
             enabled: [b.path, b.csum, b.user, b.machine],
             machine_uids: raw.bindings.machine_uids,
             machine_gids: raw.bindings.machine_gids,
-            csum_source,
+            deprecated,
             csum_max_bytes: raw.bindings.csum_max_mib << 20,
             negative_timeout_s: raw.results.negative_timeout_s,
             signature_timeout_s: raw.results.signature_timeout_s,
@@ -457,7 +509,7 @@ mod tests {
         assert!(Binding::ALL.iter().all(|b| c.enabled(*b)));
         assert_eq!(c.machine_uids, vec![0]);
         assert!(c.machine_gids.is_empty());
-        assert_eq!(c.csum_source, CsumSource::File);
+        assert!(c.deprecated.is_empty());
         assert_eq!((c.negative_timeout_s, c.signature_timeout_s), (1, 30));
         assert_eq!(
             c.log,
@@ -518,6 +570,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("machine_uids"), "{e}");
+    }
+
+    /// "ima" is accepted, so configurations that name it keep working and
+    /// keep their keys, but it means what "file" means and says so.
+    #[test]
+    fn csum_source_ima_is_a_deprecated_alias_of_file() {
+        let ima = parse("[bindings]\ncsum_source = \"ima\"\n").unwrap();
+        assert_eq!(ima.deprecated, vec![Deprecated::CsumSourceIma]);
+        assert!(ima.deprecated[0].to_string().contains("deprecated"));
+        let file = parse("[bindings]\ncsum_source = \"file\"\n").unwrap();
+        assert!(file.deprecated.is_empty());
+        let e = parse("[bindings]\ncsum_source = \"IMA\"\n").unwrap_err();
+        assert!(e.to_string().contains("bindings.csum_source"), "{e}");
     }
 
     #[test]

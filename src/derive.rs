@@ -8,8 +8,11 @@
 //! m   = SHA-256(E)                                        (message)
 //! PRK = TPM2_HMAC(owner-hierarchy HMAC primary, m)        (tpm module)
 //! symmetric key = HKDF-SHA256(IKM=PRK, salt=none, info=INFO_SYMMETRIC, L)
+//! logon key     = HKDF-SHA256(IKM=PRK, salt=none, info=INFO_KERNEL_SYMMETRIC, L)
 //! P-256 scalar  = hash_to_field(PRK) mod n, expand_message_xmd SHA-256, DST_P256
 //! signature     = RFC 6979 ECDSA, HMAC-SHA256, z = digest mod n   (sign_digest)
+//! Ed25519 seed  = HKDF-SHA256(IKM=PRK, salt=none, info=INFO_ED25519_SEED, 32)
+//! Ed25519 key pair and signature = RFC 8032 from that seed (ed25519-dalek)
 //! ```
 
 use hkdf::Hkdf;
@@ -33,14 +36,36 @@ pub const VERSION: u8 = 1;
 pub const DOMAIN: &[u8] = b"derived-keys";
 /// HKDF info for symmetric keys.
 pub const INFO_SYMMETRIC: &[u8] = b"derived-keys/v1/symmetric";
+/// HKDF info for kernel-only symmetric keys (key type `logon`). Their own
+/// purpose code already gives them their own PRK; their own label keeps
+/// the two apart even for a reader who looks only at the HKDF step.
+pub const INFO_KERNEL_SYMMETRIC: &[u8] = b"derived-keys/v1/kernel-symmetric";
 /// hash_to_field domain separation tag for P-256 scalars.
 pub const DST_P256: &[u8] = b"derived-keys/v1/p256-scalar";
 /// The `unique` value of the TPM primary's template (exactly 32 bytes).
 pub const PRIMARY_UNIQUE: &[u8; 32] = b"derived-keys/v1/tpm-hmac-primary";
 
-/// Purpose codes in the encoding.
+/// Purpose codes in the encoding (the registry in DERIVATION.md). A code
+/// is never reused or given another meaning: a new purpose takes the next
+/// free code and a label of its own, so no existing key changes.
 const PURPOSE_SYMMETRIC: u8 = 0x01;
 const PURPOSE_P256: u8 = 0x02;
+const PURPOSE_KERNEL_SYMMETRIC: u8 = 0x03;
+/// Ed25519 key pairs (DERIVATION.md section 7): length field 32, seed
+/// label [`INFO_ED25519_SEED`]. Its own code gives an Ed25519 key its own
+/// PRK: it is neither the P-256 key nor the symmetric key of the same
+/// name and callout.
+const PURPOSE_ED25519: u8 = 0x04;
+/// HKDF info of the Ed25519 seed, with [`PURPOSE_ED25519`]: a label of its
+/// own keeps the seed apart from symmetric keys even under one PRK.
+pub const INFO_ED25519_SEED: &[u8] = b"derived-keys/v1/ed25519-seed";
+/// The RFC 8410 SubjectPublicKeyInfo of an Ed25519 key is these 12 bytes
+/// (SEQUENCE, AlgorithmIdentifier id-Ed25519 1.3.101.112 without
+/// parameters, BIT STRING of 33 bytes with no unused bits), then the 32
+/// bytes of the public key.
+pub const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
 /// Binding codes in the encoding.
 const BIND_PATH: u8 = 0x01;
 const BIND_CSUM: u8 = 0x02;
@@ -51,9 +76,27 @@ const BIND_MACHINE: u8 = 0x04;
 /// key is not a prefix of the 32-byte key of the same request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// 1 to 1024 bytes.
+    /// 1 to 1024 bytes, returned to the requester (key type `user`).
     Symmetric(u16),
     P256,
+    /// 1 to 1024 bytes that only the kernel may use (key type `logon`).
+    /// A purpose of its own, so that these bytes are never what a `user`
+    /// request of the same name and callout returns.
+    KernelSymmetric(u16),
+    /// An Ed25519 key pair (RFC 8032), from a seed of its own label.
+    Ed25519,
+}
+
+impl Purpose {
+    /// The purpose byte of E and the length field beside it.
+    fn code_and_length(self) -> (u8, u32) {
+        match self {
+            Purpose::Symmetric(n) => (PURPOSE_SYMMETRIC, u32::from(n)),
+            Purpose::P256 => (PURPOSE_P256, 32),
+            Purpose::KernelSymmetric(n) => (PURPOSE_KERNEL_SYMMETRIC, u32::from(n)),
+            Purpose::Ed25519 => (PURPOSE_ED25519, 32),
+        }
+    }
 }
 
 /// Who the key belongs to: exactly the values each binding mixes in.
@@ -110,10 +153,7 @@ impl Input<'_> {
         let mut e = Vec::with_capacity(128);
         put_bytes(&mut e, DOMAIN);
         e.push(VERSION);
-        let (purpose, len) = match self.purpose {
-            Purpose::Symmetric(n) => (PURPOSE_SYMMETRIC, u32::from(n)),
-            Purpose::P256 => (PURPOSE_P256, 32),
-        };
+        let (purpose, len) = self.purpose.code_and_length();
         e.push(purpose);
         e.extend_from_slice(&len.to_be_bytes());
         put_bytes(&mut e, self.name.as_bytes());
@@ -165,6 +205,8 @@ pub enum DeriveError {
     Sign,
     #[error("encoding the public key failed")]
     Spki,
+    #[error("the Ed25519 seed has {len} bytes, expected 32")]
+    SeedLength { len: usize },
 }
 
 /// The 32-byte output of the TPM's HMAC: the root of every derived secret.
@@ -184,15 +226,26 @@ impl Prk {
     }
 }
 
-/// A symmetric key of `len` bytes: HKDF-SHA256 with no salt.
+/// A symmetric key of `len` bytes: HKDF-SHA256 with no salt, from the PRK
+/// of a [`Purpose::Symmetric`] input.
 pub fn symmetric_key(prk: &Prk, len: usize) -> Result<SecretBuf, DeriveError> {
+    hkdf_expand(prk, INFO_SYMMETRIC, len)
+}
+
+/// A kernel-only (`logon`) key of `len` bytes: the same HKDF with its own
+/// label, from the PRK of a [`Purpose::KernelSymmetric`] input.
+pub fn kernel_symmetric_key(prk: &Prk, len: usize) -> Result<SecretBuf, DeriveError> {
+    hkdf_expand(prk, INFO_KERNEL_SYMMETRIC, len)
+}
+
+fn hkdf_expand(prk: &Prk, info: &[u8], len: usize) -> Result<SecretBuf, DeriveError> {
     if !(1..=1024).contains(&len) {
         return Err(DeriveError::Length { len });
     }
     let mut out = SecretBuf::new(len)?;
     // HKDF-Expand can produce up to 255*32 bytes; 1024 is far below.
     Hkdf::<Sha256>::new(None, prk.as_bytes())
-        .expand(INFO_SYMMETRIC, out.as_mut())
+        .expand(info, out.as_mut())
         .map_err(|_| DeriveError::Length { len })?;
     Ok(out)
 }
@@ -287,6 +340,79 @@ impl P256Key {
     }
 }
 
+/// An Ed25519 private key: the 32-byte RFC 8032 seed, in secret memory
+/// (memfd_secret or mlock, zeroized on drop). No Debug or Display.
+///
+/// ed25519-dalek's `SigningKey` (a copy of the seed and the public key) is
+/// built from the seed only for the one operation asked, and dropped right
+/// after it; with the crate's `zeroize` feature it wipes its copy of the
+/// seed on drop, and the expanded secret key (the clamped scalar and the
+/// nonce prefix, SHA-512 of the seed) it makes for each signature wipes
+/// itself too. What is left on the stack, neither in secret memory nor
+/// wiped: bytes a move or a return copies without zeroizing (Rust moves are
+/// plain copies), and the SHA-512 state and 64-byte output inside
+/// ed25519-dalek that holds the expanded secret; sha2 does not zeroize.
+/// The broker is non-dumpable and nothing of its stack reaches a log, but
+/// these bytes live until the stack is reused, as the P-256 path's
+/// intermediate scalars do.
+pub struct Ed25519Key(SecretBuf);
+
+impl Ed25519Key {
+    /// seed = HKDF-SHA256(IKM = PRK, no salt, info = INFO_ED25519_SEED, 32),
+    /// from the PRK of a [`Purpose::Ed25519`] input (DERIVATION.md section 7).
+    pub fn from_prk(prk: &Prk) -> Result<Ed25519Key, DeriveError> {
+        Ok(Ed25519Key(hkdf_expand(prk, INFO_ED25519_SEED, 32)?))
+    }
+
+    /// Runs `f` with the signing key, which is dropped (and so wiped) as
+    /// soon as `f` returns.
+    fn with_signing_key<T>(
+        &self,
+        f: impl FnOnce(&ed25519_dalek::SigningKey) -> T,
+    ) -> Result<T, DeriveError> {
+        // A reference into the secret buffer: no copy of the seed yet.
+        let seed: &[u8; 32] = self
+            .0
+            .as_ref()
+            .try_into()
+            .map_err(|_| DeriveError::SeedLength { len: self.0.len() })?;
+        let key = ed25519_dalek::SigningKey::from_bytes(seed);
+        let out = f(&key);
+        drop(key);
+        Ok(out)
+    }
+
+    /// The 32-byte RFC 8032 public key A.
+    pub fn public_key(&self) -> Result<[u8; 32], DeriveError> {
+        self.with_signing_key(|k| k.verifying_key().to_bytes())
+    }
+
+    /// SubjectPublicKeyInfo DER of RFC 8410 (id-Ed25519): 44 bytes.
+    pub fn spki_der(&self) -> Result<Vec<u8>, DeriveError> {
+        let mut der = ED25519_SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&self.public_key()?);
+        Ok(der)
+    }
+
+    /// The 64-byte pure Ed25519 signature R || S of RFC 8032 section 5.1.6
+    /// over `message` itself (no prehash, no context). Deterministic.
+    pub fn sign(&self, message: &[u8]) -> Result<[u8; 64], DeriveError> {
+        use ed25519_dalek::Signer as _;
+        self.with_signing_key(|k| k.sign(message).to_bytes())
+    }
+
+    /// A copy of the 32-byte seed, for the known-answer tests.
+    pub fn secret_seed(&self) -> Result<SecretBuf, DeriveError> {
+        Ok(SecretBuf::copy_from(self.0.as_ref())?)
+    }
+
+    /// A key from a given seed, for the RFC 8032 test vectors.
+    #[cfg(test)]
+    fn from_seed(seed: &[u8; 32]) -> Ed25519Key {
+        Ed25519Key(SecretBuf::copy_from(seed).unwrap())
+    }
+}
+
 /// The RFC 6979 section 3.2 nonce for secret scalar `d` and the already
 /// reduced digest `z` (HMAC-SHA256, no additional data): the HMAC_DRBG is
 /// seeded with int2octets(d) || int2octets(z), and int2octets(z) is
@@ -362,25 +488,82 @@ pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], signature: &[u8]) -> bo
     }
 }
 
-/// PEM ("PUBLIC KEY") for a DER SubjectPublicKeyInfo.
+/// PEM ("PUBLIC KEY") for a DER SubjectPublicKeyInfo, P-256 or Ed25519.
 pub fn spki_to_pem(spki_der: &[u8]) -> Option<String> {
-    use p256::pkcs8::{DecodePublicKey, LineEnding};
-    p256::PublicKey::from_public_key_der(spki_der)
-        .ok()?
-        .to_public_key_pem(LineEnding::LF)
-        .ok()
+    use p256::pkcs8::der::pem::{self, LineEnding};
+    PublicKey::from_der(spki_der)?;
+    pem::encode_string("PUBLIC KEY", LineEnding::LF, spki_der).ok()
 }
 
 /// A P-256 SubjectPublicKeyInfo from PEM or DER bytes, as DER.
 pub fn spki_from_pem_or_der(bytes: &[u8]) -> Option<Vec<u8>> {
-    use p256::pkcs8::DecodePublicKey;
-    let key = match std::str::from_utf8(bytes) {
-        Ok(text) if text.contains("-----BEGIN") => {
-            p256::PublicKey::from_public_key_pem(text).ok()?
+    match PublicKey::from_pem_or_der(bytes)? {
+        PublicKey::P256(der) => Some(der),
+        PublicKey::Ed25519(_) => None,
+    }
+}
+
+/// A public key whose algorithm its SubjectPublicKeyInfo names: what
+/// `dkey verify` reads, so that a key file says how to check a signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKey {
+    /// A P-256 SubjectPublicKeyInfo, as DER.
+    P256(Vec<u8>),
+    /// The 32 bytes of an Ed25519 public key (RFC 8032 A).
+    Ed25519([u8; 32]),
+}
+
+impl PublicKey {
+    /// Parses a DER SubjectPublicKeyInfo: id-ecPublicKey with prime256v1,
+    /// or id-Ed25519 (RFC 8410: no parameters, 32 key bytes). Anything else
+    /// is None.
+    pub fn from_der(der: &[u8]) -> Option<PublicKey> {
+        use p256::pkcs8::DecodePublicKey;
+        if let Some(key) = der.strip_prefix(&ED25519_SPKI_PREFIX[..]) {
+            return Some(PublicKey::Ed25519(key.try_into().ok()?));
         }
-        _ => p256::PublicKey::from_public_key_der(bytes).ok()?,
+        let key = p256::PublicKey::from_public_key_der(der).ok()?;
+        key.to_public_key_der()
+            .ok()
+            .map(|d| PublicKey::P256(d.as_bytes().to_vec()))
+    }
+
+    /// From a PEM ("PUBLIC KEY") or DER file's bytes.
+    pub fn from_pem_or_der(bytes: &[u8]) -> Option<PublicKey> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) if text.contains("-----BEGIN") => {
+                let (label, der) =
+                    p256::pkcs8::der::pem::decode_vec(text.trim().as_bytes()).ok()?;
+                (label == "PUBLIC KEY").then_some(())?;
+                PublicKey::from_der(&der)
+            }
+            _ => PublicKey::from_der(bytes),
+        }
+    }
+
+    /// The DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> Vec<u8> {
+        match self {
+            PublicKey::P256(der) => der.clone(),
+            PublicKey::Ed25519(key) => [&ED25519_SPKI_PREFIX[..], key].concat(),
+        }
+    }
+}
+
+/// Verifies a 64-byte pure Ed25519 signature over `message` with a DER
+/// SubjectPublicKeyInfo (RFC 8410). Strict RFC 8032 verification (no small-
+/// order keys, canonical S), as ed25519-dalek's `verify_strict` does it.
+pub fn verify_ed25519(spki_der: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    let Some(PublicKey::Ed25519(key)) = PublicKey::from_der(spki_der) else {
+        return false;
     };
-    key.to_public_key_der().ok().map(|d| d.as_bytes().to_vec())
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&key) else {
+        return false;
+    };
+    let Ok(sig) = ed25519_dalek::Signature::from_slice(signature) else {
+        return false;
+    };
+    key.verify_strict(message, &sig).is_ok()
 }
 
 /// The fixed-size r||s form (64 bytes) of a DER ECDSA P-256 signature.
@@ -495,10 +678,189 @@ mod tests {
                 purpose: Purpose::P256,
                 ..base
             },
+            Input {
+                purpose: Purpose::KernelSymmetric(32),
+                ..base
+            },
             base,
         ];
         let set: std::collections::HashSet<_> = variants.iter().map(Input::encode).collect();
         assert_eq!(set.len(), variants.len());
+    }
+
+    /// A `logon` key has its own purpose byte (03) and nothing else of E
+    /// differs; the `user` key of the same request keeps purpose 01, so its
+    /// bytes are those of derivation v1 as before.
+    #[test]
+    fn kernel_only_keys_have_their_own_purpose() {
+        let user = input(Subject::User { uid: 1000 });
+        let logon = Input {
+            purpose: Purpose::KernelSymmetric(32),
+            ..user
+        };
+        let (u, l) = (user.encode(), logon.encode());
+        let purpose_at = 4 + DOMAIN.len() + 1;
+        assert_eq!((u[purpose_at], l[purpose_at]), (0x01, 0x03));
+        let differ: Vec<usize> = (0..u.len()).filter(|&i| u[i] != l[i]).collect();
+        assert_eq!(differ, vec![purpose_at], "only the purpose byte differs");
+        let user_key = symmetric_key(&soft_prk(&user.message()), 32).unwrap();
+        let logon_key = kernel_symmetric_key(&soft_prk(&logon.message()), 32).unwrap();
+        assert_ne!(user_key.as_ref(), logon_key.as_ref());
+        // Even under one PRK the labels keep the two apart.
+        let prk = soft_prk(&user.message());
+        assert_ne!(
+            symmetric_key(&prk, 32).unwrap().as_ref(),
+            kernel_symmetric_key(&prk, 32).unwrap().as_ref()
+        );
+        assert!(kernel_symmetric_key(&prk, 0).is_err());
+        assert!(kernel_symmetric_key(&prk, 1025).is_err());
+    }
+
+    /// DERIVATION.md's registry: every purpose (the reserved one included)
+    /// has its own code and its own label.
+    #[test]
+    fn purpose_codes_and_labels_are_distinct() {
+        let codes = [
+            PURPOSE_SYMMETRIC,
+            PURPOSE_P256,
+            PURPOSE_KERNEL_SYMMETRIC,
+            PURPOSE_ED25519,
+        ];
+        assert_eq!(codes, [1, 2, 3, 4]);
+        let labels = [
+            INFO_SYMMETRIC,
+            DST_P256,
+            INFO_KERNEL_SYMMETRIC,
+            INFO_ED25519_SEED,
+        ];
+        let set: std::collections::HashSet<_> = labels.iter().collect();
+        assert_eq!(set.len(), labels.len());
+        let purposes = [
+            Purpose::Symmetric(32),
+            Purpose::P256,
+            Purpose::KernelSymmetric(32),
+            Purpose::Ed25519,
+        ];
+        let got: Vec<_> = purposes.iter().map(|p| p.code_and_length()).collect();
+        assert_eq!(got, [(1, 32), (2, 32), (3, 32), (4, 32)]);
+    }
+
+    /// RFC 8032 section 7.1, TEST 1 to 3: seed, public key and signature.
+    #[test]
+    fn rfc8032_section_7_1() {
+        for (seed, public, message, sig) in [
+            (
+                "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+                "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+                "",
+                "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155\
+                 5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+            ),
+            (
+                "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+                "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+                "72",
+                "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da\
+                 085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+            ),
+            (
+                "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+                "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+                "af82",
+                "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac\
+                 18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+            ),
+        ] {
+            let key = Ed25519Key::from_seed(&bytes32(seed));
+            assert_eq!(hex::encode(key.public_key().unwrap()), public);
+            let spki = key.spki_der().unwrap();
+            assert_eq!(
+                hex::encode(&spki),
+                format!("302a300506032b6570032100{public}")
+            );
+            let message = hex::decode(message).unwrap();
+            let got = key.sign(&message).unwrap();
+            assert_eq!(hex::encode(got), sig);
+            assert!(verify_ed25519(&spki, &message, &got));
+            let mut other = message.clone();
+            other.push(0);
+            assert!(!verify_ed25519(&spki, &other, &got));
+            let mut forged = got;
+            forged[63] ^= 0x10;
+            assert!(!verify_ed25519(&spki, &message, &forged));
+        }
+    }
+
+    /// An Ed25519 key has purpose 04 in E and nothing else differs from the
+    /// P-256 key or the 32-byte symmetric key of the same request; its
+    /// seed is neither the symmetric key of that request nor the HKDF
+    /// output of another label under its own PRK.
+    #[test]
+    fn ed25519_keys_are_neither_p256_nor_symmetric_keys_of_the_request() {
+        let sym = input(Subject::User { uid: 1000 });
+        let ed = Input {
+            purpose: Purpose::Ed25519,
+            ..sym
+        };
+        let p256 = Input {
+            purpose: Purpose::P256,
+            ..sym
+        };
+        let purpose_at = 4 + DOMAIN.len() + 1;
+        for other in [sym, p256] {
+            let (a, b) = (other.encode(), ed.encode());
+            let differ: Vec<usize> = (0..a.len()).filter(|&i| a[i] != b[i]).collect();
+            assert_eq!(differ, vec![purpose_at], "{:?}", other.purpose);
+            assert_eq!(b[purpose_at], 0x04);
+        }
+        let ed_key = Ed25519Key::from_prk(&soft_prk(&ed.message())).unwrap();
+        let seed = ed_key.secret_seed().unwrap();
+        let sym_key = symmetric_key(&soft_prk(&sym.message()), 32).unwrap();
+        assert_ne!(seed.as_ref(), sym_key.as_ref());
+        // The symmetric key used as a seed is another key pair.
+        let as_seed = Ed25519Key(sym_key);
+        assert_ne!(as_seed.public_key().unwrap(), ed_key.public_key().unwrap());
+        // Under one PRK the labels still separate.
+        let prk = soft_prk(&ed.message());
+        assert_ne!(
+            Ed25519Key::from_prk(&prk)
+                .unwrap()
+                .secret_seed()
+                .unwrap()
+                .as_ref(),
+            symmetric_key(&prk, 32).unwrap().as_ref()
+        );
+        let p256_key = P256Key::from_prk(&soft_prk(&p256.message())).unwrap();
+        assert_ne!(p256_key.secret_scalar().unwrap().as_ref(), seed.as_ref());
+        // Deterministic, and the public key is the signer's.
+        let spki = ed_key.spki_der().unwrap();
+        assert_eq!(spki.len(), 44);
+        let sig = ed_key.sign(b"m").unwrap();
+        assert_eq!(sig, ed_key.sign(b"m").unwrap());
+        assert!(verify_ed25519(&spki, b"m", &sig));
+        assert!(!verify_ed25519(&p256_key.spki_der().unwrap(), b"m", &sig));
+    }
+
+    /// Key files: PEM or DER, each algorithm recognized by its SPKI.
+    #[test]
+    fn public_keys_say_their_algorithm() {
+        let ed = Ed25519Key::from_prk(&soft_prk(&[5; 32])).unwrap();
+        let p = P256Key::from_prk(&soft_prk(&[5; 32])).unwrap();
+        let (ed_der, p_der) = (ed.spki_der().unwrap(), p.spki_der().unwrap());
+        for (der, want_ed) in [(&ed_der, true), (&p_der, false)] {
+            let pem = spki_to_pem(der).unwrap();
+            assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\n"), "{pem}");
+            for bytes in [der.clone(), pem.into_bytes()] {
+                let key = PublicKey::from_pem_or_der(&bytes).unwrap();
+                assert_eq!(matches!(key, PublicKey::Ed25519(_)), want_ed);
+                assert_eq!(&key.spki_der(), der);
+            }
+        }
+        assert_eq!(spki_from_pem_or_der(&ed_der), None, "not a P-256 key");
+        assert!(PublicKey::from_der(&ed_der[..43]).is_none());
+        assert!(PublicKey::from_der(&[ed_der.clone(), vec![0]].concat()).is_none());
+        assert!(PublicKey::from_pem_or_der(b"junk").is_none());
+        assert!(spki_to_pem(b"junk").is_none());
     }
 
     #[test]

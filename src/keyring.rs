@@ -93,9 +93,16 @@ impl KeyRecord {
 }
 
 /// Leaves the request-key context a child process inherited: drops any
-/// instantiation authority and joins a fresh session keyring, so a
-/// long-lived process holds no reference to requests it did not answer.
+/// instantiation authority, joins a fresh anonymous session keyring (the
+/// handler's is the request's `_req.<serial>`, which holds its
+/// authorization key), and empties any thread or process keyring (fork and
+/// exec already drop them; the kernel offers no call to drop one, so an
+/// inherited one is cleared). The old keyrings still live on in whatever
+/// holds the old credentials, every file opened under them included: the
+/// broker reopens its standard streams and executes itself again
+/// (`broker::serve`).
 pub fn detach() -> Result<(), KeyringError> {
+    use linux_keyutils::{KeyRing, KeyRingIdentifier};
     sys::keyctl_drop_authority().map_err(|source| KeyringError::Keyctl {
         op: "assume_authority",
         key: 0,
@@ -106,6 +113,19 @@ pub fn detach() -> Result<(), KeyringError> {
         key: 0,
         source,
     })?;
+    for (id, special) in [
+        (KeyRingIdentifier::Thread, -1),
+        (KeyRingIdentifier::Process, PROCESS_KEYRING),
+    ] {
+        // ENOKEY (none) is the usual answer.
+        if let Ok(ring) = KeyRing::from_special_id(id, false) {
+            ring.clear().map_err(|source| KeyringError::Keyutils {
+                op: "clear",
+                key: special,
+                source,
+            })?;
+        }
+    }
     Ok(())
 }
 

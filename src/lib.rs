@@ -38,9 +38,12 @@ pub mod request;
 pub mod requester;
 pub mod secret;
 pub mod setup;
+pub mod signer;
+pub mod ssh;
 #[allow(unsafe_code)]
 mod sys;
 pub mod tpm;
+pub mod x509;
 
 /// The handler–broker protocol (its one home is `derived-keys-core`).
 pub use derived_keys_core::wire;

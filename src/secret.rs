@@ -16,10 +16,12 @@ use crate::sys::Region;
 static POOL: Mutex<Vec<Region>> = Mutex::new(Vec::new());
 const POOL_MAX: usize = 16;
 
-fn pool() -> std::sync::MutexGuard<'static, Vec<Region>> {
+type Pool = Mutex<Vec<Region>>;
+
+fn lock(pool: &Pool) -> std::sync::MutexGuard<'_, Vec<Region>> {
     // The pool holds only zeroized regions; a panic elsewhere cannot
     // leave it in a state worse than that.
-    POOL.lock().unwrap_or_else(|p| p.into_inner())
+    pool.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Why a secret buffer could not be made.
@@ -36,13 +38,19 @@ pub struct SecretBuf {
     /// None only while dropping.
     region: Option<Region>,
     len: usize,
+    /// Where the page goes back when dropped.
+    pool: &'static Pool,
 }
 
 impl SecretBuf {
     /// A zero-filled secret of `len` bytes.
     pub fn new(len: usize) -> Result<SecretBuf, SecretAllocError> {
+        Self::new_in(&POOL, len)
+    }
+
+    fn new_in(pool: &'static Pool, len: usize) -> Result<SecretBuf, SecretAllocError> {
         let page = crate::sys::page_len();
-        let reused = if len <= page { pool().pop() } else { None };
+        let reused = if len <= page { lock(pool).pop() } else { None };
         let region = match reused {
             Some(r) => r,
             // Rounded up to whole pages: small buffers are one page each.
@@ -51,6 +59,7 @@ impl SecretBuf {
         Ok(SecretBuf {
             region: Some(region),
             len,
+            pool,
         })
     }
 
@@ -110,7 +119,7 @@ impl Drop for SecretBuf {
         if let Some(mut region) = self.region.take() {
             region.as_mut_slice().zeroize();
             if region.map_len() == crate::sys::page_len() {
-                let mut pool = pool();
+                let mut pool = lock(self.pool);
                 if pool.len() < POOL_MAX {
                     pool.push(region);
                 }
@@ -153,19 +162,26 @@ mod tests {
 
     #[test]
     fn reused_buffers_come_back_zeroed() {
-        let mut a = SecretBuf::new(64).unwrap();
+        // A pool of this test's own: nothing else takes its page.
+        let pool: &'static Pool = Box::leak(Box::new(Mutex::new(Vec::new())));
+        let mut a = SecretBuf::new_in(pool, 64).unwrap();
         a.as_mut().fill(0xa5);
         let addr = a.addr();
         drop(a);
-        // Whichever page we get (the pool is shared with other tests), it
-        // holds zeros, and its length is ours.
-        for _ in 0..POOL_MAX + 1 {
-            let b = SecretBuf::new(16).unwrap();
-            assert_eq!(b.as_ref(), &[0u8; 16]);
-            if b.addr() == addr {
-                return;
-            }
-        }
+        assert_eq!(lock(pool).len(), 1, "the page went back to the pool");
+        let b = SecretBuf::new_in(pool, 16).unwrap();
+        assert_eq!(b.addr(), addr, "the same page was reused");
+        assert_eq!(b.len(), 16);
+        // Not only the 16 bytes asked for: the whole page was zeroized.
+        let region = b.region.as_ref().unwrap();
+        assert!(region.as_slice().iter().all(|&x| x == 0));
+        // A full pool keeps no more pages.
+        let many: Vec<SecretBuf> = (0..POOL_MAX + 2)
+            .map(|_| SecretBuf::new_in(pool, 8).unwrap())
+            .collect();
+        drop(many);
+        drop(b);
+        assert_eq!(lock(pool).len(), POOL_MAX);
     }
 
     #[test]

@@ -13,17 +13,36 @@ fn dkey(env: &KernelEnv, args: &[&str]) -> Output {
     dkey_as(env, None, args)
 }
 
+/// A copy of dkey that every uid can run, in the environment's scratch
+/// directory (which others may enter): the build tree may sit under a
+/// 0700 directory (a clone under /root, or made by mktemp -d) that other
+/// uids cannot enter.
+fn dkey_for_all(env: &KernelEnv) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = env.dir.path().join("dkey");
+    if !copy.exists() {
+        common::copy_executable(DKEY, &copy, "");
+    }
+    let mode = std::fs::metadata(env.dir.path()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o001, 0o001, "others can enter {:?}", env.dir.path());
+    copy.to_str().unwrap().to_owned()
+}
+
 fn dkey_as(env: &KernelEnv, uid: Option<u32>, args: &[&str]) -> Output {
     let mut cmd = Vec::<String>::new();
-    if let Some(u) = uid {
-        cmd.extend([
-            "setpriv".into(),
-            format!("--reuid={u}"),
-            format!("--regid={u}"),
-            "--clear-groups".into(),
-        ]);
-    }
-    cmd.extend(["keyctl".into(), "session".into(), "-".into(), DKEY.into()]);
+    let exe = match uid {
+        None => DKEY.to_owned(),
+        Some(u) => {
+            cmd.extend([
+                "setpriv".into(),
+                format!("--reuid={u}"),
+                format!("--regid={u}"),
+                "--clear-groups".into(),
+            ]);
+            dkey_for_all(env)
+        }
+    };
+    cmd.extend(["keyctl".into(), "session".into(), "-".into(), exe.into()]);
     cmd.extend(args.iter().map(|s| s.to_string()));
     // Key commands take the test prefix; others do not know it.
     if matches!(args[0], "derive" | "pub" | "sign") {

@@ -57,12 +57,34 @@ fn symmetric_public_and_signature_through_the_kernel() {
 
 #[test]
 fn path_binding_is_this_test_program() {
-    let env = KernelEnv::new("");
+    let dir = common::scratch_dir();
+    let sock = dir.path().join("log");
+    let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let env = KernelEnv::new(&format!(
+        "[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
+        sock.display()
+    ));
+    // The library's default binding.
     let mine = KeyRequest::new("app")
         .unwrap()
         .prefix(&env.prefix)
         .symmetric(16)
         .unwrap();
+    // The handler bound it to this very program, by path.
+    let mut buf = [0u8; 2048];
+    let n = rx.recv(&mut buf).unwrap();
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let me = std::env::current_exe().unwrap();
+    assert!(line.contains("derived-keys: granted uid=0 "), "{line}");
+    assert!(
+        line.contains(&format!(
+            " exe={} name=app op=symmetric:16 binding=path ",
+            me.display()
+        )),
+        "{line}"
+    );
     let keyctls = env.request("user", "app", "16 path").payload();
     assert_ne!(
         mine.as_ref(),
@@ -100,6 +122,24 @@ fn logon_keys_are_kept_for_the_kernel() {
         .logon(64, -2)
         .unwrap();
     assert!(k.description.starts_with(&format!("{}:disk#", env.prefix)));
-    let desc = common::proc_keys();
-    assert!(desc.contains(&k.description[..k.description.len().min(20)]));
+    // Kept: the very key, live (not invalidated) in the process keyring,
+    // a logon key...
+    let id = format!("{:08x}", k.serial as u32);
+    let keys = common::proc_keys();
+    let line = keys
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("key {id} not in /proc/keys"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields[1].starts_with('I') && !fields[1].contains('i'), "{line}");
+    assert_eq!(fields[7], "logon", "{line}");
+    assert!(line.contains(&format!(" {}: 64", k.description)), "{line}");
+    // ...whose bytes stay in the kernel, even for this process, which
+    // possesses it.
+    let key = linux_keyutils::Key::from_id(linux_keyutils::KeySerialId::new(k.serial));
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        key.read(&mut buf),
+        Err(linux_keyutils::KeyError::OperationNotSupported)
+    );
 }

@@ -71,6 +71,31 @@ fn a_selector_names_the_key_of_its_description_and_callout() {
     );
 }
 
+/// `alg=ed25519` names the Ed25519 key of the same description and
+/// callout (spec `ed25519`), another key than the P-256 one.
+#[test]
+fn an_ed25519_selector_names_the_ed25519_key() {
+    let env = KernelEnv::new("");
+    let by_selector = ok(&dkey(&env, &["pub", "host,alg=ed25519", "--format", "der"]));
+    let by_kernel = env.request("user", "host:pub", "ed25519 user").payload();
+    assert_eq!(by_selector, by_kernel);
+    assert_eq!(by_selector.len(), 44, "RFC 8410 SubjectPublicKeyInfo");
+    let p256 = ok(&dkey(&env, &["pub", "host,alg=p256", "--format", "der"]));
+    assert_eq!(p256, env.request("user", "host:pub", "p256 user").payload());
+    assert_ne!(p256, by_selector);
+    // The options are read for Ed25519 too.
+    let machine = ok(&dkey(
+        &env,
+        &["pub", "machine:host,epoch=2,alg=ed25519", "--format", "der"],
+    ));
+    assert_eq!(
+        machine,
+        env.request("user", "host:pub", "ed25519 machine epoch=2")
+            .payload()
+    );
+    assert_ne!(machine, by_selector);
+}
+
 #[test]
 fn a_malformed_selector_is_exit_3_with_nothing_on_stdout() {
     let env = KernelEnv::new("");
@@ -81,8 +106,8 @@ fn a_malformed_selector_is_exit_3_with_nothing_on_stdout() {
         "host,account=a,account=b",
         "machine:",
         "host,alg=rsa",
-        // Named by the contract but not served by this release.
-        "host,alg=ed25519",
+        "host,alg=ed25519,alg=ed25519",
+        "host,alg=Ed25519",
     ] {
         let out = dkey(&env, &["pub", bad]);
         assert_eq!(out.status.code(), Some(3), "{bad}: {:?}", out);

@@ -38,7 +38,13 @@ fn symmetric_keys_per_binding_and_option() {
         ("db", "32 path account=alice client=web epoch=4294967295"),
     ] {
         let key = env.request("user", rest, callout).payload();
-        assert!(!seen.contains(&key), "{rest} {callout} repeats a key");
+        // Like with like: over the length both have (a 31-byte key that
+        // is the first 31 bytes of a 32-byte one would be no new key).
+        let repeats = |k: &Vec<u8>| {
+            let n = k.len().min(key.len());
+            k[..n] == key[..n]
+        };
+        assert!(!seen.iter().any(repeats), "{rest} {callout} repeats a key");
         seen.push(key);
     }
     assert_eq!(
@@ -144,18 +150,22 @@ fn expiry(serial: i32) -> String {
 
 #[test]
 fn signatures_expire_and_results_belong_to_the_requester() {
-    let env = KernelEnv::new("[results]\nsignature_timeout_s = 30\n");
+    // Not the default (30 s): the configured time is the one used.
+    let env = KernelEnv::new("[results]\nsignature_timeout_s = 20\n");
     let digest = "cd".repeat(32);
-    // Keep the session alive while we look at the keys from outside.
+    // Keep the session alive, until told, while we look at the keys from
+    // outside. The signature comes last, so that little of its time has
+    // gone when we look.
     let script = format!(
-        "s=$(keyctl request2 user {0} 'p256 user' @s); p=$(keyctl request2 user {1} 'p256 user' @s); \
-         k=$(keyctl request2 user {2} '32 user' @s); echo $s $p $k; sleep 2",
+        "p=$(keyctl request2 user {1} 'p256 user' @s) && k=$(keyctl request2 user {2} '32 user' @s) && \
+         s=$(keyctl request2 user {0} 'p256 user' @s) && echo $s $p $k && {{ read -r _ || :; }}",
         env.desc(&format!("n:sign:{digest}")),
         env.desc("n:pub"),
         env.desc("n")
     );
     let mut child = Command::new("keyctl")
         .args(["session", "-", "sh", "-c", &script])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -176,8 +186,9 @@ fn signatures_expire_and_results_belong_to_the_requester() {
         "{sig_expiry}"
     );
     let secs: u32 = sig_expiry.trim_end_matches('s').parse().unwrap();
-    // Configured 30 s; the kernel is given 31 (whole seconds, at least 30).
-    assert!((28..=31).contains(&secs), "{sig_expiry}");
+    // Configured 20 s; the kernel is given 21 (whole seconds, at least 20).
+    // The lower end leaves a loaded machine seconds to get here.
+    assert!((15..=21).contains(&secs), "{sig_expiry}");
     assert_eq!(expiry(ids[1]), "perm");
     assert_eq!(expiry(ids[2]), "perm");
     // Owned by the requester (root here); readable only by possessors:
@@ -193,7 +204,12 @@ fn signatures_expire_and_results_belong_to_the_requester() {
         .output()
         .unwrap();
     assert!(!read.status.success(), "a non-possessor read the key");
-    child.wait().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the session ended before the checks"
+    );
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
@@ -300,14 +316,24 @@ fn foreign_mount_namespace_is_refused_for_path_only() {
     );
 }
 
+/// Longer than any request takes, and far shorter than a hang: a request
+/// that took this long did not merely run slowly on a loaded machine.
+const HANG: Duration = Duration::from_secs(10);
+
 #[test]
 fn stopped_tpm_is_enodev_quickly_and_keys_return_after_restart() {
     let mut env = KernelEnv::new("");
+    // A TPM bound well above HANG: a request that waited it out, rather
+    // than failing at once on the refused connection, would take longer.
+    env.write_conf(&format!(
+        "[tpm]\ntcti = \"{}\"\ntimeout_ms = 30000\nhot_key_s = 0\n",
+        env.swtpm.tcti()
+    ));
     let before = env.request("user", "db", "32 user").payload();
     env.swtpm.stop();
     let t = Instant::now();
     assert_eq!(env.request("user", "db#a", "32 user"), Got::Err(ENODEV));
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(t.elapsed() < HANG, "{:?}", t.elapsed());
     env.swtpm.restart();
     assert_eq!(env.request("user", "db#b", "32 user").payload(), before);
 }
@@ -319,12 +345,10 @@ fn hung_tpm_is_etimedout_within_the_bound() {
     let env = KernelEnv::with_tcti(swtpm, &tcti, "");
     env.write_conf(&format!("[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 1000\n"));
     let t = Instant::now();
+    // ETIMEDOUT: the bound fired; well under HANG (ten times the bound):
+    // it is the configured bound that fired, not some other one.
     assert_eq!(env.request("user", "db", "32 user"), Got::Err(ETIMEDOUT));
-    let took = t.elapsed();
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
+    assert!(t.elapsed() < HANG, "{:?}", t.elapsed());
 }
 
 #[test]
@@ -350,21 +374,89 @@ fn missing_configuration_is_enodev_and_wrong_owner_password_is_eio() {
     ));
 }
 
+/// Audit lines sent to a private syslog socket, read as they arrive.
+struct Syslog {
+    rx: std::os::unix::net::UnixDatagram,
+    _dir: tempfile::TempDir,
+    conf: String,
+}
+
+impl Syslog {
+    fn start() -> Syslog {
+        let dir = common::scratch_dir();
+        let sock = dir.path().join("log");
+        let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+        let conf = format!(
+            "[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
+            sock.display()
+        );
+        Syslog { rx, _dir: dir, conf }
+    }
+
+    /// Every line that arrives until none has for `quiet`.
+    fn drain(&self, quiet: Duration) -> Vec<String> {
+        self.rx.set_read_timeout(Some(quiet)).unwrap();
+        let mut lines = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = self.rx.recv(&mut buf) {
+            lines.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        lines
+    }
+}
+
 #[test]
 fn refusal_is_cached_only_briefly() {
-    // Configured 1 s: the kernel keeps the refusal 1 to 2 s (see kernel_timeout).
-    let env = KernelEnv::new("");
-    // Same session for both requests, so the negative key would be found.
+    // Configured 1 s (the default): the kernel keeps the refusal 1 to 2 s
+    // (see kernel_timeout).
+    let log = Syslog::start();
+    let env = KernelEnv::new(&log.conf);
+    // Same session for all three requests, so the negative key is found.
+    // The second, at once and now well-formed, must get the cached
+    // refusal without the handler running; the third, once the refusal
+    // has expired, must reach the handler and be granted.
     let script = format!(
-        "keyctl request2 user {0} '32 nobinding' @s; sleep 2.2; keyctl request2 user {0} '32 user' @s >/dev/null && echo second-ok",
+        "e=$(keyctl request2 user {0} '32 nobinding' @s 2>&1); echo \"first=$? $e\"
+         e=$(keyctl request2 user {0} '32 user' @s 2>&1); echo \"second=$? $e\"
+         sleep 2.2
+         e=$(keyctl request2 user {0} '32 user' @s 2>&1); echo \"third=$? $e\"",
         env.desc("neg")
     );
     let out = Command::new("keyctl")
         .args(["session", "-", "sh", "-c", &script])
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Invalid argument"));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("second-ok"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let step = |k: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}: {stdout}"))
+            .to_owned()
+    };
+    let (first, second, third) = (step("first"), step("second"), step("third"));
+    assert!(
+        first.starts_with("1 ") && first.contains("Invalid argument"),
+        "{first}"
+    );
+    assert!(
+        second.starts_with("1 ") && second.contains("Invalid argument"),
+        "the well-formed retry got the cached refusal: {second}"
+    );
+    let serial = third.strip_prefix("0 ").unwrap_or_else(|| panic!("{third}"));
+    assert!(serial.trim().parse::<i32>().unwrap() > 0, "{third}");
+    // The handler ran twice: the refusal, and the request after it expired
+    // (this socket hears this test's requests alone).
+    let ours = log.drain(Duration::from_secs(1));
+    assert_eq!(ours.len(), 2, "{ours:#?}");
+    assert!(ours[0].contains("derived-keys: EINVAL uid=0 "), "{}", ours[0]);
+    assert!(
+        ours[1].contains("derived-keys: granted uid=0 ")
+            && ours[1].contains(" name=neg ")
+            && ours[1].contains(" binding=user "),
+        "{}",
+        ours[1]
+    );
 }
 
 #[test]
@@ -470,4 +562,171 @@ fn handler_binary_is_small_static_and_without_the_tpm_stack() {
     let v = run(&["--version"]);
     assert_eq!(v.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&v.stderr).starts_with("derived-key-helper "));
+}
+
+/// `csum` is bound to the file the process runs, not to a path name: the
+/// two spoofs of an IMA list matched by path (issue 19). The running file
+/// is a copy of keyctl with one byte appended; under both spoofs its path
+/// name says the original, and the key must be the copy's. Run with the
+/// deprecated `csum_source = "ima"`, which now hashes the running file.
+/// Before, that setting looked the path name up in IMA's measurement list:
+/// the original's digest where IMA runs, EACCES on this kernel (no IMA).
+#[test]
+fn csum_binds_the_running_file_not_its_path_name() {
+    let env = KernelEnv::new("[bindings]\ncsum_source = \"ima\"\n");
+    let dir = env.dir.path();
+    let copy = dir.join("keyctl-plus-one");
+    common::copy_executable("/usr/bin/keyctl", &copy, "x");
+    let copy_str = copy.to_str().unwrap();
+    let original = env.request("user", "app", "32 csum").payload();
+    let own = env
+        .request_with(&[], copy_str, "user", "app", "32 csum")
+        .payload();
+    assert_ne!(own, original, "one byte more is another program");
+
+    // 1. A private mount namespace: the copy mounted over /usr/bin/keyctl,
+    //    so the requester's exe path is the host's path of the original.
+    let bind = format!("mount --bind {copy_str} /usr/bin/keyctl && exec \"$@\"");
+    let wrapper = [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &bind,
+        "sh",
+    ];
+    let in_ns = env.request_with(&wrapper, "/usr/bin/keyctl", "user", "app", "32 csum");
+    assert_eq!(in_ns.payload(), own, "mount namespace: the copy's key");
+
+    // 2. A file literally named `p (deleted)` holding the original, and
+    //    the copy run as `p` after `p` is unlinked: the requester's exe
+    //    link reads `<dir>/p (deleted)`, the other file's name.
+    let p = dir.join("p");
+    common::copy_executable(copy_str, &p, "");
+    common::copy_executable("/usr/bin/keyctl", &dir.join("p (deleted)"), "");
+    let exec_unlinked = "exec 3<\"$0\" && rm -f \"$0\" && exec \"$@\"";
+    let p_str = p.to_str().unwrap();
+    let wrapper = ["bash", "-c", exec_unlinked, p_str];
+    let deleted = env.request_with(&wrapper, "/proc/self/fd/3", "user", "app", "32 csum");
+    assert!(!p.exists());
+    assert_eq!(deleted.payload(), own, "unlinked binary: the copy's key");
+    // The file named like the unlinked one still has the original's key.
+    let named = dir.join("p (deleted)");
+    let by_name = env
+        .request_with(&[], named.to_str().unwrap(), "user", "app", "32 csum")
+        .payload();
+    assert_eq!(by_name, original);
+}
+
+/// Through the kernel, a `user` key is exactly derivation v1's purpose 01
+/// for its request (HKDF over the TPM's PRK), and the `logon` key of the
+/// same name and callout is served and stays unreadable. Comparing the two
+/// payloads needs a consumer of `logon` keys that shows them, which keyctl
+/// and encrypted keys are not: the pipeline's unit test
+/// (`a_logon_key_is_not_the_user_key_of_the_same_request`) compares them.
+#[test]
+fn user_keys_stay_v1_and_logon_keys_stay_in_the_kernel() {
+    use derived_keys::derive::{self, Input, Purpose, Subject};
+    let env = KernelEnv::new("");
+    let user = env.request("user", "disk", "64 user").payload();
+    match env.request("logon", "disk", "64 user") {
+        Got::Unreadable { read_errno, .. } => assert_eq!(read_errno, libc::EOPNOTSUPP),
+        other => panic!("{other:?}"),
+    }
+    env.stop_broker(); // swtpm serves one client at a time
+    let input = Input {
+        purpose: Purpose::Symmetric(64),
+        name: "disk",
+        subject: Subject::User { uid: 0 },
+        account: None,
+        client: None,
+        epoch: 0,
+    };
+    let tcti = derived_keys::tpm::Tcti::parse(&env.swtpm.tcti()).unwrap();
+    let prk = derived_keys::tpm::Tpm::open(&tcti)
+        .unwrap()
+        .prk(None, &input.message())
+        .unwrap();
+    assert_eq!(user, derive::symmetric_key(&prk, 64).unwrap().as_ref());
+}
+
+/// A second rule file with its own prefix and a looser configuration
+/// against the same TPM hands out the very keys of the first (neither the
+/// prefix nor the configuration is a derivation input), so `dkey status`
+/// lists both rules and warns.
+#[test]
+fn a_second_rule_against_the_same_tpm_shares_its_keys_and_status_warns() {
+    let env = KernelEnv::new("");
+    let status = |conf: &std::path::Path| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_dkey"))
+            .args(["status", "--json", "--config"])
+            .arg(conf)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let s = status(&env.conf);
+    assert_eq!(s["key_space_shared"], false, "{s}");
+    assert_eq!(s["key_space_rules"].as_array().unwrap().len(), 2, "{s}");
+
+    let loose = env.dir.path().join("loose.conf");
+    std::fs::write(
+        &loose,
+        format!(
+            "[tpm]\ntcti = \"{}\"\n[bindings]\nmachine_uids = [0, 4242]\n",
+            env.swtpm.tcti()
+        ),
+    )
+    .unwrap();
+    let prefix = format!("{}b", env.prefix);
+    let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
+    let helper = env!("CARGO_BIN_EXE_derived-key-helper");
+    std::fs::write(
+        &rule,
+        format!(
+            "create user {prefix}:* * {helper} --config {} --prefix {prefix} %k %u %g\n",
+            loose.display()
+        ),
+    )
+    .unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _rule = Remove(rule.clone());
+
+    let ours = env.request("user", "db", "32 user").payload();
+    let script = format!("keyctl request2 user {prefix}:db '32 user' @s | xargs keyctl pipe | od -An -v -tx1 | tr -d ' \\n'");
+    let out = Command::new("keyctl")
+        .args(["session", "-", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        hex::encode(&ours),
+        "another prefix, the same key"
+    );
+
+    let s = status(&env.conf);
+    assert_eq!(s["key_space_shared"], true, "{s}");
+    let files: Vec<&str> = s["key_space_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["file"].as_str().unwrap())
+        .collect();
+    assert!(files.contains(&rule.to_str().unwrap()), "{files:?}");
+    assert_eq!(files.len(), 3, "{files:?}");
+    let human = Command::new(env!("CARGO_BIN_EXE_dkey"))
+        .args(["status", "--config"])
+        .arg(&env.conf)
+        .output()
+        .unwrap();
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("key space:      WARNING"), "{human}");
+    assert!(human.contains(&format!("user {prefix}:*")), "{human}");
 }

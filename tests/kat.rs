@@ -3,7 +3,7 @@
 //! the vectors need no TPM. If any derived byte changes, these tests fail:
 //! that is the point. v1 never changes.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-use derived_keys::derive::{self, Input, P256Key, Prk, Purpose, Subject};
+use derived_keys::derive::{self, Ed25519Key, Input, P256Key, Prk, Purpose, Subject};
 use derived_keys::secret::SecretBuf;
 use hmac::{Mac, SimpleHmac};
 use serde_json::{json, Value};
@@ -19,7 +19,11 @@ fn soft_prk(msg: &[u8; 32]) -> Prk {
 }
 
 /// The inputs the vectors cover: every binding, purpose and option, the
-/// length bounds, non-UTF-8 paths and the largest values.
+/// length bounds, non-UTF-8 paths and the largest values. New cases go at
+/// the end; the `logon` (kernel-symmetric) ones repeat inputs of earlier
+/// symmetric cases, so the two purposes are seen side by side, and the
+/// first three Ed25519 ones repeat the inputs of a P-256 or a 32-byte
+/// symmetric case.
 fn cases() -> Vec<(String, Vec<u8>, Value)> {
     // (case name, path or digest bytes, input as JSON)
     let digest = Sha256::digest(b"#!/bin/true\n").to_vec();
@@ -111,7 +115,73 @@ fn cases() -> Vec<(String, Vec<u8>, Value)> {
             vec![],
             json!({"purpose":"p256","name":"host-id","binding":"machine"}),
         ),
+        (
+            "logon user".into(),
+            vec![],
+            json!({"purpose":"kernel-symmetric","length":32,"name":"db","binding":"user","uid":1000}),
+        ),
+        (
+            "logon machine".into(),
+            vec![],
+            json!({"purpose":"kernel-symmetric","length":64,"name":"disk.root","binding":"machine"}),
+        ),
+        (
+            "logon path 1024 bytes".into(),
+            b"/usr/bin/keyctl".to_vec(),
+            json!({"purpose":"kernel-symmetric","length":1024,"name":"db","binding":"path","uid":0}),
+        ),
+        (
+            "logon csum 1 byte, all options".into(),
+            Sha256::digest(b"#!/bin/true\n").to_vec(),
+            json!({"purpose":"kernel-symmetric","length":1,"name":"db","binding":"csum","uid":1000,
+                "account":"a","client":"b","epoch":7}),
+        ),
+        (
+            "ed25519 machine".into(),
+            vec![],
+            json!({"purpose":"ed25519","name":"host-id","binding":"machine"}),
+        ),
+        (
+            "ed25519 user".into(),
+            vec![],
+            json!({"purpose":"ed25519","name":"db","binding":"user","uid":1000}),
+        ),
+        (
+            "ed25519 path, epoch 3".into(),
+            b"/usr/bin/ssh-agent".to_vec(),
+            json!({"purpose":"ed25519","name":"ssh","binding":"path","uid":1000,"epoch":3}),
+        ),
+        (
+            "ed25519 csum, all options".into(),
+            Sha256::digest(b"#!/bin/true\n").to_vec(),
+            json!({"purpose":"ed25519","name":"enroll","binding":"csum","uid":0,
+                "account":"alice@example.com","client":"ca","epoch":4294967295u32}),
+        ),
+        (
+            ED25519_ONE_BYTE.into(),
+            vec![],
+            json!({"purpose":"ed25519","name":"db","binding":"user","uid":0,"epoch":1}),
+        ),
+        (
+            ED25519_MAX_MESSAGE.into(),
+            vec![],
+            json!({"purpose":"ed25519","name":"git","binding":"user","uid":1000,"client":"web+1"}),
+        ),
     ]
+}
+
+/// The Ed25519 cases that sign the shortest and the longest message.
+const ED25519_ONE_BYTE: &str = "ed25519 user epoch 1, 1-byte message";
+const ED25519_MAX_MESSAGE: &str = "ed25519 user client, 1024-byte message";
+
+/// The message an Ed25519 case signs: its case name, or the byte 00, or
+/// bytes 0 to 255 four times (1024 bytes, the most a callout carries).
+fn signed_message(case: &str) -> Vec<u8> {
+    match case {
+        ED25519_ONE_BYTE => vec![0],
+        ED25519_MAX_MESSAGE => (0..1024).map(|i| i as u8).collect(),
+        _ => case.as_bytes().to_vec(),
+    }
 }
 
 /// The case whose signed digest is 2^256 - 1, above the group order n:
@@ -146,7 +216,10 @@ fn as_input<'a>(v: &'a Value, data: &'a [u8]) -> Input<'a> {
     Input {
         purpose: match v["purpose"].as_str().unwrap() {
             "symmetric" => Purpose::Symmetric(v["length"].as_u64().unwrap() as u16),
-            _ => Purpose::P256,
+            "kernel-symmetric" => Purpose::KernelSymmetric(v["length"].as_u64().unwrap() as u16),
+            "p256" => Purpose::P256,
+            "ed25519" => Purpose::Ed25519,
+            p => panic!("purpose {p}"),
         },
         name: v["name"].as_str().unwrap(),
         subject,
@@ -175,6 +248,13 @@ fn compute(case: &str, data: &[u8], input: &Value) -> Value {
                 derive::symmetric_key(&prk, n.into()).unwrap().as_ref()
             ));
         }
+        Purpose::KernelSymmetric(n) => {
+            out["key"] = json!(hex::encode(
+                derive::kernel_symmetric_key(&prk, n.into())
+                    .unwrap()
+                    .as_ref()
+            ));
+        }
         Purpose::P256 => {
             let k = P256Key::from_prk(&prk).unwrap();
             let digest = signed_digest(case);
@@ -182,6 +262,14 @@ fn compute(case: &str, data: &[u8], input: &Value) -> Value {
             out["spki"] = json!(hex::encode(k.spki_der().unwrap()));
             out["sign_digest"] = json!(hex::encode(digest));
             out["signature"] = json!(hex::encode(k.sign_digest(&digest).unwrap()));
+        }
+        Purpose::Ed25519 => {
+            let k = Ed25519Key::from_prk(&prk).unwrap();
+            let message = signed_message(case);
+            out["seed"] = json!(hex::encode(k.secret_seed().unwrap().as_ref()));
+            out["spki"] = json!(hex::encode(k.spki_der().unwrap()));
+            out["sign_message"] = json!(hex::encode(&message));
+            out["signature"] = json!(hex::encode(k.sign(&message).unwrap()));
         }
     }
     out
@@ -203,8 +291,10 @@ fn vectors_are_reproduced_byte_for_byte() {
             "prk",
             "key",
             "scalar",
+            "seed",
             "spki",
             "sign_digest",
+            "sign_message",
             "signature",
         ] {
             assert_eq!(
@@ -215,19 +305,159 @@ fn vectors_are_reproduced_byte_for_byte() {
     }
 }
 
+/// Each `logon` vector repeats the inputs of a symmetric (`user`) vector:
+/// E differs in the purpose byte alone (01 and 03), and the keys are
+/// unrelated: a `logon` key is never a `user` key's bytes, nor a prefix.
+#[test]
+fn logon_vectors_differ_from_user_vectors_only_in_the_purpose() {
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    let vectors = file["vectors"].as_array().unwrap();
+    let by_case = |c: &str| {
+        vectors
+            .iter()
+            .find(|v| v["case"] == c)
+            .unwrap_or_else(|| panic!("no vector {c}"))
+    };
+    let purpose_at = 2 * (4 + 12 + 1);
+    let mut pairs = 0;
+    for (logon, user) in [
+        ("logon user", "user"),
+        ("logon machine", "machine"),
+        ("logon path 1024 bytes", "symmetric path 1024 bytes"),
+    ] {
+        let (l, u) = (by_case(logon), by_case(user));
+        let (le, ue) = (
+            l["encoding"].as_str().unwrap(),
+            u["encoding"].as_str().unwrap(),
+        );
+        assert_eq!(&ue[purpose_at..purpose_at + 2], "01", "{user}");
+        assert_eq!(&le[purpose_at..purpose_at + 2], "03", "{logon}");
+        assert_eq!(le[..purpose_at], ue[..purpose_at]);
+        assert_eq!(le[purpose_at + 2..], ue[purpose_at + 2..]);
+        let (lk, uk) = (l["key"].as_str().unwrap(), u["key"].as_str().unwrap());
+        assert_eq!(lk.len(), uk.len());
+        assert_ne!(lk[..16], uk[..16], "{logon}");
+        pairs += 1;
+    }
+    let logon_cases = vectors
+        .iter()
+        .filter(|v| v["input"]["purpose"] == "kernel-symmetric")
+        .count();
+    assert_eq!((pairs, logon_cases), (3, 4));
+}
+
+/// The first three Ed25519 vectors repeat the inputs of a P-256 vector or
+/// of a 32-byte symmetric (`user`) one: E differs in the purpose byte alone
+/// (04), and the seed is neither that symmetric key nor the P-256 scalar;
+/// the public keys differ.
+#[test]
+fn ed25519_vectors_differ_from_p256_and_symmetric_vectors_only_in_the_purpose() {
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    let vectors = file["vectors"].as_array().unwrap();
+    let by_case = |c: &str| {
+        vectors
+            .iter()
+            .find(|v| v["case"] == c)
+            .unwrap_or_else(|| panic!("no vector {c}"))
+    };
+    let purpose_at = 2 * (4 + 12 + 1);
+    for (ed, other, code, secret) in [
+        ("ed25519 machine", "p256 machine", "02", "scalar"),
+        ("ed25519 user", "user", "01", "key"),
+        ("ed25519 path, epoch 3", "p256 path", "02", "scalar"),
+    ] {
+        let (e, o) = (by_case(ed), by_case(other));
+        let (ee, oe) = (
+            e["encoding"].as_str().unwrap(),
+            o["encoding"].as_str().unwrap(),
+        );
+        assert_eq!(&oe[purpose_at..purpose_at + 2], code, "{other}");
+        assert_eq!(&ee[purpose_at..purpose_at + 2], "04", "{ed}");
+        assert_eq!(ee[..purpose_at], oe[..purpose_at]);
+        assert_eq!(ee[purpose_at + 2..], oe[purpose_at + 2..], "{ed}");
+        assert_ne!(e["prk"], o["prk"]);
+        assert_ne!(e["seed"], o[secret], "{ed}");
+        assert_eq!(e["seed"].as_str().unwrap().len(), 64);
+        assert_ne!(e["spki"], o["spki"]);
+    }
+    // The 32-byte symmetric key of "user", used as an RFC 8032 seed, is
+    // another key pair than "ed25519 user".
+    let user_key: [u8; 32] = hex::decode(by_case("user")["key"].as_str().unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let as_seed = ed25519_dalek::SigningKey::from_bytes(&user_key);
+    let spki = by_case("ed25519 user")["spki"].as_str().unwrap();
+    assert!(!spki.ends_with(&hex::encode(as_seed.verifying_key().to_bytes())));
+    let ed = vectors
+        .iter()
+        .filter(|v| v["input"]["purpose"] == "ed25519")
+        .count();
+    assert_eq!(ed, 6);
+}
+
+/// Every Ed25519 vector's public key and signature are what ed25519-dalek
+/// gives for the vector's seed (RFC 8032 from the seed on), and each
+/// signature verifies over its own message only.
+#[test]
+fn ed25519_vectors_are_rfc8032_of_their_seed() {
+    use ed25519_dalek::Signer;
+    let file: Value = serde_json::from_str(VECTORS).unwrap();
+    let mut n = 0;
+    for v in file["vectors"].as_array().unwrap() {
+        let Some(seed) = v["seed"].as_str() else {
+            continue;
+        };
+        let seed: [u8; 32] = hex::decode(seed).unwrap().try_into().unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let spki = hex::decode(v["spki"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            hex::encode(&spki),
+            format!(
+                "302a300506032b6570032100{}",
+                hex::encode(key.verifying_key().to_bytes())
+            )
+        );
+        let mut message = hex::decode(v["sign_message"].as_str().unwrap()).unwrap();
+        let sig = hex::decode(v["signature"].as_str().unwrap()).unwrap();
+        assert_eq!(key.sign(&message).to_bytes().to_vec(), sig, "{}", v["case"]);
+        assert!(derive::verify_ed25519(&spki, &message, &sig));
+        assert!(derived_keys::client::verify_message(&spki, &message, &sig));
+        message[0] ^= 1;
+        assert!(!derive::verify_ed25519(&spki, &message, &sig));
+        n += 1;
+    }
+    assert_eq!(n, 6);
+}
+
 #[test]
 fn signatures_in_vectors_verify() {
     let file: Value = serde_json::from_str(VECTORS).unwrap();
+    let mut checked = 0;
     for v in file["vectors"].as_array().unwrap() {
+        if v["input"]["purpose"] == "ed25519" {
+            continue; // ed25519_vectors_are_rfc8032_of_their_seed
+        }
         if let Some(sig) = v["signature"].as_str() {
             let spki = hex::decode(v["spki"].as_str().unwrap()).unwrap();
-            let d: [u8; 32] = hex::decode(v["sign_digest"].as_str().unwrap())
+            let mut d: [u8; 32] = hex::decode(v["sign_digest"].as_str().unwrap())
                 .unwrap()
                 .try_into()
                 .unwrap();
-            assert!(derive::verify_digest(&spki, &d, &hex::decode(sig).unwrap()));
+            let sig = hex::decode(sig).unwrap();
+            assert!(derive::verify_digest(&spki, &d, &sig), "{}", v["case"]);
+            // And only over its own digest.
+            d[31] ^= 1;
+            assert!(!derive::verify_digest(&spki, &d, &sig), "{}", v["case"]);
+            checked += 1;
         }
     }
+    let p256 = cases()
+        .iter()
+        .filter(|(_, _, i)| i["purpose"] == "p256")
+        .count();
+    assert!(p256 > 0);
+    assert_eq!(checked, p256, "every P-256 vector has a signature");
 }
 
 /// Every vector's signature is the one RustCrypto's `ecdsa` (which the
@@ -242,7 +472,7 @@ fn signatures_match_rustcrypto_ecdsa() {
     let file: Value = serde_json::from_str(VECTORS).unwrap();
     let mut above_n = 0;
     for v in file["vectors"].as_array().unwrap() {
-        let Some(sig) = v["signature"].as_str() else {
+        let (Some(sig), Some(_)) = (v["signature"].as_str(), v["scalar"].as_str()) else {
             continue;
         };
         let scalar = hex::decode(v["scalar"].as_str().unwrap()).unwrap();
@@ -266,8 +496,9 @@ fn signatures_match_rustcrypto_ecdsa() {
     assert_eq!(above_n, 1, "one vector signs a digest above n");
 }
 
-/// An independent implementation of DERIVATION.md (Python standard library
-/// only) recomputes every vector from its inputs.
+/// An independent implementation of DERIVATION.md (Python standard library,
+/// and pyca/cryptography's Ed25519 from the seed on) recomputes every
+/// vector from its inputs.
 #[test]
 fn independent_implementation_agrees() {
     let script = concat!(

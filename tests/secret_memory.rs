@@ -9,12 +9,12 @@ use std::process::{Command, Stdio};
 
 const PATTERN: &[u8; 32] = b"derived-keys secret pattern 0123";
 
-/// Child mode: hold a secret and a plain copy, say where, wait.
-#[test]
-fn child_holds_secret() {
-    if std::env::var("DK_SECRET_CHILD").is_err() {
-        return;
-    }
+/// Set in the child the test below runs.
+const CHILD: &str = "DK_SECRET_CHILD";
+
+/// The child's role: hold a secret and a plain copy, say where, wait
+/// until the parent closes stdin.
+fn hold_secret() {
     derived_keys::secret::harden();
     let secret = derived_keys::secret::SecretBuf::copy_from(PATTERN).unwrap();
     let plain = Box::new(*PATTERN);
@@ -29,6 +29,7 @@ fn child_holds_secret() {
     let mut line = String::new();
     std::io::stdin().read_line(&mut line).unwrap(); // until the parent is done
     drop(secret);
+    println!("CHILD DONE");
 }
 
 fn read_mem(pid: &str, addr: usize) -> std::io::Result<Vec<u8>> {
@@ -39,16 +40,23 @@ fn read_mem(pid: &str, addr: usize) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// One test in two roles: run plainly, it runs this test binary again,
+/// filtered to this very test, as the child that holds the secret. A
+/// child that is skipped, fails or never says READY fails the test.
 #[test]
 fn root_cannot_read_secret_memory_of_a_live_process() {
+    if std::env::var_os(CHILD).is_some() {
+        hold_secret();
+        return;
+    }
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_holds_secret",
+            "root_cannot_read_secret_memory_of_a_live_process",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("DK_SECRET_CHILD", "1")
+        .env(CHILD, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -94,5 +102,11 @@ fn root_cannot_read_secret_memory_of_a_live_process() {
         ),
     }
     drop(child.stdin.take());
-    child.wait().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(child.wait().unwrap().success(), "the child failed: {rest}");
+    assert!(
+        rest.contains("CHILD DONE") && rest.contains("test result: ok. 1 passed"),
+        "the child did not finish its test: {rest}"
+    );
 }

@@ -79,38 +79,82 @@ fn prf_output_matches_tpm2_tools_following_derivation_md() {
     assert_eq!(hex::encode(std::fs::read(out).unwrap()), hex::encode(ours));
 }
 
+/// Set in the child this test runs: the TCTI of the parent's swtpm.
+const CHILD_TCTI: &str = "DK_CHILD_TCTI";
+
+/// One test in two roles: run plainly, it derives a key, then runs this
+/// test binary again, filtered to this very test, with the child's
+/// environment; the child derives the key in its own process and prints
+/// it. A child that is skipped (the filter matched nothing), fails or
+/// prints no key fails the parent.
 #[test]
 fn same_inputs_same_key_across_processes() {
+    if let Ok(tcti) = std::env::var(CHILD_TCTI) {
+        let mut tpm = Tpm::open(&Tcti::parse(&tcti).unwrap()).unwrap();
+        println!("KEY={}", hex::encode(sym_key(&mut tpm, &input())));
+        return;
+    }
     let swtpm = Swtpm::start();
     let here = sym_key(&mut open(&swtpm), &input());
-    // Re-run this test binary as a child that derives the same key.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "child_derives_key",
+            "same_inputs_same_key_across_processes",
             "--nocapture",
             "--test-threads=1",
         ])
-        .env("DK_CHILD_TCTI", swtpm.tcti())
+        .env(CHILD_TCTI, swtpm.tcti())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the child failed: {stdout}{stderr}");
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "the child ran no test: {stdout}"
+    );
+    let keys: Vec<&str> = stdout
         .lines()
-        .find_map(|l| l.split_once("KEY=").map(|(_, k)| k.trim()))
-        .unwrap_or_else(|| panic!("child printed no key: {stdout}"));
-    assert_eq!(line, hex::encode(&here));
+        .filter_map(|l| l.split_once("KEY=").map(|(_, k)| k.trim()))
+        .collect();
+    assert_eq!(keys, [hex::encode(&here)], "{stdout}");
     // And a fresh connection in this process too.
     assert_eq!(sym_key(&mut open(&swtpm), &input()), here);
 }
 
-#[test]
-fn child_derives_key() {
-    let Ok(tcti) = std::env::var("DK_CHILD_TCTI") else {
-        return; // only meaningful when spawned by the test above
+/// What a variant derives: the key of its length, or the P-256 scalar.
+fn output(tpm: &mut Tpm, i: &Input<'_>) -> (Vec<u8>, Vec<u8>) {
+    let prk = tpm.prk(None, &i.message()).unwrap();
+    let out = match i.purpose {
+        Purpose::Symmetric(n) => derive::symmetric_key(&prk, n.into())
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+        Purpose::KernelSymmetric(n) => derive::kernel_symmetric_key(&prk, n.into())
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+        Purpose::P256 => P256Key::from_prk(&prk)
+            .unwrap()
+            .secret_scalar()
+            .unwrap()
+            .as_ref()
+            .to_vec(),
+        // Its public key: the seed is private to derive.rs.
+        Purpose::Ed25519 => derive::Ed25519Key::from_prk(&prk)
+            .unwrap()
+            .public_key()
+            .unwrap()
+            .to_vec(),
     };
-    let mut tpm = Tpm::open(&Tcti::parse(&tcti).unwrap()).unwrap();
-    println!("KEY={}", hex::encode(sym_key(&mut tpm, &input())));
+    (prk.as_bytes().to_vec(), out)
+}
+
+/// Like with like: two outputs over the length they share (a 31-byte key
+/// that is the first 31 bytes of the 32-byte one would be no new key).
+fn same_prefix(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().min(b.len());
+    a[..n] == b[..n]
 }
 
 #[test]
@@ -127,6 +171,10 @@ fn every_input_changes_the_key_and_clear_changes_all() {
         },
         Input {
             purpose: Purpose::P256,
+            ..base
+        },
+        Input {
+            purpose: Purpose::KernelSymmetric(32),
             ..base
         },
         Input {
@@ -173,19 +221,31 @@ fn every_input_changes_the_key_and_clear_changes_all() {
         },
         Input { epoch: 1, ..base },
     ];
-    let keys: Vec<Vec<u8>> = variants.iter().map(|i| sym_key(&mut tpm, i)).collect();
-    for (i, a) in keys.iter().enumerate() {
-        for (j, b) in keys.iter().enumerate().skip(i + 1) {
-            assert_ne!(a, b, "variants {i} and {j} gave the same key");
+    let before: Vec<(Vec<u8>, Vec<u8>)> = variants.iter().map(|i| output(&mut tpm, i)).collect();
+    assert_eq!(before[0].1.len(), 32);
+    assert_eq!(before[1].1.len(), 31);
+    assert_eq!(before[2].1.len(), 32);
+    assert_eq!(before[3].1.len(), 32);
+    for (i, (prk_a, a)) in before.iter().enumerate() {
+        for (j, (prk_b, b)) in before.iter().enumerate().skip(i + 1) {
+            // Every input reaches the TPM: 32 bytes against 32 bytes.
+            assert_ne!(prk_a, prk_b, "variants {i} and {j} gave the same PRK");
+            assert!(!same_prefix(a, b), "variants {i} and {j} gave the same key");
         }
     }
-    assert_eq!(keys[0].len(), 32);
-    assert_eq!(keys[1].len(), 31);
     drop(tpm);
 
     swtpm.clear();
-    let after = sym_key(&mut open(&swtpm), &base);
-    assert_ne!(after, keys[0], "TPM2_Clear must change every key");
+    let mut tpm = open(&swtpm);
+    for (i, v) in variants.iter().enumerate() {
+        let (prk, key) = output(&mut tpm, v);
+        assert_eq!(key.len(), before[i].1.len());
+        assert_ne!(prk, before[i].0, "variant {i}: TPM2_Clear must change every PRK");
+        assert!(
+            !same_prefix(&key, &before[i].1),
+            "variant {i}: TPM2_Clear must change every key"
+        );
+    }
 }
 
 #[test]

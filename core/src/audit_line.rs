@@ -40,6 +40,73 @@ pub fn escape(bytes: &[u8], max: usize, push: &mut dyn FnMut(&[u8])) {
     }
 }
 
+/// systemd-journald's native socket. Preferred to any syslog socket where
+/// it exists: it takes structured fields, and the facility and priority
+/// arrive as fields rather than as a prefix a relay may rewrite.
+pub const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// LOG_AUTHPRIV: the facility of every audit line.
+pub const AUTHPRIV: u8 = 10;
+/// syslog severities of a granted request (info) and a refusal (notice).
+pub const SEVERITY_GRANTED: u8 = 6;
+pub const SEVERITY_REFUSED: u8 = 5;
+
+/// The kernel's limit on /dev/kmsg writers (`printk_devkmsg=ratelimit`,
+/// the default): `ratelimit_default_init` in `devkmsg_open`, that is
+/// DEFAULT_RATELIMIT_BURST (10) lines per DEFAULT_RATELIMIT_INTERVAL
+/// (5 s), per open file. Beyond it the kernel throws lines away and still
+/// reports the write as done, so a writer can only know what was kept by
+/// keeping count itself.
+pub const KMSG_BURST: u32 = 10;
+pub const KMSG_INTERVAL_MS: u64 = 5000;
+
+/// Where the kernel says how it treats /dev/kmsg writers: `on`
+/// (unlimited), `off` (every line discarded, the write still "succeeds")
+/// or `ratelimit`.
+pub const PRINTK_DEVKMSG: &str = "/proc/sys/kernel/printk_devkmsg";
+
+/// The runtime file (see `runtime::runtime_path`) counting audit lines
+/// nobody could write: one byte is appended per line, by the broker or the
+/// handler alike (`O_APPEND` makes each append atomic, so the two never
+/// need a lock), and the file's size is the count. Root only, in the root
+/// only runtime directory; tmpfs, so it counts since boot.
+pub const DROPPED_EXT: &str = "dropped";
+/// The broker's note beside it: up to which count drops were reported in
+/// a written line, and the count when the broker started.
+pub const AUDIT_STATE_EXT: &str = "audit";
+
+/// The line that reports drops, written before the next line that gets
+/// through: `derived-keys: <n> audit lines were dropped (<why>)`.
+pub fn write_dropped(n: u64, why: &[u8], push: &mut dyn FnMut(&[u8])) {
+    let mut num = Line::new();
+    let _ = write!(num, "derived-keys: {n} audit lines were dropped (");
+    push(num.as_bytes());
+    push(why);
+    push(b")");
+}
+
+/// One journal entry in the journal's native datagram format (`FIELD=value`
+/// lines; every value here is a single line, which this format requires
+/// for its plain form): MESSAGE, PRIORITY, SYSLOG_FACILITY (authpriv),
+/// SYSLOG_IDENTIFIER and SYSLOG_PID. `message` must hold no newline (an
+/// audit line never does: [`escape`] writes it `\x0a`).
+pub fn write_journal(
+    message: &[u8],
+    severity: u8,
+    identifier: &str,
+    pid: u32,
+    push: &mut dyn FnMut(&[u8]),
+) {
+    let mut head = Line::new();
+    let _ = write!(
+        head,
+        "PRIORITY={severity}\nSYSLOG_FACILITY={AUTHPRIV}\nSYSLOG_IDENTIFIER={identifier}\nSYSLOG_PID={pid}\nMESSAGE="
+    );
+    push(head.as_bytes());
+    push(message);
+    push(b"\n");
+}
+
 /// Longest input kept of a path in an audit line.
 pub const AUDIT_MAX_PATH: usize = 256;
 /// Longest input kept of any other audit field.
@@ -185,6 +252,31 @@ mod tests {
         assert_eq!(v, b"abc\\...");
         assert_eq!(decode("abc\\..."), (b"abc".to_vec(), true));
         assert_eq!(decode(&escaped(b"abc\\...")), (b"abc\\...".to_vec(), false));
+    }
+
+    #[test]
+    fn journal_entry_and_dropped_line() {
+        let mut v = Vec::new();
+        write_journal(
+            b"derived-keys: granted uid=1",
+            6,
+            "derived-keys",
+            42,
+            &mut |b| v.extend_from_slice(b),
+        );
+        assert_eq!(
+            std::str::from_utf8(&v).unwrap(),
+            "PRIORITY=6\nSYSLOG_FACILITY=10\nSYSLOG_IDENTIFIER=derived-keys\nSYSLOG_PID=42\n\
+             MESSAGE=derived-keys: granted uid=1\n"
+        );
+        let mut d = Vec::new();
+        write_dropped(90, b"kernel log rate limit", &mut |b| {
+            d.extend_from_slice(b)
+        });
+        assert_eq!(
+            d,
+            b"derived-keys: 90 audit lines were dropped (kernel log rate limit)"
+        );
     }
 
     #[test]

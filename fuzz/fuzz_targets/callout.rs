@@ -1,7 +1,8 @@
 #![no_main]
 //! Callouts and whole requests: never panic; what parses round-trips
-//! through the canonical form to the same typed request.
-use derived_keys::request::{Callout, Request, DEFAULT_PREFIX};
+//! through the canonical form to the same typed request; an Ed25519
+//! signature's description names the SHA-256 of the message it carries.
+use derived_keys::request::{Callout, Request, Want, DEFAULT_PREFIX};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -21,5 +22,10 @@ fuzz_target!(|data: &[u8]| {
         )
         .expect("canonical request parses");
         assert_eq!(back, r);
+        if let Want::SignEd25519(m) = &r.want {
+            let d = r.description(DEFAULT_PREFIX);
+            assert!(d.contains(&format!(":sign:{}", m.digest())));
+            assert!(!m.as_bytes().is_empty() && m.as_bytes().len() <= 1024);
+        }
     }
 });

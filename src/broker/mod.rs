@@ -36,6 +36,7 @@ use pipeline::{kernel_timeout, Context, PrkError};
 
 pub use derived_keys_core::runtime::RUN_DIR;
 
+mod hot;
 pub mod pipeline;
 mod queue;
 
@@ -86,6 +87,12 @@ pub struct Paths {
     pub socket: PathBuf,
     pub lock: PathBuf,
     pub pid: PathBuf,
+    /// Audit lines nobody could write, one byte each (broker and handler
+    /// append; see `derived_keys_core::audit_line::DROPPED_EXT`). Outlives
+    /// the broker, so that a count not yet reported is not lost.
+    pub dropped: PathBuf,
+    /// How far the brokers reported those drops (`AUDIT_STATE_EXT`).
+    pub audit: PathBuf,
 }
 
 pub fn paths(config: &Config) -> Paths {
@@ -97,6 +104,8 @@ pub fn paths(config: &Config) -> Paths {
         socket: path("sock"),
         lock: path("lock"),
         pid: path("pid"),
+        dropped: path(derived_keys_core::audit_line::DROPPED_EXT),
+        audit: path(derived_keys_core::audit_line::AUDIT_STATE_EXT),
     }
 }
 
@@ -258,6 +267,8 @@ struct Server {
     work: Condvar,
     /// Digests of executables for `csum`, and per-uid hashing turns.
     hasher: crate::requester::csum::Hasher,
+    /// PRKs of recent requests (`tpm.hot_key_s`).
+    hot: hot::HotKeys,
     /// The listening socket and its path, to stop accepting at once.
     listener: std::os::fd::RawFd,
     socket: PathBuf,
@@ -273,6 +284,7 @@ fn load<'a>(
         Some(l) => l,
         None => {
             let mut tpm = Tpm::open(&config.tcti)?;
+            tpm.pin_salt_key(config.salt_key_name.clone());
             let primary = tpm.load_primary(owner_auth)?;
             Loaded { tpm, primary }
         }
@@ -299,6 +311,16 @@ impl Server {
 
     /// The PRK for `msg`: one TPM2_HMAC, in turn with other requests.
     fn prk(&self, msg: &[u8; 32], deadline: Instant) -> Result<Prk, PrkError> {
+        if let Some(prk) = self.hot.get(msg)? {
+            return Ok(prk);
+        }
+        let prk = self.tpm_prk(msg, deadline)?;
+        self.hot.put(msg, &prk)?;
+        Ok(prk)
+    }
+
+    /// The PRK for `msg` from the TPM.
+    fn tpm_prk(&self, msg: &[u8; 32], deadline: Instant) -> Result<Prk, PrkError> {
         let mut out = SecretBuf::new(32)?;
         let _turn = self.turn.take(deadline, &self.hung)?;
         let mut st = relock(&self.tpm);
@@ -583,6 +605,63 @@ fn encode_hello(config: &Config) -> Vec<u8> {
     buf[..n].to_vec()
 }
 
+/// Set across the broker's one re-execution of itself at start.
+const DETACHED_ENV: &str = "DERIVED_KEYS_BROKER_DETACHED";
+
+/// Leaves the request-key context the broker was started from, that of
+/// the request whose handler started it: its session keyring
+/// (`_req.<serial>`, holding that request's authorization key), the
+/// authority to instantiate, the handler's session and terminal.
+///
+/// Joining a fresh session keyring ([`crate::keyring::detach`]) is not
+/// enough on its own: every open file keeps the credentials it was opened
+/// with, and with them their keyrings. Here that is standard input,
+/// output and error (request-key's /dev/null), the broker's executable
+/// and every shared library ld.so mapped. So the broker reopens its
+/// standard streams and then executes itself once more, under the new
+/// credentials; until it exits, the first requester's keys would
+/// otherwise stay alive and count against that user's quota.
+fn leave_requester_context() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let _ = nix::unistd::setsid();
+    if let Err(e) = crate::keyring::detach() {
+        let _ = writeln!(std::io::stderr(), "derived-keys-broker: {e}");
+    }
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..3 {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    if std::env::var_os(DETACHED_ENV).is_some() {
+        // Still one thread: nothing reads the environment concurrently.
+        std::env::remove_var(DETACHED_ENV);
+        return;
+    }
+    // Only the broker's own executable re-executes (never a test binary
+    // that calls `serve`).
+    let exe = std::env::current_exe().ok();
+    if exe.as_deref().and_then(Path::file_name) != Some(std::ffi::OsStr::new(BROKER_EXE)) {
+        return;
+    }
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| BROKER_EXE.into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .env(DETACHED_ENV, "1")
+        .exec();
+    let _ = writeln!(
+        std::io::stderr(),
+        "derived-keys-broker: cannot execute itself again ({err}); \
+         it holds its first requester's keyrings until it exits"
+    );
+}
+
 /// The broker's main loop. Returns when idle, on SIGTERM, or when another
 /// broker already serves this configuration.
 pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
@@ -591,9 +670,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     use std::os::fd::AsFd;
 
-    // Leave the request-key context we were started from.
-    let _ = nix::unistd::setsid();
-    let _ = crate::keyring::detach();
+    leave_requester_context();
     crate::secret::harden();
 
     // Everything that can fail for configuration reasons, before any
@@ -610,6 +687,11 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let Some(_instance) = instance_lock(&p.lock)? else {
         return Ok(()); // another broker serves this configuration
     };
+    // Lines no channel takes are counted from here on (before anything
+    // listens, so before any request).
+    if let Err(e) = audit::count_into(&config.path, &p.dropped, &p.audit) {
+        let _ = writeln!(std::io::stderr(), "derived-keys-broker: {e}");
+    }
     let _ = std::fs::remove_file(&p.socket);
     let listener = UnixListener::bind(&p.socket).map_err(io(&p.socket))?;
     // From here on, every way out removes the socket and the pid file.
@@ -640,6 +722,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         queues: Mutex::new(Queues::default()),
         work: Condvar::new(),
         hasher: crate::requester::csum::Hasher::default(),
+        hot: hot::HotKeys::new(config.hot_key),
         owner_auth,
         config,
         turn: Turn {
@@ -711,10 +794,16 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
                     .micros()
                     .saturating_sub(server.last.load(Ordering::SeqCst)),
             );
-            if server.inflight.load(Ordering::SeqCst) == 0 && quiet >= idle {
+            // Hot keys keep the broker for their window: leaving would
+            // send their next request back to the TPM.
+            if server.inflight.load(Ordering::SeqCst) == 0 && quiet >= idle && server.hot.is_empty()
+            {
                 break;
             }
-            let wait = idle.saturating_sub(quiet).min(Duration::from_millis(200));
+            let wait = match idle.saturating_sub(quiet) {
+                Duration::ZERO => Duration::from_millis(200), // waiting for hot keys
+                left => left.min(Duration::from_millis(200)),
+            };
             let wait = PollTimeout::from(u16::try_from(wait.as_millis()).unwrap_or(200).max(1));
             let mut fds = [PollFd::new(sigfd.as_fd(), PollFlags::POLLIN)];
             match poll(&mut fds, wait) {

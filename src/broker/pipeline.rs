@@ -11,11 +11,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::audit::Record;
-use crate::config::{Config, CsumSource};
-use crate::derive::{self, Input, P256Key, Prk, Purpose, Subject};
+use crate::config::Config;
+use crate::derive::{self, Ed25519Key, Input, P256Key, Prk, Purpose, Subject};
 use crate::keyring::{KeyRecord, KeyringError};
 use crate::policy::{self, Facts};
-use crate::request::{Binding, Callout, Description, KeyType, Request, RequestError, Want};
+use crate::request::{
+    Algorithm, Binding, Callout, Description, KeyType, Request, RequestError, Want,
+};
 use crate::requester::{self, Requester};
 use crate::secret::SecretBuf;
 use crate::wire::Upcall;
@@ -187,17 +189,17 @@ pub fn decide(
         same_user_ns: who.same_user_ns,
     };
     policy::check(config, &req, &facts)?;
-    let digest = match (req.binding, config.csum_source) {
-        (Binding::Csum, CsumSource::File) => ctx.hasher.exe_digest(
+    // The digest of the very file the requester runs, opened through
+    // /proc/<tid>/exe: neither a path name (another mount namespace, a file
+    // named `p (deleted)`) nor a measurement list looked up by one.
+    let digest = match req.binding {
+        Binding::Csum => ctx.hasher.exe_digest(
             ctx.proc_root,
             who.tid,
             up.uid,
             config.csum_max_bytes,
             deadline,
         )?,
-        (Binding::Csum, CsumSource::Ima) => {
-            requester::ima_digest(Path::new(requester::IMA_MEASUREMENTS), &who.exe)?
-        }
         _ => [0; 32],
     };
     let subject = match req.binding {
@@ -214,8 +216,16 @@ pub fn decide(
     };
     let input = Input {
         purpose: match req.want {
-            Want::Symmetric { len } => Purpose::Symmetric(len),
-            Want::PublicKey | Want::Sign(_) => Purpose::P256,
+            // A kernel-only key has a purpose of its own: its bytes are never
+            // what a `user` request of the same name and callout returns.
+            Want::Symmetric { len } => match req.key_type {
+                KeyType::User => Purpose::Symmetric(len),
+                KeyType::Logon => Purpose::KernelSymmetric(len),
+            },
+            Want::PublicKey(Algorithm::P256) | Want::Sign(_) => Purpose::P256,
+            // Its own purpose too: never the P-256 key of the same request,
+            // nor its symmetric key used as a seed.
+            Want::PublicKey(Algorithm::Ed25519) | Want::SignEd25519(_) => Purpose::Ed25519,
         },
         name: req.name.as_str(),
         subject,
@@ -228,13 +238,26 @@ pub fn decide(
     let prk = (ctx.prk)(&input.message(), deadline)?;
 
     // 5. The result.
-    let payload = match req.want {
-        Want::Symmetric { len } => Payload::Secret(derive::symmetric_key(&prk, len.into())?),
-        Want::PublicKey => Payload::Public(P256Key::from_prk(&prk)?.spki_der()?),
-        Want::Sign(d) => Payload::Public(P256Key::from_prk(&prk)?.sign_digest(&d.0)?),
+    let payload = match (input.purpose, &req.want) {
+        (Purpose::Symmetric(len), _) => Payload::Secret(derive::symmetric_key(&prk, len.into())?),
+        (Purpose::KernelSymmetric(len), _) => {
+            Payload::Secret(derive::kernel_symmetric_key(&prk, len.into())?)
+        }
+        (Purpose::P256, Want::Sign(d)) => {
+            Payload::Public(P256Key::from_prk(&prk)?.sign_digest(&d.0)?)
+        }
+        (Purpose::P256, _) => Payload::Public(P256Key::from_prk(&prk)?.spki_der()?),
+        // The seed lives in secret memory and is dropped (wiped) with the
+        // key at the end of the arm; only the public results leave.
+        (Purpose::Ed25519, Want::SignEd25519(m)) => {
+            Payload::Public(Ed25519Key::from_prk(&prk)?.sign(m.as_bytes())?.to_vec())
+        }
+        (Purpose::Ed25519, _) => Payload::Public(Ed25519Key::from_prk(&prk)?.spki_der()?),
     };
-    let timeout_s =
-        matches!(req.want, Want::Sign(_)).then(|| kernel_timeout(config.signature_timeout_s));
+    let timeout_s = req
+        .want
+        .is_signature()
+        .then(|| kernel_timeout(config.signature_timeout_s));
     Ok(Grant { payload, timeout_s })
 }
 
@@ -319,6 +342,17 @@ mod tests {
                 b"p256 user",
                 libc::EINVAL,
             ),
+            (
+                b"logon;1000;1000;3f010000;derived:db:pub",
+                b"ed25519 user",
+                libc::EINVAL,
+            ),
+            // An Ed25519 signature whose digest is not SHA-256("a").
+            (
+                b"user;1000;1000;3f010000;derived:db:sign:0000000000000000000000000000000000000000000000000000000000000000",
+                b"ed25519 user msg=61",
+                libc::EINVAL,
+            ),
             (b"garbage", b"32 user", libc::EIO),
         ] {
             let (r, _) = run(&up(describe, callout, line));
@@ -375,6 +409,179 @@ mod tests {
         let mut u = up(b"user;1000;1000;3f010000;derived:db", b"32 user", b"");
         u.prefix = b"\xff";
         assert_eq!(errno(run(&u).0), libc::EINVAL);
+    }
+
+    /// A /proc of one requester, thread 4242, blocked in request_key and
+    /// running `exe`, in this process's namespaces.
+    fn fake_proc(exe: &Path) -> tempfile::TempDir {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["self/ns", "4242/ns"] {
+            let ns = root.path().join(dir);
+            std::fs::create_dir_all(&ns).unwrap();
+            symlink("/proc/self/ns/mnt", ns.join("mnt")).unwrap();
+            symlink("/proc/self/ns/user", ns.join("user")).unwrap();
+        }
+        let tid = root.path().join("4242");
+        let syscall = format!(
+            "{} 0x1 0x2 0x3 0x0 0x0 0x0 0x7ffd 0x7f\n",
+            crate::sys::SYS_REQUEST_KEY
+        );
+        std::fs::write(tid.join("syscall"), syscall).unwrap();
+        std::fs::write(tid.join("status"), "Name:\tx\nGroups:\t\n").unwrap();
+        symlink(exe, tid.join("exe")).unwrap();
+        root
+    }
+
+    /// A PRF with the TPM's shape: different messages, different PRKs.
+    fn soft_prk(msg: &[u8; 32]) -> Prk {
+        use hmac::{Mac, SimpleHmac};
+        let mut mac = SimpleHmac::<sha2::Sha256>::new_from_slice(b"pipeline test PRF key").unwrap();
+        mac.update(msg);
+        Prk::new(SecretBuf::copy_from(&mac.finalize().into_bytes()).unwrap()).unwrap()
+    }
+
+    /// `logon` and `user` requests of one name and callout, every binding:
+    /// the `user` key is derivation v1's purpose 01 as before, the `logon`
+    /// key is purpose 03's, and the two payloads differ.
+    #[test]
+    fn a_logon_key_is_not_the_user_key_of_the_same_request() {
+        let exe = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(exe.path(), b"#!/bin/true\n").unwrap();
+        let proc_root = fake_proc(exe.path());
+        let config =
+            Config::parse("[bindings]\nmachine_uids = [1000]\n", Path::new("/t.conf")).unwrap();
+        let prk = |m: &[u8; 32], _: Instant| -> Result<Prk, PrkError> { Ok(soft_prk(m)) };
+        let hasher = crate::requester::csum::Hasher::default();
+        let ctx = Context {
+            config: &config,
+            proc_root: proc_root.path(),
+            prk: &prk,
+            hasher: &hasher,
+        };
+        let line =
+            b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:4242 ci:7";
+        let get = |ty: &str, rest: &str, callout: &str| {
+            let describe = format!("{ty};1000;1000;3f010000;derived:{rest}");
+            let u = up(describe.as_bytes(), callout.as_bytes(), line);
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            let grant = decide(&u, &ctx, deadline, &mut Record::default())
+                .unwrap_or_else(|e| panic!("{ty} {callout}: {}", chain(&e)));
+            grant.payload.bytes().to_vec()
+        };
+        let digest: [u8; 32] = sha2::Digest::finalize(sha2::Digest::chain_update(
+            <sha2::Sha256 as sha2::Digest>::new(),
+            b"#!/bin/true\n",
+        ))
+        .into();
+        let exe_path = exe.path().as_os_str().as_encoded_bytes();
+        let mut seen = std::collections::HashSet::new();
+        for (callout, len, subject) in [
+            ("64 user", 64u16, Subject::User { uid: 1000 }),
+            ("64 machine", 64, Subject::Machine),
+            (
+                "32 path",
+                32,
+                Subject::Path {
+                    uid: 1000,
+                    path: exe_path,
+                },
+            ),
+            ("32 csum", 32, Subject::Csum { uid: 1000, digest }),
+        ] {
+            let (user, logon) = (get("user", "disk", callout), get("logon", "disk", callout));
+            assert_ne!(
+                user, logon,
+                "{callout}: the logon key is readable as a user key"
+            );
+            assert_eq!(logon.len(), usize::from(len));
+            let input = |purpose| Input {
+                purpose,
+                name: "disk",
+                subject,
+                account: None,
+                client: None,
+                epoch: 0,
+            };
+            let v1 = input(Purpose::Symmetric(len));
+            let want_user = derive::symmetric_key(&soft_prk(&v1.message()), len.into()).unwrap();
+            assert_eq!(user, want_user.as_ref(), "{callout}: user keys stay v1's");
+            let kernel = input(Purpose::KernelSymmetric(len));
+            let want_logon =
+                derive::kernel_symmetric_key(&soft_prk(&kernel.message()), len.into()).unwrap();
+            assert_eq!(logon, want_logon.as_ref(), "{callout}");
+            assert!(seen.insert(user) && seen.insert(logon), "{callout}");
+        }
+        // P-256 results are the same whichever way they are asked for.
+        let spki = get("user", "disk:pub", "p256 user");
+        let key = P256Key::from_prk(&soft_prk(
+            &Input {
+                purpose: Purpose::P256,
+                name: "disk",
+                subject: Subject::User { uid: 1000 },
+                account: None,
+                client: None,
+                epoch: 0,
+            }
+            .message(),
+        ))
+        .unwrap();
+        assert_eq!(spki, key.spki_der().unwrap());
+    }
+
+    /// `ed25519` requests are purpose 04: the public key and the signature
+    /// over `msg` of the seed of that PRK, a signature with the signature
+    /// timeout; neither is the P-256 result of the same request.
+    #[test]
+    fn ed25519_requests_derive_purpose_04() {
+        let exe = tempfile::NamedTempFile::new().unwrap();
+        let proc_root = fake_proc(exe.path());
+        let config = Config::parse("", Path::new("/t.conf")).unwrap();
+        let prk = |m: &[u8; 32], _: Instant| -> Result<Prk, PrkError> { Ok(soft_prk(m)) };
+        let hasher = crate::requester::csum::Hasher::default();
+        let ctx = Context {
+            config: &config,
+            proc_root: proc_root.path(),
+            prk: &prk,
+            hasher: &hasher,
+        };
+        let line =
+            b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:4242 ci:7";
+        let get = |rest: &str, callout: &str| {
+            let describe = format!("user;1000;1000;3f010000;derived:{rest}");
+            let u = up(describe.as_bytes(), callout.as_bytes(), line);
+            let deadline = Instant::now() + std::time::Duration::from_secs(5);
+            let mut record = Record::default();
+            let grant = decide(&u, &ctx, deadline, &mut record)
+                .unwrap_or_else(|e| panic!("{rest} {callout}: {}", chain(&e)));
+            (grant.payload.bytes().to_vec(), grant.timeout_s, record)
+        };
+        let input = |purpose| Input {
+            purpose,
+            name: "git",
+            subject: Subject::User { uid: 1000 },
+            account: None,
+            client: None,
+            epoch: 5,
+        };
+        let key = Ed25519Key::from_prk(&soft_prk(&input(Purpose::Ed25519).message())).unwrap();
+        let (spki, timeout, record) = get("git:pub", "ed25519 user epoch=5");
+        assert_eq!(spki, key.spki_der().unwrap());
+        assert_eq!(timeout, None);
+        assert_eq!(record.operation.as_deref(), Some("pub:ed25519"));
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"hi"));
+        let (sig, timeout, record) = get(
+            &format!("git:sign:{digest}"),
+            "ed25519 user epoch=5 msg=6869",
+        );
+        assert_eq!(sig, key.sign(b"hi").unwrap());
+        assert!(derive::verify_ed25519(&spki, b"hi", &sig));
+        assert_eq!(timeout, Some(kernel_timeout(config.signature_timeout_s)));
+        assert_eq!(record.operation.as_deref(), Some("sign:ed25519"));
+        let (p256, _, _) = get("git:pub", "p256 user epoch=5");
+        assert_ne!(p256, spki);
+        let want_p256 = P256Key::from_prk(&soft_prk(&input(Purpose::P256).message())).unwrap();
+        assert_eq!(p256, want_p256.spki_der().unwrap());
     }
 
     #[test]

@@ -5,10 +5,18 @@
 //! callout:     <spec> <binding> [option=value ...]     (single spaces)
 //! ```
 //!
+//! `<spec>` is a length, `p256` or `ed25519`. An Ed25519 `:sign:` carries the
+//! message itself in the callout (`msg=<hex>`, pure RFC 8032 signs messages,
+//! not digests), and the description's digest must be its SHA-256: the
+//! parsed [`Want::SignEd25519`] holds the message, and the digest is
+//! recomputed from it, never stored beside it.
+//!
 //! Nothing downstream looks at the raw strings again. `Display` on the typed
 //! values gives back the canonical strings, which the client library uses.
 
 use std::fmt;
+
+use sha2::{Digest as _, Sha256};
 
 pub mod selector;
 
@@ -20,6 +28,11 @@ pub const DEFAULT_PREFIX: &str = "derived";
 /// Inputs longer than this are refused before any other parsing. The kernel
 /// allows 4095-byte descriptions; nothing valid here comes close.
 pub const MAX_INPUT: usize = 4096;
+
+/// Largest message an Ed25519 `:sign:` carries (`msg=`, 2048 hex digits):
+/// with the longest options the callout stays well inside [`MAX_INPUT`] and
+/// the handler's `wire::MAX_CALLOUT` (the kernel's one page).
+pub const MAX_MESSAGE: usize = 1024;
 
 /// Why a description or callout was refused. Every variant means EINVAL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,11 +51,11 @@ pub enum RequestError {
     BadDigest { digest: String },
     #[error("callout is not \"<spec> <binding> [option=value ...]\" with single spaces")]
     BadCallout,
-    #[error("spec {spec:?} is neither a length from 1 to 1024 nor \"p256\"")]
+    #[error("spec {spec:?} is neither a length from 1 to 1024 nor \"p256\" nor \"ed25519\"")]
     BadSpec { spec: String },
     #[error("unknown binding {binding:?}: expected path, csum, user or machine")]
     UnknownBinding { binding: String },
-    #[error("unknown option {option:?}: expected account, client or epoch")]
+    #[error("unknown option {option:?}: expected account, client, epoch or msg")]
     UnknownOption { option: String },
     #[error("option {option} given more than once")]
     RepeatedOption { option: &'static str },
@@ -57,8 +70,18 @@ pub enum RequestError {
     LogonNotSymmetric { operation: &'static str },
     #[error("key type {key_type:?} is not served: expected user or logon")]
     UnsupportedKeyType { key_type: String },
-    #[error("{alg} keys are not served by this release")]
-    UnsupportedAlgorithm { alg: &'static str },
+    #[error("msg {value:?} ({hex_len} characters) is not an even number of lowercase hex digits")]
+    BadMessageHex { value: String, hex_len: usize },
+    #[error("a message of {len} bytes is outside 1 to {MAX_MESSAGE}")]
+    MessageLength { len: usize },
+    #[error("msg= is only for an Ed25519 :sign:, not for {operation}")]
+    MessageNotAllowed { operation: &'static str },
+    #[error("an Ed25519 :sign: needs msg=<hex>: it signs the message itself")]
+    MissingMessage,
+    #[error("digest {digest} is not the SHA-256 of msg ({sha256})")]
+    DigestMismatch { digest: String, sha256: String },
+    #[error("{alg} signs the message itself (pure RFC 8032), not a digest")]
+    DigestForMessageSigner { alg: &'static str },
 }
 
 impl RequestError {
@@ -151,6 +174,67 @@ impl fmt::Display for Digest32 {
     }
 }
 
+/// The message an Ed25519 signature is over: 1 to [`MAX_MESSAGE`] bytes.
+/// Not key material and not a derivation input; its SHA-256 is what the
+/// description names. Debug shows its length only, so that a caller's
+/// message does not end up whole in a log line.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Message(Vec<u8>);
+
+impl Message {
+    /// Takes 1 to [`MAX_MESSAGE`] bytes.
+    pub fn new(bytes: &[u8]) -> Result<Message, RequestError> {
+        if (1..=MAX_MESSAGE).contains(&bytes.len()) {
+            Ok(Message(bytes.to_vec()))
+        } else {
+            Err(RequestError::MessageLength { len: bytes.len() })
+        }
+    }
+
+    /// The `msg=` value: an even number of lowercase hex digits, 2 to
+    /// 2048 of them. Uppercase is refused, as in digests: one message has
+    /// one spelling, so a callout has one canonical form.
+    pub fn parse_hex(s: &[u8]) -> Result<Message, RequestError> {
+        let bad = || RequestError::BadMessageHex {
+            value: shown(s),
+            hex_len: s.len(),
+        };
+        if s.len() % 2 != 0
+            || !s
+                .iter()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        {
+            return Err(bad());
+        }
+        if !(1..=MAX_MESSAGE).contains(&(s.len() / 2)) {
+            return Err(RequestError::MessageLength { len: s.len() / 2 });
+        }
+        hex::decode(s).map(Message).map_err(|_| bad())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// SHA-256 of the message: the digest its description carries.
+    pub fn digest(&self) -> Digest32 {
+        Digest32(Sha256::digest(&self.0).into())
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Message({} bytes)", self.0.len())
+    }
+}
+
+impl fmt::Display for Message {
+    /// The canonical `msg=` value: lowercase hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(&self.0))
+    }
+}
+
 /// What the description asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
@@ -228,12 +312,13 @@ impl fmt::Display for Description {
     }
 }
 
-/// Symmetric length or P-256.
+/// Symmetric length, or the algorithm of a key pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Spec {
     /// 1 to 1024 bytes.
     Length(u16),
     P256,
+    Ed25519,
 }
 
 pub const MAX_SYMMETRIC_LEN: u16 = 1024;
@@ -251,8 +336,10 @@ fn parse_decimal(s: &[u8]) -> Option<u64> {
 
 impl Spec {
     pub fn parse(s: &[u8]) -> Result<Spec, RequestError> {
-        if s == b"p256" {
-            return Ok(Spec::P256);
+        match s {
+            b"p256" => return Ok(Spec::P256),
+            b"ed25519" => return Ok(Spec::Ed25519),
+            _ => {}
         }
         match parse_decimal(s) {
             Some(n) if (1..=u64::from(MAX_SYMMETRIC_LEN)).contains(&n) => {
@@ -268,6 +355,16 @@ impl fmt::Display for Spec {
         match self {
             Spec::Length(n) => write!(f, "{n}"),
             Spec::P256 => f.write_str("p256"),
+            Spec::Ed25519 => f.write_str("ed25519"),
+        }
+    }
+}
+
+impl From<Algorithm> for Spec {
+    fn from(alg: Algorithm) -> Spec {
+        match alg {
+            Algorithm::P256 => Spec::P256,
+            Algorithm::Ed25519 => Spec::Ed25519,
         }
     }
 }
@@ -348,6 +445,10 @@ pub struct Callout {
     pub spec: Spec,
     pub binding: Binding,
     pub options: Options,
+    /// `msg=`: the message of an Ed25519 `:sign:` (refused elsewhere by
+    /// [`Request::from_parts`]). Apart from [`Options`]: it is no
+    /// derivation input and no part of a key's name.
+    pub msg: Option<Message>,
 }
 
 impl Callout {
@@ -366,6 +467,7 @@ impl Callout {
         let binding = Binding::parse(binding)?;
         let mut options = Options::default();
         let mut epoch_seen = false;
+        let mut msg = None;
         for word in words {
             let Some(eq) = word.iter().position(|&b| b == b'=') else {
                 if word.is_empty() {
@@ -391,6 +493,12 @@ impl Callout {
                             value: shown(value),
                         })?;
                 }
+                b"msg" => {
+                    if msg.is_some() {
+                        return Err(RequestError::RepeatedOption { option: "msg" });
+                    }
+                    msg = Some(Message::parse_hex(value)?);
+                }
                 _ => return Err(RequestError::UnknownOption { option: shown(key) }),
             }
         }
@@ -398,6 +506,7 @@ impl Callout {
             spec,
             binding,
             options,
+            msg,
         })
     }
 }
@@ -415,7 +524,8 @@ fn set_once(
 }
 
 impl fmt::Display for Callout {
-    /// The canonical callout: options in a fixed order, epoch only if not 0.
+    /// The canonical callout: options in a fixed order, epoch only if not
+    /// 0, msg last.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.spec, self.binding)?;
         if let Some(a) = &self.options.account {
@@ -426,6 +536,9 @@ impl fmt::Display for Callout {
         }
         if self.options.epoch != 0 {
             write!(f, " epoch={}", self.options.epoch)?;
+        }
+        if let Some(m) = &self.msg {
+            write!(f, " msg={m}")?;
         }
         Ok(())
     }
@@ -456,13 +569,29 @@ impl KeyType {
     }
 }
 
-/// What a request asks the handler to compute, after parsing. The purpose
-/// already carries the symmetric length, so spec and operation can't disagree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What a request asks the handler to compute, after parsing. Each variant
+/// carries exactly what its result needs (the symmetric length, the
+/// algorithm, the digest or the message), so spec, operation and `msg=`
+/// cannot disagree downstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Want {
-    Symmetric { len: u16 },
-    PublicKey,
+    Symmetric {
+        len: u16,
+    },
+    /// The public key of a P-256 or Ed25519 key pair.
+    PublicKey(Algorithm),
+    /// An ECDSA P-256 signature over a SHA-256 digest.
     Sign(Digest32),
+    /// A pure Ed25519 signature over the message itself; the description's
+    /// digest was its SHA-256 ([`Message::digest`] gives it back).
+    SignEd25519(Message),
+}
+
+impl Want {
+    /// Signatures expire from the keyring (the configured timeout).
+    pub fn is_signature(&self) -> bool {
+        matches!(self, Want::Sign(_) | Want::SignEd25519(_))
+    }
 }
 
 /// A whole request: key type, description and callout, cross-checked.
@@ -495,24 +624,45 @@ impl Request {
         d: Description,
         c: Callout,
     ) -> Result<Request, RequestError> {
-        let want = match (d.operation, c.spec) {
-            (Operation::Symmetric, Spec::Length(len)) => Want::Symmetric { len },
-            (Operation::Symmetric, Spec::P256) => {
+        let want = match (d.operation, c.spec, c.msg) {
+            (Operation::Sign(digest), Spec::Ed25519, Some(msg)) => {
+                let sha256 = msg.digest();
+                if sha256 != digest {
+                    return Err(RequestError::DigestMismatch {
+                        digest: digest.to_string(),
+                        sha256: sha256.to_string(),
+                    });
+                }
+                Want::SignEd25519(msg)
+            }
+            (Operation::Sign(_), Spec::Ed25519, None) => return Err(RequestError::MissingMessage),
+            (op, spec, Some(_)) => {
+                return Err(RequestError::MessageNotAllowed {
+                    operation: match (op, spec) {
+                        (Operation::Symmetric, _) | (_, Spec::Length(_)) => "a symmetric key",
+                        (Operation::PublicKey, _) => ":pub",
+                        _ => "a P-256 :sign:",
+                    },
+                })
+            }
+            (Operation::Symmetric, Spec::Length(len), None) => Want::Symmetric { len },
+            (Operation::Symmetric, Spec::P256 | Spec::Ed25519, None) => {
                 return Err(RequestError::SpecMismatch {
                     operation: "a symmetric key",
                     expected: "a length from 1 to 1024",
                 })
             }
-            (Operation::PublicKey, Spec::P256) => Want::PublicKey,
-            (Operation::Sign(digest), Spec::P256) => Want::Sign(digest),
-            (op, Spec::Length(_)) => {
+            (Operation::PublicKey, Spec::P256, None) => Want::PublicKey(Algorithm::P256),
+            (Operation::PublicKey, Spec::Ed25519, None) => Want::PublicKey(Algorithm::Ed25519),
+            (Operation::Sign(digest), Spec::P256, None) => Want::Sign(digest),
+            (op, Spec::Length(_), None) => {
                 return Err(RequestError::SpecMismatch {
                     operation: if matches!(op, Operation::PublicKey) {
                         ":pub"
                     } else {
                         ":sign:"
                     },
-                    expected: "p256",
+                    expected: "p256 or ed25519",
                 })
             }
         };
@@ -531,21 +681,26 @@ impl Request {
         })
     }
 
-    /// The operation as the audit log names it, e.g. `symmetric:32`.
+    /// The operation as the audit log names it, e.g. `symmetric:32`,
+    /// `pub`, `sign:ed25519` (P-256 keeps its plain `pub` and `sign`).
+    /// Never the message.
     pub fn operation_label(&self) -> String {
-        match self.want {
+        match &self.want {
             Want::Symmetric { len } => format!("symmetric:{len}"),
-            Want::PublicKey => "pub".to_owned(),
+            Want::PublicKey(Algorithm::P256) => "pub".to_owned(),
+            Want::PublicKey(Algorithm::Ed25519) => "pub:ed25519".to_owned(),
             Want::Sign(_) => "sign".to_owned(),
+            Want::SignEd25519(_) => "sign:ed25519".to_owned(),
         }
     }
 
     /// The description this request is asked under.
     pub fn description(&self, prefix: &str) -> String {
-        let operation = match self.want {
+        let operation = match &self.want {
             Want::Symmetric { .. } => Operation::Symmetric,
-            Want::PublicKey => Operation::PublicKey,
-            Want::Sign(d) => Operation::Sign(d),
+            Want::PublicKey(_) => Operation::PublicKey,
+            Want::Sign(d) => Operation::Sign(*d),
+            Want::SignEd25519(m) => Operation::Sign(m.digest()),
         };
         Description {
             prefix: prefix.to_owned(),
@@ -556,16 +711,20 @@ impl Request {
         .to_string()
     }
 
-    /// The canonical callout of this request.
+    /// The canonical callout of this request (with `msg=` for an Ed25519
+    /// signature).
     pub fn callout(&self) -> String {
-        let spec = match self.want {
-            Want::Symmetric { len } => Spec::Length(len),
-            _ => Spec::P256,
+        let (spec, msg) = match &self.want {
+            Want::Symmetric { len } => (Spec::Length(*len), None),
+            Want::PublicKey(alg) => (Spec::from(*alg), None),
+            Want::Sign(_) => (Spec::P256, None),
+            Want::SignEd25519(m) => (Spec::Ed25519, Some(m.clone())),
         };
         Callout {
             spec,
             binding: self.binding,
             options: self.options.clone(),
+            msg,
         }
         .to_string()
     }
@@ -593,7 +752,7 @@ mod tests {
         assert_eq!(r.tag.as_ref().map(Tag::as_str), Some("k3x9"));
 
         let r = req("user", "derived:host-id:pub", "p256 machine").unwrap();
-        assert_eq!(r.want, Want::PublicKey);
+        assert_eq!(r.want, Want::PublicKey(Algorithm::P256));
 
         let d = format!("derived:ssh_1.x:sign:{HEX}#abc");
         let r = req(
@@ -789,6 +948,155 @@ mod tests {
             Callout::parse(&[b'1'; 5000]),
             Err(RequestError::TooLong { len: 5000 })
         ));
+    }
+
+    /// `ed25519` for `:pub` and `:sign:`; a signature carries `msg=` whose
+    /// SHA-256 the description names; every malformation is refused.
+    #[test]
+    fn ed25519_requests() {
+        use RequestError::*;
+        let r = req("user", "derived:git:pub", "ed25519 user").unwrap();
+        assert_eq!(r.want, Want::PublicKey(Algorithm::Ed25519));
+        assert_eq!(r.callout(), "ed25519 user");
+        assert_eq!(r.operation_label(), "pub:ed25519");
+
+        let msg = b"hello";
+        let digest = hex::encode(Sha256::digest(msg));
+        let d = format!("derived:git:sign:{digest}#t1");
+        let c = "ed25519 machine account=a client=b epoch=9 msg=68656c6c6f";
+        let r = req("user", &d, c).unwrap();
+        assert_eq!(r.want, Want::SignEd25519(Message::new(msg).unwrap()));
+        assert_eq!(r.description(DEFAULT_PREFIX), d);
+        assert_eq!(r.callout(), c, "msg is part of the canonical callout");
+        assert_eq!(r.operation_label(), "sign:ed25519");
+        assert!(r.want.is_signature());
+        assert!(!format!("{r:?}").contains("68656c6c6f"), "Debug hides msg");
+
+        // The largest message and the longest options still fit the
+        // handler's callout buffer.
+        let m1024 = "ab".repeat(MAX_MESSAGE);
+        let long = "x".repeat(128);
+        let c =
+            format!("ed25519 machine account={long} client={long} epoch=4294967295 msg={m1024}");
+        assert!(c.len() <= crate::wire::MAX_CALLOUT && c.len() <= MAX_INPUT);
+        let d = format!(
+            "derived:git:sign:{}",
+            hex::encode(Sha256::digest([0xab; MAX_MESSAGE]))
+        );
+        assert!(req("user", &d, &c).is_ok());
+
+        type Check = fn(&RequestError) -> bool;
+        let sign = |m: &[u8]| format!("derived:git:sign:{}", hex::encode(Sha256::digest(m)));
+        let hello = sign(b"hello");
+        let cases: Vec<(&str, String, String, Check)> = vec![
+            // The digest is not the message's.
+            (
+                "user",
+                sign(b"hellO"),
+                "ed25519 user msg=68656c6c6f".into(),
+                |e| matches!(e, DigestMismatch { .. }),
+            ),
+            // Empty, too long, odd, uppercase, not hex.
+            ("user", sign(b""), "ed25519 user msg=".into(), |e| {
+                matches!(e, MessageLength { len: 0 })
+            }),
+            (
+                "user",
+                sign(&[0xab; 1025]),
+                format!("ed25519 user msg={}", "ab".repeat(1025)),
+                |e| matches!(e, MessageLength { len: 1025 }),
+            ),
+            (
+                "user",
+                hello.clone(),
+                "ed25519 user msg=68656c6c6".into(),
+                |e| matches!(e, BadMessageHex { .. }),
+            ),
+            (
+                "user",
+                hello.clone(),
+                "ed25519 user msg=68656C6C6F".into(),
+                |e| matches!(e, BadMessageHex { .. }),
+            ),
+            (
+                "user",
+                hello.clone(),
+                "ed25519 user msg=68656c6c6g".into(),
+                |e| matches!(e, BadMessageHex { .. }),
+            ),
+            (
+                "user",
+                hello.clone(),
+                "ed25519 user msg=+8656c6c6f".into(),
+                |e| matches!(e, BadMessageHex { .. }),
+            ),
+            (
+                "user",
+                hello.clone(),
+                "ed25519 user msg=68656c6c6f msg=68656c6c6f".into(),
+                |e| matches!(e, RepeatedOption { option: "msg" }),
+            ),
+            // msg where it has no place.
+            (
+                "user",
+                hello.clone(),
+                "p256 user msg=68656c6c6f".into(),
+                |e| matches!(e, MessageNotAllowed { .. }),
+            ),
+            (
+                "user",
+                "derived:git".into(),
+                "32 user msg=68656c6c6f".into(),
+                |e| matches!(e, MessageNotAllowed { .. }),
+            ),
+            (
+                "user",
+                "derived:git:pub".into(),
+                "ed25519 user msg=68656c6c6f".into(),
+                |e| matches!(e, MessageNotAllowed { .. }),
+            ),
+            (
+                "user",
+                "derived:git:pub".into(),
+                "p256 user msg=68656c6c6f".into(),
+                |e| matches!(e, MessageNotAllowed { .. }),
+            ),
+            // No msg on an Ed25519 signature.
+            ("user", hello.clone(), "ed25519 user".into(), |e| {
+                matches!(e, MissingMessage)
+            }),
+            // logon is for symmetric keys only.
+            (
+                "logon",
+                "derived:git:pub".into(),
+                "ed25519 user".into(),
+                |e| matches!(e, LogonNotSymmetric { .. }),
+            ),
+            (
+                "logon",
+                hello.clone(),
+                "ed25519 user msg=68656c6c6f".into(),
+                |e| matches!(e, LogonNotSymmetric { .. }),
+            ),
+            // ed25519 is no symmetric spec, nor a length an Ed25519 spec.
+            ("user", "derived:git".into(), "ed25519 user".into(), |e| {
+                matches!(e, SpecMismatch { .. })
+            }),
+            ("user", "derived:git:pub".into(), "32 user".into(), |e| {
+                matches!(e, SpecMismatch { .. })
+            }),
+            (
+                "user",
+                "derived:git:pub".into(),
+                "Ed25519 user".into(),
+                |e| matches!(e, BadSpec { .. }),
+            ),
+        ];
+        for (t, d, c, check) in &cases {
+            let e = req(t, d, c).unwrap_err();
+            assert!(check(&e), "{t} {d} {c}: {e:?}");
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
     }
 
     #[test]

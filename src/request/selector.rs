@@ -9,13 +9,17 @@
 //! options are `account`, `client`, `epoch` (validated as in the callout)
 //! and `alg=p256|ed25519` (default `p256`), each at most once. A selector
 //! names the same key as the equivalent description and callout:
-//! `machine:host,epoch=2` is `derived:host:pub` with `p256 machine epoch=2`.
+//! `machine:host,epoch=2` is `derived:host:pub` with `p256 machine epoch=2`,
+//! `git,alg=ed25519` is `derived:git:pub` with `ed25519 user`.
 
 use std::fmt;
 use std::str::FromStr;
 
+use sha2::Digest as _;
+
 use super::{
-    Binding, Digest32, KeyType, Meta, Name, Options, Request, RequestError, Tag, Want, MAX_INPUT,
+    Binding, Digest32, KeyType, Message, Meta, Name, Options, Request, RequestError, Tag, Want,
+    MAX_INPUT,
 };
 
 /// The algorithm of a selector's key pair.
@@ -120,34 +124,52 @@ impl Selector {
         })
     }
 
-    fn request(&self, want: Want, tag: Option<Tag>) -> Result<Request, RequestError> {
-        if self.alg != Algorithm::P256 {
-            return Err(RequestError::UnsupportedAlgorithm {
-                alg: self.alg.as_str(),
-            });
-        }
-        Ok(Request {
+    fn request(&self, want: Want, tag: Option<Tag>) -> Request {
+        Request {
             key_type: KeyType::User,
             name: self.name.clone(),
             want,
             tag,
             binding: self.binding,
             options: self.options.clone(),
-        })
+        }
     }
 
-    /// The request for this key's public key (`derived:<name>:pub`).
+    /// The request for this key's public key (`derived:<name>:pub`, spec
+    /// `p256` or `ed25519`).
     pub fn public_key_request(&self, tag: Option<Tag>) -> Result<Request, RequestError> {
-        self.request(Want::PublicKey, tag)
+        Ok(self.request(Want::PublicKey(self.alg), tag))
     }
 
-    /// The request for this key's signature over a SHA-256 digest.
+    /// The request for this P-256 key's signature over a SHA-256 digest.
+    /// An Ed25519 key signs messages, not digests: use
+    /// [`Selector::sign_message_request`].
     pub fn sign_request(
         &self,
         digest: [u8; 32],
         tag: Option<Tag>,
     ) -> Result<Request, RequestError> {
-        self.request(Want::Sign(Digest32(digest)), tag)
+        match self.alg {
+            Algorithm::P256 => Ok(self.request(Want::Sign(Digest32(digest)), tag)),
+            Algorithm::Ed25519 => Err(RequestError::DigestForMessageSigner {
+                alg: Algorithm::Ed25519.as_str(),
+            }),
+        }
+    }
+
+    /// The request for this key's signature over `message`: pure Ed25519
+    /// over the message itself (1 to 1024 bytes, carried as `msg=`), or
+    /// for a P-256 key ECDSA over its SHA-256 digest.
+    pub fn sign_message_request(
+        &self,
+        message: &[u8],
+        tag: Option<Tag>,
+    ) -> Result<Request, RequestError> {
+        let want = match self.alg {
+            Algorithm::P256 => Want::Sign(Digest32(sha2::Sha256::digest(message).into())),
+            Algorithm::Ed25519 => Want::SignEd25519(Message::new(message)?),
+        };
+        Ok(self.request(want, tag))
     }
 }
 
@@ -182,6 +204,7 @@ impl fmt::Display for Selector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Sha256;
 
     #[test]
     fn the_contract_examples() {
@@ -260,13 +283,52 @@ mod tests {
         assert!(matches!(e, RequestError::UnknownBinding { .. }), "{e:?}");
     }
 
+    /// `alg=ed25519` names the key of spec `ed25519`: its `:pub`, and its
+    /// signature over a message carried as `msg=` under the message's
+    /// SHA-256. It signs no bare digest.
     #[test]
-    fn ed25519_is_named_but_not_served_yet() {
-        let sel = Selector::parse("git,alg=ed25519").unwrap();
+    fn ed25519_selectors_are_the_ed25519_description_and_callout() {
+        let sel = Selector::parse("machine:git,epoch=3,alg=ed25519").unwrap();
         assert_eq!(sel.alg, Algorithm::Ed25519);
+        let public = sel.public_key_request(None).unwrap();
+        assert_eq!(
+            public,
+            Request::parse(
+                b"user",
+                b"derived:git:pub",
+                b"ed25519 machine epoch=3",
+                "derived"
+            )
+            .unwrap()
+        );
+        assert_eq!(public.callout(), "ed25519 machine epoch=3");
+
+        let signed = sel.sign_message_request(b"hello", None).unwrap();
+        let desc = format!("derived:git:sign:{}", hex::encode(Sha256::digest(b"hello")));
+        let callout = format!("ed25519 machine epoch=3 msg={}", hex::encode(b"hello"));
+        assert_eq!(signed.description("derived"), desc);
+        assert_eq!(signed.callout(), callout);
+        assert_eq!(
+            signed,
+            Request::parse(b"user", desc.as_bytes(), callout.as_bytes(), "derived").unwrap()
+        );
         assert!(matches!(
-            sel.public_key_request(None),
-            Err(RequestError::UnsupportedAlgorithm { alg: "ed25519" })
+            sel.sign_request([0; 32], None),
+            Err(RequestError::DigestForMessageSigner { alg: "ed25519" })
         ));
+        for bad in [&b""[..], &[7; 1025]] {
+            assert!(matches!(
+                sel.sign_message_request(bad, None),
+                Err(RequestError::MessageLength { .. })
+            ));
+        }
+        assert!(sel.sign_message_request(&[7; 1024], None).is_ok());
+        // A P-256 selector signs a message by its digest, as before.
+        let p256 = Selector::parse("machine:git,epoch=3").unwrap();
+        assert_eq!(
+            p256.sign_message_request(b"hello", None).unwrap(),
+            p256.sign_request(Sha256::digest(b"hello").into(), None)
+                .unwrap()
+        );
     }
 }

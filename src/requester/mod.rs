@@ -47,8 +47,6 @@ pub enum RequesterError {
     UidMismatch { key_uid: u32, argv_uid: u32 },
     #[error("requester thread {tid} is not blocked in request_key (syscall {syscall:?})")]
     NotInRequestKey { tid: i32, syscall: String },
-    #[error("the IMA measurement list has no sha256 entry for {path}")]
-    NoImaMeasurement { path: String },
 }
 
 impl RequesterError {
@@ -138,27 +136,6 @@ pub fn parse_groups(status: &[u8]) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The sha256 IMA measurement of `path` from ascii_runtime_measurements:
-/// `pcr template-hash template-name sha256:<hex> <path>`; the last entry
-/// wins (a file measured again after a change).
-pub fn parse_ima(text: &str, path: &[u8]) -> Option<[u8; 32]> {
-    let mut found = None;
-    for line in text.lines() {
-        let mut f = line.splitn(5, ' ');
-        let (_, _, _, hash, name) = (f.next(), f.next(), f.next(), f.next()?, f.next()?);
-        if name.as_bytes() != path {
-            continue;
-        }
-        if let Some(h) = hash.strip_prefix("sha256:") {
-            let mut d = [0u8; 32];
-            if hex::decode_to_slice(h, &mut d).is_ok() {
-                found = Some(d);
-            }
-        }
-    }
-    found
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, RequesterError> {
@@ -263,16 +240,11 @@ pub fn identify(
 /// Where the kernel publishes IMA measurements.
 pub const IMA_MEASUREMENTS: &str = "/sys/kernel/security/ima/ascii_runtime_measurements";
 
-/// The IMA sha256 measurement of `exe`.
-pub fn ima_digest(list: &Path, exe: &Path) -> Result<[u8; 32], RequesterError> {
-    let bytes = read(list)?;
-    let text = String::from_utf8_lossy(&bytes);
-    parse_ima(&text, exe.as_os_str().as_bytes()).ok_or_else(|| RequesterError::NoImaMeasurement {
-        path: exe.display().to_string(),
-    })
-}
-
-/// Whether IMA measurements are available on this kernel.
+/// Whether IMA measurements are available on this kernel. Informational
+/// only (`dkey status`): `csum` never uses them. IMA's list names files by
+/// path string, and a path string is not the file a process runs (another
+/// mount namespace, a file named `p (deleted)`); the broker hashes that
+/// file itself, through /proc/<tid>/exe ([`csum`]).
 pub fn ima_available() -> bool {
     Path::new(IMA_MEASUREMENTS).exists()
 }
@@ -401,20 +373,6 @@ mod tests {
         let s = b"Name:\t\xffx\nUid:\t1\t1\t1\t1\nGroups:\t4 24 27 \nNgid:\t0\n";
         assert_eq!(parse_groups(s), vec![4, 24, 27]);
         assert!(parse_groups(b"Groups:\t\n").is_empty());
-    }
-
-    #[test]
-    fn ima_entries() {
-        let d1 = "11".repeat(32);
-        let d2 = "22".repeat(32);
-        let list = format!(
-            "10 aa ima-ng sha1:{} /usr/bin/x\n10 bb ima-ng sha256:{d1} /usr/bin/x\n\
-             10 cc ima-ng sha256:{d2} /usr/bin/x\n10 dd ima-ng sha256:{d1} /usr/bin/x y\n",
-            "00".repeat(20)
-        );
-        assert_eq!(parse_ima(&list, b"/usr/bin/x"), Some([0x22; 32]));
-        assert_eq!(parse_ima(&list, b"/usr/bin/x y"), Some([0x11; 32]));
-        assert_eq!(parse_ima(&list, b"/usr/bin/z"), None);
     }
 
     #[test]

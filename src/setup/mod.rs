@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::{Config, DEFAULT_PATH};
-use crate::secret;
+use crate::secret::{self, SecretBuf};
 use crate::tpm::{Tcti, TpmError};
 
-mod embedded;
-mod status;
+pub mod embedded;
+pub mod status;
 
 pub use embedded::{
     exec_embedded_swtpm, lockdown, lockdown_embedded, start_embedded_swtpm, stop_embedded_swtpm,
@@ -392,6 +392,13 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
     }
     let owner_auth = embedded.then(|| layout.owner_auth());
     let text = config_text(&tcti, netns.as_deref(), owner_auth.as_deref());
+    // The salt key's Name, to pin: with it, the configuration names this
+    // very TPM, and an interposer presenting another key is refused.
+    let salt_name = read_salt_key_name(&tcti, netns.as_deref(), owner_auth.as_deref());
+    let text = match &salt_name {
+        Ok(name) => pin_salt_key(&text, name).unwrap_or(text),
+        Err(_) => text,
+    };
     steps.push(Step {
         what: "configuration".into(),
         path: layout.config(),
@@ -403,7 +410,96 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
             &previous_texts(&tcti, owner_auth.as_deref()),
         )?,
     });
+    steps.push(Step {
+        what: match &salt_name {
+            Ok(name) => format!("TPM salt key pinned (Name {name})"),
+            Err(e) => format!(
+                "TPM salt key NOT pinned ({e}); run dkey install again once the TPM answers"
+            ),
+        },
+        path: layout.config(),
+        change: match &salt_name {
+            Ok(name) => ensure_pinned(&layout.config(), name)?,
+            Err(_) => Change::Absent,
+        },
+    });
     Ok(steps)
+}
+
+/// The Name of the salt key of the TPM `tcti` names, in hex.
+fn read_salt_key_name(
+    tcti: &Tcti,
+    netns: Option<&Path>,
+    owner_auth_file: Option<&Path>,
+) -> Result<String, SetupError> {
+    let auth = match owner_auth_file {
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(io(p, "read"))?;
+            let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            Some(SecretBuf::copy_from(bytes)?)
+        }
+        None => None,
+    };
+    crate::tpm::netns::run_in(netns, || {
+        let mut tpm = crate::tpm::Tpm::open(tcti).map_err(SetupError::Tcti)?;
+        tpm.salt_key_name(auth.as_ref())
+            .map(hex::encode)
+            .map_err(SetupError::Tcti)
+    })?
+}
+
+/// `text` with `salt_key_name` set to `name` where the shipped default
+/// has it commented out; None if `text` has no such line.
+fn pin_salt_key(text: &str, name: &str) -> Option<String> {
+    let mut done = false;
+    let out: String = text
+        .split_inclusive('\n')
+        .map(|line| {
+            if !done && line.starts_with("# salt_key_name = ") {
+                done = true;
+                format!("salt_key_name = \"{name}\"\n")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    done.then_some(out)
+}
+
+/// Makes the installed configuration pin `name` if it pins nothing yet (an
+/// edited or older file): one line after `tcti`, the old file kept as
+/// `.bak`. A pin already there stays, even if it differs: then the broker
+/// refuses the TPM and says why, which is what a swapped TPM must get.
+fn ensure_pinned(path: &Path, name: &str) -> Result<Change, SetupError> {
+    let text = std::fs::read_to_string(path).map_err(io(path, "read"))?;
+    let config = Config::parse(&text, path).map_err(|_| SetupError::Io {
+        path: path.to_owned(),
+        action: "parse",
+        source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+    })?;
+    match config.salt_key_name {
+        Some(n) if hex::encode(&n) == name => return Ok(Change::Unchanged),
+        Some(_) => return Ok(Change::Kept),
+        None => {}
+    }
+    let mut out = String::with_capacity(text.len() + 96);
+    let mut done = false;
+    for line in text.split_inclusive('\n') {
+        out.push_str(line);
+        if !done && line.trim_start().starts_with("tcti") {
+            if !line.ends_with('\n') {
+                out.push('\n');
+            }
+            out.push_str(&format!("salt_key_name = \"{name}\"\n"));
+            done = true;
+        }
+    }
+    if !done {
+        return Ok(Change::Absent);
+    }
+    write_atomic(&path.with_extension("conf.bak"), text.as_bytes(), 0o644)?;
+    write_atomic(path, out.as_bytes(), 0o644)?;
+    Ok(Change::Updated)
 }
 
 /// `dkey uninstall`: removes the handler, the rule, the dkey copy and the

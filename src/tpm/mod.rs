@@ -41,6 +41,8 @@ const PRIMARY_AUTH_LEN: usize = 32;
 
 /// Handles of transient objects start here (TPM_HT_TRANSIENT << 24).
 const TRANSIENT_FIRST: u32 = 0x8000_0000;
+/// Handles of loaded sessions start here (TPM_HT_HMAC_SESSION << 24).
+const SESSION_FIRST: u32 = 0x0200_0000;
 
 /// How the TPM is reached, in the TCTI syntax tpm2-tools accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +158,12 @@ pub enum TpmError {
     },
     #[error("no randomness for the primary's authorization value")]
     NoRandomness,
+    #[error("the TPM's salt key is not the one `dkey install` recorded (tpm.salt_key_name {expected}, the TPM presents {found}): something may stand between this host and its TPM, or the TPM was cleared")]
+    SaltKeyMismatch { expected: String, found: String },
+    #[error("TPM session memory is full during {command} even after flushing leftovers")]
+    SessionMemory { command: &'static str },
+    #[error("the TPM started no session")]
+    NoSession,
     #[error("the owner authorization is longer than 64 bytes")]
     OwnerAuthTooLong,
     #[error("TPM returned a {len}-byte HMAC, expected 32")]
@@ -210,6 +218,7 @@ fn classify(tcti: &Tcti, command: &'static str, source: TssError) -> TpmError {
         },
         LAYER_TPM => match kind_of(&source) {
             Some(Tss2ResponseCodeKind::ObjectMemory) => TpmError::ObjectMemory { command },
+            Some(Tss2ResponseCodeKind::SessionMemory) => TpmError::SessionMemory { command },
             Some(Tss2ResponseCodeKind::Lockout) => TpmError::Lockout { rc },
             Some(Tss2ResponseCodeKind::AuthFail | Tss2ResponseCodeKind::BadAuth)
                 if command == "CreatePrimary" =>
@@ -235,9 +244,13 @@ pub struct TpmInfo {
     pub software: bool,
 }
 
-/// The derivation primary, loaded in the TPM until flushed.
+/// The derivation primary, loaded in the TPM until flushed, and the
+/// salted session its HMACs run in.
 #[derive(Debug)]
-pub struct Primary(KeyHandle);
+pub struct Primary {
+    key: KeyHandle,
+    session: AuthSession,
+}
 
 /// Which hierarchy passwords a TPM has set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +275,8 @@ pub enum HierarchyAuth {
 pub struct Tpm {
     ctx: Context,
     tcti: Tcti,
+    /// The salt key Name this TPM must present (`tpm.salt_key_name`).
+    salt_pin: Option<Vec<u8>>,
 }
 
 impl Tpm {
@@ -278,7 +293,182 @@ impl Tpm {
         Ok(Tpm {
             ctx,
             tcti: tcti.clone(),
+            salt_pin: None,
         })
+    }
+
+    /// Refuse to derive unless the TPM's salt key has this Name (what
+    /// `dkey install` recorded): an interposer cannot swap in its own key.
+    pub fn pin_salt_key(&mut self, name: Option<Vec<u8>>) {
+        self.salt_pin = name;
+    }
+
+    /// The template of the salt key: the TCG's ECC P-256 storage key
+    /// template (restricted decryption, AES-128-CFB, zero unique), in the
+    /// owner hierarchy. Fixed, so its Name is the same after every reboot
+    /// and re-image while the owner seed stays (DERIVATION.md).
+    fn salt_template() -> Result<Public, TssError> {
+        use tss_esapi::interface_types::ecc::EccCurve;
+        use tss_esapi::structures::{
+            EccPoint, EccScheme, KeyDerivationFunctionScheme, PublicEccParametersBuilder,
+            SymmetricDefinitionObject,
+        };
+        let attributes = ObjectAttributesBuilder::new()
+            .with_fixed_tpm(true)
+            .with_fixed_parent(true)
+            .with_sensitive_data_origin(true)
+            .with_user_with_auth(true)
+            .with_no_da(true)
+            .with_restricted(true)
+            .with_decrypt(true)
+            .build()?;
+        PublicBuilder::new()
+            .with_public_algorithm(PublicAlgorithm::Ecc)
+            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+            .with_object_attributes(attributes)
+            .with_ecc_parameters(
+                PublicEccParametersBuilder::new()
+                    .with_symmetric(SymmetricDefinitionObject::AES_128_CFB)
+                    .with_ecc_scheme(EccScheme::Null)
+                    .with_curve(EccCurve::NistP256)
+                    .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
+                    .with_is_signing_key(false)
+                    .with_is_decryption_key(true)
+                    .with_restricted(true)
+                    .build()?,
+            )
+            .with_ecc_unique_identifier(EccPoint::default())
+            .build()
+    }
+
+    /// Sets the owner hierarchy's authValue in ESYS (empty when None).
+    fn set_owner_auth(&mut self, owner_auth: Option<&SecretBuf>) -> Result<(), TpmError> {
+        let stack = |source| TpmError::Stack {
+            command: "TR_SetAuth",
+            source,
+        };
+        let auth = match owner_auth {
+            Some(a) if a.len() > 64 => return Err(TpmError::OwnerAuthTooLong),
+            Some(a) => Auth::try_from(a.as_ref().to_vec()).map_err(stack)?,
+            None => Auth::default(),
+        };
+        self.ctx
+            .tr_set_auth(ObjectHandle::Owner, auth)
+            .map_err(stack)
+    }
+
+    /// A session for one command, with `symmetric` parameter encryption
+    /// and `salt` as its salt key (None: unsalted).
+    fn start_session(
+        &mut self,
+        salt: Option<KeyHandle>,
+        symmetric: tss_esapi::structures::SymmetricDefinition,
+        keep: bool,
+    ) -> Result<AuthSession, TpmError> {
+        use tss_esapi::attributes::SessionAttributesBuilder;
+        use tss_esapi::constants::SessionType;
+        let tcti = self.tcti.clone();
+        let session = self
+            .ctx
+            .start_auth_session(
+                salt,
+                None,
+                None,
+                SessionType::Hmac,
+                symmetric,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(|e| classify(&tcti, "StartAuthSession", e))?
+            .ok_or(TpmError::NoSession)?;
+        let mut attrs = SessionAttributesBuilder::new().with_continue_session(keep);
+        if salt.is_some() {
+            attrs = attrs.with_decrypt(true).with_encrypt(true);
+        }
+        let (attributes, mask) = attrs.build();
+        self.ctx
+            .tr_sess_set_attributes(session, attributes, mask)
+            .map_err(|source| TpmError::Stack {
+                command: "TR_Sess_SetAttributes",
+                source,
+            })?;
+        Ok(session)
+    }
+
+    /// Creates the salt key (owner authorization through an unsalted HMAC
+    /// session: the owner password never crosses the bus) and returns it
+    /// with its Name.
+    fn create_salt_key(
+        &mut self,
+        owner_auth: Option<&SecretBuf>,
+    ) -> Result<(KeyHandle, Vec<u8>), TpmError> {
+        let template = Self::salt_template().map_err(|source| TpmError::Stack {
+            command: "CreatePrimary",
+            source,
+        })?;
+        self.set_owner_auth(owner_auth)?;
+        let once = self.start_session(
+            None,
+            tss_esapi::structures::SymmetricDefinition::Null,
+            false,
+        )?;
+        let tcti = self.tcti.clone();
+        let key = self
+            .ctx
+            .execute_with_session(Some(once), |ctx| {
+                ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+            })
+            .map(|r| r.key_handle)
+            .map_err(|e| classify(&tcti, "CreatePrimary", e))?;
+        match self.ctx.tr_get_name(key.into()) {
+            Ok(name) => Ok((key, name.value().to_vec())),
+            Err(source) => {
+                let _ = self.flush(key.into());
+                Err(TpmError::Stack {
+                    command: "TR_GetName",
+                    source,
+                })
+            }
+        }
+    }
+
+    /// The Name of this TPM's salt key, for `dkey install` to pin.
+    pub fn salt_key_name(&mut self, owner_auth: Option<&SecretBuf>) -> Result<Vec<u8>, TpmError> {
+        let (key, name) = self.create_salt_key(owner_auth)?;
+        self.flush(key.into())?;
+        Ok(name)
+    }
+
+    /// A salted HMAC session with command and response encryption, kept
+    /// across commands: salted to the salt key (whose Name must match the
+    /// pin, if any), which is flushed once the session stands.
+    fn salted_session(&mut self, owner_auth: Option<&SecretBuf>) -> Result<AuthSession, TpmError> {
+        let (key, name) = self.create_salt_key(owner_auth)?;
+        if let Some(pin) = self.salt_pin.clone() {
+            if pin != name {
+                let _ = self.flush(key.into());
+                return Err(TpmError::SaltKeyMismatch {
+                    expected: hex::encode(pin),
+                    found: hex::encode(&name),
+                });
+            }
+        }
+        let session = self.start_session(
+            Some(key),
+            tss_esapi::structures::SymmetricDefinition::AES_128_CFB,
+            true,
+        );
+        let flushed = self.flush(key.into());
+        let session = session?;
+        flushed?;
+        Ok(session)
+    }
+
+    fn flush_session(&mut self, session: AuthSession) {
+        if let AuthSession::Password = session {
+            return;
+        }
+        let h = tss_esapi::handles::SessionHandle::from(session);
+        let _ = self.flush(ObjectHandle::from(h));
     }
 
     /// The template of the derivation primary. Frozen by derivation v1.
@@ -302,7 +492,11 @@ impl Tpm {
             .build()
     }
 
-    fn create_primary(&mut self, owner_auth: Option<&SecretBuf>) -> Result<KeyHandle, TpmError> {
+    fn create_primary(
+        &mut self,
+        owner_auth: Option<&SecretBuf>,
+        session: AuthSession,
+    ) -> Result<KeyHandle, TpmError> {
         let stack = |source| TpmError::Stack {
             command: "CreatePrimary",
             source,
@@ -313,26 +507,12 @@ impl Tpm {
         let mut secret = SecretBuf::new(PRIMARY_AUTH_LEN)?;
         getrandom::getrandom(secret.as_mut()).map_err(|_| TpmError::NoRandomness)?;
         let primary_auth = || Auth::try_from(secret.as_ref().to_vec()).map_err(stack);
-        let auth = match owner_auth {
-            Some(a) if a.len() > 64 => return Err(TpmError::OwnerAuthTooLong),
-            Some(a) => Auth::try_from(a.as_ref().to_vec()),
-            None => Ok(Auth::default()),
-        }
-        .map_err(|source| TpmError::Stack {
-            command: "CreatePrimary",
-            source,
-        })?;
-        self.ctx
-            .tr_set_auth(ObjectHandle::Owner, auth)
-            .map_err(|source| TpmError::Stack {
-                command: "CreatePrimary",
-                source,
-            })?;
+        self.set_owner_auth(owner_auth)?;
         let tcti = self.tcti.clone();
         let in_sensitive = primary_auth()?;
         let key = self
             .ctx
-            .execute_with_session(Some(AuthSession::Password), |ctx| {
+            .execute_with_session(Some(session), |ctx| {
                 ctx.create_primary(
                     Hierarchy::Owner,
                     template,
@@ -351,15 +531,15 @@ impl Tpm {
         Ok(key)
     }
 
-    fn hmac(&mut self, key: KeyHandle, msg: &[u8; 32]) -> Result<SecretBuf, TpmError> {
+    fn hmac(&mut self, primary: &Primary, msg: &[u8; 32]) -> Result<SecretBuf, TpmError> {
         let mut out = SecretBuf::new(32)?;
-        self.hmac_into(key, msg, out.as_mut())?;
+        self.hmac_into(primary, msg, out.as_mut())?;
         Ok(out)
     }
 
     fn hmac_into(
         &mut self,
-        key: KeyHandle,
+        primary: &Primary,
         msg: &[u8; 32],
         out: &mut [u8],
     ) -> Result<(), TpmError> {
@@ -370,8 +550,11 @@ impl Tpm {
         })?;
         let digest = self
             .ctx
-            .execute_with_session(Some(AuthSession::Password), |ctx| {
-                ctx.hmac(key.into(), buffer, HashingAlgorithm::Sha256)
+            // The salted session: the input is encrypted on its way in, the
+            // PRK on its way out; the primary's authValue only keys the
+            // session's HMAC.
+            .execute_with_session(Some(primary.session), |ctx| {
+                ctx.hmac(primary.key.into(), buffer, HashingAlgorithm::Sha256)
             })
             .map_err(|e| classify(&tcti, "HMAC", e))?;
         if digest.len() != out.len() {
@@ -388,40 +571,45 @@ impl Tpm {
             .map_err(|e| classify(&tcti, "FlushContext", e))
     }
 
-    /// PRK = HMAC(primary, msg). Creates the primary, HMACs, flushes it.
-    /// If the TPM's object memory is full of leftovers (a crashed client),
-    /// flushes them once and tries again.
+    /// PRK = HMAC(primary, msg). Creates the session and the primary,
+    /// HMACs, flushes both.
     pub fn prk(&mut self, owner_auth: Option<&SecretBuf>, msg: &[u8; 32]) -> Result<Prk, TpmError> {
-        let primary = match self.create_primary(owner_auth) {
-            Err(TpmError::ObjectMemory { .. }) => {
-                self.flush_transients()?;
-                self.create_primary(owner_auth)?
-            }
-            other => other?,
-        };
-        let out = self.hmac(primary, msg);
-        let flushed = self.flush(primary.into());
+        let primary = self.load_primary(owner_auth)?;
+        let out = self.hmac(&primary, msg);
+        let flushed = self.flush_primary(primary);
         let out = out?;
         flushed?;
         Prk::new(out).map_err(|_| TpmError::HmacLength { len: 0 })
     }
 
-    /// Creates the derivation primary and keeps it loaded (for the broker,
-    /// which answers many requests with it). Recovers from object memory
-    /// full of leftovers once, like `prk`.
+    /// Starts the salted session and creates the derivation primary in it,
+    /// and keeps both (for the broker, which answers many requests with
+    /// them). If the TPM's object or session memory is full of leftovers
+    /// (a crashed client), flushes them once and tries again.
     pub fn load_primary(&mut self, owner_auth: Option<&SecretBuf>) -> Result<Primary, TpmError> {
-        match self.create_primary(owner_auth) {
-            Err(TpmError::ObjectMemory { .. }) => {
+        match self.try_load_primary(owner_auth) {
+            Err(TpmError::ObjectMemory { .. } | TpmError::SessionMemory { .. }) => {
                 self.flush_transients()?;
-                self.create_primary(owner_auth).map(Primary)
+                self.try_load_primary(owner_auth)
             }
-            other => other.map(Primary),
+            other => other,
+        }
+    }
+
+    fn try_load_primary(&mut self, owner_auth: Option<&SecretBuf>) -> Result<Primary, TpmError> {
+        let session = self.salted_session(owner_auth)?;
+        match self.create_primary(owner_auth, session) {
+            Ok(key) => Ok(Primary { key, session }),
+            Err(e) => {
+                self.flush_session(session);
+                Err(e)
+            }
         }
     }
 
     /// PRK = HMAC(primary, msg) with a primary kept loaded.
     pub fn prk_with(&mut self, primary: &Primary, msg: &[u8; 32]) -> Result<Prk, TpmError> {
-        let out = self.hmac(primary.0, msg)?;
+        let out = self.hmac(primary, msg)?;
         Prk::new(out).map_err(|_| TpmError::HmacLength { len: 0 })
     }
 
@@ -433,31 +621,48 @@ impl Tpm {
         msg: &[u8; 32],
         out: &mut SecretBuf,
     ) -> Result<(), TpmError> {
-        self.hmac_into(primary.0, msg, out.as_mut())
+        self.hmac_into(primary, msg, out.as_mut())
     }
 
-    /// Flushes a primary kept loaded.
+    /// Flushes a primary kept loaded, and its session.
     pub fn flush_primary(&mut self, primary: Primary) -> Result<(), TpmError> {
-        self.flush(primary.0.into())
+        self.flush_session(primary.session);
+        self.flush(primary.key.into())
     }
 
-    fn transient_handles(&mut self) -> Result<Vec<u32>, TpmError> {
+    /// The TPM's handles from `first` on (capability TPM_CAP_HANDLES).
+    fn handles(&mut self, first: u32) -> Result<Vec<TpmHandle>, TpmError> {
         let tcti = self.tcti.clone();
         let (data, _) = self
             .ctx
-            .execute_without_session(|ctx| {
-                ctx.get_capability(CapabilityType::Handles, TRANSIENT_FIRST, 64)
-            })
+            .execute_without_session(|ctx| ctx.get_capability(CapabilityType::Handles, first, 64))
             .map_err(|e| classify(&tcti, "GetCapability", e))?;
         let CapabilityData::Handles(list) = data else {
             return Ok(Vec::new());
         };
-        Ok(list
-            .into_inner()
+        Ok(list.into_inner())
+    }
+
+    fn transient_handles(&mut self) -> Result<Vec<TpmHandle>, TpmError> {
+        Ok(self
+            .handles(TRANSIENT_FIRST)?
             .into_iter()
-            .filter_map(|h| match h {
-                TpmHandle::Transient(t) => Some(u32::from(t)),
-                _ => None,
+            .filter(|h| matches!(h, TpmHandle::Transient(_)))
+            .collect())
+    }
+
+    /// Loaded sessions (HMAC and policy).
+    fn session_handles(&mut self) -> Result<Vec<TpmHandle>, TpmError> {
+        Ok(self
+            .handles(SESSION_FIRST)?
+            .into_iter()
+            .filter(|h| {
+                matches!(
+                    h,
+                    TpmHandle::HmacSession(_)
+                        | TpmHandle::LoadedSession(_)
+                        | TpmHandle::PolicySession(_)
+                )
             })
             .collect())
     }
@@ -467,22 +672,26 @@ impl Tpm {
         Ok(self.transient_handles()?.len())
     }
 
-    /// Flushes every transient object. Callers hold the TPM lock, so on a
-    /// TPM without a resource manager these are leftovers of dead clients.
+    /// How many sessions are loaded right now.
+    pub fn session_count(&mut self) -> Result<usize, TpmError> {
+        Ok(self.session_handles()?.len())
+    }
+
+    /// Flushes every transient object and loaded session. Callers hold the
+    /// TPM lock, so on a TPM without a resource manager these are leftovers
+    /// of dead clients.
     pub fn flush_transients(&mut self) -> Result<usize, TpmError> {
-        let handles = self.transient_handles()?;
+        let handles: Vec<TpmHandle> = self
+            .transient_handles()?
+            .into_iter()
+            .chain(self.session_handles()?)
+            .collect();
         let tcti = self.tcti.clone();
-        for raw in &handles {
-            let th = tss_esapi::handles::TransientTpmHandle::new(*raw).map_err(|source| {
-                TpmError::Stack {
-                    command: "FlushContext",
-                    source,
-                }
-            })?;
+        for h in &handles {
             let obj = self
                 .ctx
-                .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::Transient(th)))
-                .map_err(|e| classify(&tcti, "ReadPublic", e))?;
+                .execute_without_session(|ctx| ctx.tr_from_tpm_public(*h))
+                .map_err(|e| classify(&tcti, "TR_FromTPMPublic", e))?;
             self.flush(obj)?;
         }
         Ok(handles.len())
@@ -633,17 +842,29 @@ mod tests {
 
     #[test]
     fn template_matches_the_specification() {
-        let t = Tpm::primary_template().unwrap();
-        let Public::KeyedHash {
-            object_attributes,
-            unique,
-            ..
-        } = &t
-        else {
-            panic!("not keyedhash");
-        };
-        assert_eq!(u32::from(*object_attributes), PRIMARY_ATTRIBUTES);
-        assert_eq!(unique.value(), PRIMARY_UNIQUE);
+        use tss_esapi::traits::Marshall;
+        // TPMT_PUBLIC as DERIVATION.md writes it, byte by byte, not from
+        // our constants: type KEYEDHASH (0008), nameAlg SHA256 (000b),
+        // objectAttributes 00040472, empty authPolicy, scheme HMAC (0005)
+        // with SHA256, unique = the 32-byte label.
+        let mut want = hex::decode("0008000b000404720000000500 0b0020".replace(' ', "")).unwrap();
+        want.extend_from_slice(b"derived-keys/v1/tpm-hmac-primary");
+        let got = Tpm::primary_template().unwrap().marshall().unwrap();
+        assert_eq!(hex::encode(got), hex::encode(want));
+    }
+
+    #[test]
+    fn salt_key_template_is_the_tcg_ecc_storage_key() {
+        use tss_esapi::traits::Marshall;
+        // Its Name is pinned by install, so its bytes must never change:
+        // type ECC (0023), nameAlg SHA256, attributes fixedTPM|fixedParent|
+        // sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt
+        // (00030472), empty authPolicy, AES-128-CFB (0006 0080 0043),
+        // scheme NULL (0010), curve NIST P-256 (0003), kdf NULL (0010),
+        // unique x and y empty.
+        let want = "0023000b000304720000000600800043001000030010 00000000".replace(' ', "");
+        let got = Tpm::salt_template().unwrap().marshall().unwrap();
+        assert_eq!(hex::encode(got), want);
     }
 
     #[test]

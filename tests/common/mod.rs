@@ -343,8 +343,14 @@ impl KernelEnv {
             rule: PathBuf::from(format!("/etc/request-key.d/{prefix}.conf")),
             dir,
         };
+        // Every request reaches the TPM unless a test turns hot keys on.
+        let hot = if conf_extra.contains("hot_key_s") {
+            ""
+        } else {
+            "hot_key_s = 0\n"
+        };
         env.write_conf(&format!(
-            "[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 3000\n{conf_extra}\n"
+            "[tpm]\ntcti = \"{tcti}\"\ntimeout_ms = 3000\n{hot}{conf_extra}\n"
         ));
         let helper = env!("CARGO_BIN_EXE_derived-key-helper");
         let line = |ty: &str| {
@@ -508,4 +514,62 @@ pub fn copy_executable(src: &str, dst: &Path, extra: &str) {
         .status()
         .unwrap();
     assert!(st.success());
+}
+
+/// A TCP proxy pair (command and control port) in front of `swtpm`, where
+/// a probe on a TPM's bus or an interposer would sit: every byte both ways
+/// goes into the returned log, and each answer from the TPM is held back
+/// `delay` (a slow TPM). Returns its TCTI.
+pub fn proxy(
+    swtpm: &Swtpm,
+    delay: Duration,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    fn forward(listen: TcpListener, upstream: u16, log: Arc<Mutex<Vec<u8>>>, delay: Duration) {
+        std::thread::spawn(move || {
+            for client in listen.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                for (mut from, mut to, wait) in [
+                    (
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                        Duration::ZERO,
+                    ),
+                    (server, client, delay),
+                ] {
+                    let log = log.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            std::thread::sleep(wait);
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            log.lock().unwrap().extend_from_slice(&buf[..n]);
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    loop {
+        let (port, ctrl) = free_port_pair();
+        let (Ok(a), Ok(b)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", ctrl)),
+        ) else {
+            continue;
+        };
+        forward(a, swtpm.port, log.clone(), delay);
+        forward(b, swtpm.ctrl_port, log.clone(), delay);
+        return (format!("swtpm:host=127.0.0.1,port={port}"), log);
+    }
 }

@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
 """An independent implementation of DERIVATION.md (derived-keys v1), written
-from the specification with the Python standard library only. It recomputes
-every known-answer vector from its inputs and checks every byte, signatures
-included (RFC 6979 deterministic ECDSA, its own code), and verifies each
-signature with its own ECDSA verification. Its signing is first checked
-against RFC 6979 appendix A.2.5. Usage: derive_v1.py VECTORS.json
+from the specification with the Python standard library, and for the
+Ed25519 purpose (section 7) pyca/cryptography's Ed25519 (OpenSSL's), an
+implementation the project did not write. It recomputes every known-answer
+vector from its inputs and checks every byte, signatures included (RFC 6979
+deterministic ECDSA, its own code; RFC 8032 Ed25519 through cryptography),
+and verifies each signature. Its ECDSA is first checked against RFC 6979
+appendix A.2.5, its Ed25519 against RFC 8032 section 7.1.
+Usage: derive_v1.py VECTORS.json
 """
 import hashlib
 import hmac
 import json
 import struct
 import sys
+
+try:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+except ImportError:  # pragma: no cover
+    sys.exit("derive_v1.py: pyca/cryptography is needed for the Ed25519 vectors "
+             "(Debian: python3-cryptography; scripts/install-deps.sh installs it)")
 
 # P-256 domain parameters (SEC 2 / FIPS 186-4).
 P = 0xFFFFFFFF00000001000000000000000000000000FFFFFFFFFFFFFFFFFFFFFFFF
@@ -29,12 +40,22 @@ def opt(v):
     return b"\x00" if v is None else b"\x01" + lp(v.encode())
 
 
+# DERIVATION.md, "Purposes": code, and the HKDF info of symmetric purposes.
+PURPOSES = {"symmetric": 0x01, "p256": 0x02, "kernel-symmetric": 0x03, "ed25519": 0x04}
+FIXED_LENGTH = {"p256": 32, "ed25519": 32}
+HKDF_INFO = {
+    "symmetric": b"derived-keys/v1/symmetric",
+    "kernel-symmetric": b"derived-keys/v1/kernel-symmetric",
+}
+# DERIVATION.md section 7.
+ED25519_SEED_INFO = b"derived-keys/v1/ed25519-seed"
+
+
 def encode(inp, data):
     e = lp(b"derived-keys") + b"\x01"
-    if inp["purpose"] == "symmetric":
-        e += b"\x01" + struct.pack(">I", inp["length"])
-    else:
-        e += b"\x02" + struct.pack(">I", 32)
+    purpose = inp["purpose"]
+    length = FIXED_LENGTH.get(purpose) or inp["length"]
+    e += bytes([PURPOSES[purpose]]) + struct.pack(">I", length)
     e += lp(inp["name"].encode())
     b = inp["binding"]
     if b == "path":
@@ -164,6 +185,43 @@ def der_ints(sig):
     return vals
 
 
+def ed25519(seed, message):
+    """RFC 8032 Ed25519 (pure) from the 32-byte seed, by pyca/cryptography:
+    the RFC 8410 SubjectPublicKeyInfo DER and the signature over message.
+    The signature is verified with the public key parsed back from that DER."""
+    key = Ed25519PrivateKey.from_private_bytes(seed)
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    sig = key.sign(message)
+    serialization.load_der_public_key(spki).verify(sig, message)
+    return spki, sig
+
+
+def ed25519_verify(spki, message, sig):
+    try:
+        serialization.load_der_public_key(spki).verify(sig, message)
+        return True
+    except InvalidSignature:
+        return False
+
+
+def rfc8032_self_test():
+    """RFC 8032 section 7.1, TEST 1 and TEST 2: public key and signature."""
+    for seed, public, msg, sig in [
+        ("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+         "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a", "",
+         "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b"),
+        ("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+         "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c", "72",
+         "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"),
+    ]:
+        spki, got = ed25519(bytes.fromhex(seed), bytes.fromhex(msg))
+        if (spki.hex(), got.hex()) != ("302a300506032b6570032100" + public, sig):
+            print(f"FAIL RFC 8032 7.1 seed {seed[:8]}...")
+            return False
+    return True
+
+
 def ecdsa_verify(q, digest, sig):
     r, s = der_ints(sig)
     if not (0 < r < N and 0 < s < N):
@@ -175,7 +233,7 @@ def ecdsa_verify(q, digest, sig):
 
 
 def main(path):
-    if not rfc6979_self_test():
+    if not (rfc6979_self_test() and rfc8032_self_test()):
         return 1
     doc = json.load(open(path))
     prf_key = bytes.fromhex(doc["prf_key"])
@@ -186,9 +244,22 @@ def main(path):
         m = hashlib.sha256(e).digest()
         prk = hmac.new(prf_key, m, hashlib.sha256).digest()
         got = {"encoding": e.hex(), "message": m.hex(), "prk": prk.hex()}
-        if inp["purpose"] == "symmetric":
-            got["key"] = hkdf_sha256(prk, b"derived-keys/v1/symmetric", inp["length"]).hex()
-        else:
+        if inp["purpose"] in HKDF_INFO:
+            got["key"] = hkdf_sha256(prk, HKDF_INFO[inp["purpose"]], inp["length"]).hex()
+        elif inp["purpose"] == "ed25519":
+            seed = hkdf_sha256(prk, ED25519_SEED_INFO, 32)
+            message = bytes.fromhex(v["sign_message"])
+            if not 1 <= len(message) <= 1024:
+                print(f"FAIL {case}: a message of {len(message)} bytes")
+                return 1
+            spki, sig = ed25519(seed, message)
+            got["seed"] = seed.hex()
+            got["spki"] = spki.hex()
+            got["signature"] = sig.hex()
+            if not ed25519_verify(bytes.fromhex(v["spki"]), message, bytes.fromhex(v["signature"])):
+                print(f"FAIL {case}: signature does not verify")
+                return 1
+        elif inp["purpose"] == "p256":
             u = expand_message_xmd(prk, b"derived-keys/v1/p256-scalar", 48)
             d = int.from_bytes(u, "big") % N
             assert d != 0
@@ -200,6 +271,9 @@ def main(path):
             if not ecdsa_verify(q, digest, bytes.fromhex(v["signature"])):
                 print(f"FAIL {case}: signature does not verify")
                 return 1
+        else:
+            print(f"FAIL {case}: unknown purpose {inp['purpose']}")
+            return 1
         for field, value in got.items():
             if v[field] != value:
                 print(f"FAIL {case}: {field}\n  vector {v[field]}\n  python {value}")

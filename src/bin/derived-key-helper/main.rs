@@ -23,11 +23,11 @@ use core::ffi::{c_char, c_int};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicI32, Ordering};
 
-use derived_keys_core::audit_line::AuditFields;
+use derived_keys_core::audit_line::{self, AuditFields};
 use derived_keys_core::errno::{self, exit_errno, EINVAL, EIO, ENODEV, ETIMEDOUT};
 use derived_keys_core::handler_args::{parse_args, Args, Cli};
 use derived_keys_core::proc_keys::{KeysLine, KeysScan};
-use derived_keys_core::runtime::{runtime_path, Fnv, Line};
+use derived_keys_core::runtime::{runtime_path, Fnv, Line, RUN_DIR};
 use derived_keys_core::wire::{self, Answer, Hello, LogTo, Upcall};
 use sys::{CPath, Errno, Fd};
 
@@ -307,6 +307,12 @@ fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<KeysScan>
 /// an edited configuration gets a fresh broker. None if the file cannot be
 /// read.
 fn socket_path(config: &[u8]) -> Option<CPath> {
+    runtime_file(config, "sock")
+}
+
+/// A runtime file (`ext`) of the broker serving the configuration at
+/// `config`, named as the library's `broker::paths` names it.
+fn runtime_file(config: &[u8], ext: &str) -> Option<CPath> {
     let path = CPath::new(&[config])?;
     let f = Fd::open_path(&path, false).ok()?;
     let mut h = Fnv::default();
@@ -318,7 +324,7 @@ fn socket_path(config: &[u8]) -> Option<CPath> {
             n => h.feed(&chunk[..n]),
         }
     }
-    CPath::new(&[runtime_path(h.0, "sock").as_bytes()])
+    CPath::new(&[runtime_path(h.0, ext).as_bytes()])
 }
 
 fn broker_exe() -> Option<CPath> {
@@ -383,8 +389,15 @@ fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
 }
 
 /// The audit line for a request this handler answered itself, in the
-/// broker's format and escaping (one function, in `helper`), to where the
-/// broker said (syslog if it did not).
+/// broker's format and escaping (one function, in the core crate), to
+/// where the broker said (syslog if it did not) and in the broker's order:
+/// the journal's native socket, the syslog socket, the kernel log. This
+/// process writes one line, on a /dev/kmsg file of its own, so the
+/// kernel's per-file rate limit (10 lines per 5 s) never discards it; but
+/// `printk_devkmsg=off` discards every line while reporting it written,
+/// so then the kernel log is not tried. A line no channel takes is
+/// counted in the broker's counter file (reported by the broker in its
+/// next line, and by `dkey status`), and goes to standard error.
 fn audit(log: Option<&LogConf>, args: &Args<'_>, outcome: &str, reason: &[u8]) {
     let mut line = Line::new();
     AuditFields {
@@ -399,25 +412,57 @@ fn audit(log: Option<&LogConf>, args: &Args<'_>, outcome: &str, reason: &[u8]) {
         Some(l) => (l.to, &b"/dev/log"[..]),
         None => (LogTo::Syslog, &b"/dev/log"[..]),
     };
-    // authpriv (10) * 8 + notice (5)
-    const PRI: u8 = 85;
-    let mut msg = Line::new();
     let sent = match to {
-        LogTo::Syslog => {
-            let _ = write!(msg, "<{PRI}>derived-key-helper[{}]: ", sys::pid());
-            msg.push(line.as_bytes());
-            sys::send_datagram(path, msg.as_bytes(), 250_000).is_ok() || kmsg(&line)
-        }
+        LogTo::Syslog => journal(&line) || syslog(path, &line) || kmsg(&line),
         LogTo::Kmsg => kmsg(&line),
         LogTo::Stderr => false,
     };
     if !sent {
+        if to != LogTo::Stderr {
+            count_dropped(args.config);
+        }
         line.push(b"\n");
         sys::stderr(line.as_bytes());
     }
 }
 
+/// Sends give up after this long: a stalled log daemon must not hold up
+/// the requester.
+const SEND_TIMEOUT_US: u64 = 250_000;
+
+fn journal(line: &Line) -> bool {
+    let mut entry = Line::new();
+    audit_line::write_journal(
+        line.as_bytes(),
+        audit_line::SEVERITY_REFUSED,
+        "derived-key-helper",
+        u32::try_from(sys::pid()).unwrap_or(0),
+        &mut |b| entry.push(b),
+    );
+    // A cut entry would be thrown away by journald after a successful
+    // send: never send one. A `Line` cuts at its end, so the final newline
+    // is there only if everything before it is (the message has none).
+    entry.as_bytes().last() == Some(&b'\n')
+        && sys::send_datagram(
+            audit_line::JOURNAL_SOCKET.as_bytes(),
+            entry.as_bytes(),
+            SEND_TIMEOUT_US,
+        )
+        .is_ok()
+}
+
+fn syslog(path: &[u8], line: &Line) -> bool {
+    let pri = audit_line::AUTHPRIV * 8 + audit_line::SEVERITY_REFUSED;
+    let mut msg = Line::new();
+    let _ = write!(msg, "<{pri}>derived-key-helper[{}]: ", sys::pid());
+    msg.push(line.as_bytes());
+    sys::send_datagram(path, msg.as_bytes(), SEND_TIMEOUT_US).is_ok()
+}
+
 fn kmsg(line: &Line) -> bool {
+    if devkmsg_off() {
+        return false;
+    }
     let Some(path) = CPath::new(&[b"/dev/kmsg"]) else {
         return false;
     };
@@ -425,8 +470,33 @@ fn kmsg(line: &Line) -> bool {
         return false;
     };
     let mut msg = Line::new();
-    let _ = write!(msg, "<85>");
+    let pri = audit_line::AUTHPRIV * 8 + audit_line::SEVERITY_REFUSED;
+    let _ = write!(msg, "<{pri}>");
     msg.push(line.as_bytes());
     msg.push(b"\n");
     f.write_all(msg.as_bytes()).is_ok()
+}
+
+/// `printk_devkmsg=off`: the kernel discards what /dev/kmsg writers write.
+fn devkmsg_off() -> bool {
+    let Ok(f) = Fd::open_read(c"/proc/sys/kernel/printk_devkmsg") else {
+        return false;
+    };
+    let mut buf = [0u8; 16];
+    matches!(f.read(&mut buf), Ok(n) if buf[..n].starts_with(b"off"))
+}
+
+/// One more line nobody took, in the counter the broker of this
+/// configuration reports from (one byte per line, appended atomically).
+fn count_dropped(config: &[u8]) {
+    let Some(path) = runtime_file(config, audit_line::DROPPED_EXT) else {
+        return;
+    };
+    // The broker creates the runtime directory; none may have run yet.
+    if let Some(dir) = CPath::new(&[RUN_DIR.as_bytes()]) {
+        let _ = sys::mkdir_private(&dir);
+    }
+    if let Ok(f) = Fd::open_append(&path) {
+        let _ = f.write_all(b"h");
+    }
 }

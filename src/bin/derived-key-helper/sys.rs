@@ -5,7 +5,7 @@
 //! crate drags in another libc. Each wrapper checks what the kernel
 //! returns and turns failures into an errno.
 
-use core::ffi::{c_char, c_int, c_long, c_void, CStr};
+use core::ffi::{c_char, c_int, c_long, c_uint, c_void, CStr};
 
 /// An errno, as the kernel reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,7 @@ extern "C" {
     fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     fn open(path: *const c_char, flags: c_int, ...) -> c_int;
+    fn mkdir(path: *const c_char, mode: c_uint) -> c_int;
     fn close(fd: c_int) -> c_int;
     fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int;
     fn connect(fd: c_int, addr: *const c_void, len: u32) -> c_int;
@@ -87,6 +88,9 @@ const KEYCTL_REJECT: c_long = libc::KEYCTL_REJECT as c_long;
 const O_RDONLY: c_int = libc::O_RDONLY as c_int;
 const O_WRONLY: c_int = libc::O_WRONLY as c_int;
 const O_CLOEXEC: c_int = libc::O_CLOEXEC as c_int;
+const O_APPEND: c_int = libc::O_APPEND as c_int;
+const O_CREAT: c_int = libc::O_CREAT as c_int;
+const O_NOFOLLOW: c_int = libc::O_NOFOLLOW as c_int;
 const AF_UNIX: c_int = libc::AF_UNIX as c_int;
 const SOCK_STREAM: c_int = libc::SOCK_STREAM as c_int;
 const SOCK_DGRAM: c_int = libc::SOCK_DGRAM as c_int;
@@ -352,6 +356,15 @@ impl Fd {
         fd(unsafe { open(path.ptr(), flags | O_CLOEXEC) })
     }
 
+    /// For appending (audit counter), created root-only if missing;
+    /// never through a symlink.
+    pub fn open_append(path: &CPath) -> Result<Fd, Errno> {
+        let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC;
+        // SAFETY: NUL-terminated path; with O_CREAT, open reads one more
+        // (variadic) argument, the mode, which we pass.
+        fd(unsafe { open(path.ptr(), flags, 0o600 as c_uint) })
+    }
+
     /// One read; 0 at end of file. Retries on EINTR.
     pub fn read(&self, buf: &mut [u8]) -> Result<usize, Errno> {
         loop {
@@ -426,6 +439,16 @@ fn sockaddr(path: &[u8]) -> Result<SockaddrUn, Errno> {
     }
     addr.path[..path.len()].copy_from_slice(path);
     Ok(addr)
+}
+
+/// Creates a root-only directory (an existing one is left as it is).
+pub fn mkdir_private(path: &CPath) -> Result<(), Errno> {
+    // SAFETY: NUL-terminated path and an integer mode.
+    let r = unsafe { mkdir(path.ptr(), 0o700) };
+    if r < 0 {
+        return Err(errno());
+    }
+    Ok(())
 }
 
 /// A connected unix stream socket.

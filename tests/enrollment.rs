@@ -1,0 +1,208 @@
+//! Enrollment through the real kernel and a CA nobody here wrote
+//! (openssl): a CSR signed by a derived key that `openssl req -verify`
+//! accepts and an openssl CA certifies, and a self-signed certificate that
+//! `openssl verify` accepts against itself, both for the keyring's key.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::KernelEnv;
+
+const DKEY: &str = env!("CARGO_BIN_EXE_dkey");
+
+fn dkey(env: &KernelEnv, args: &[&str]) -> Output {
+    Command::new(DKEY)
+        .args(args)
+        .args(["--prefix", &env.prefix])
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn openssl(args: &[&str], dir: &Path) -> String {
+    ok(Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap())
+}
+
+/// The keyring's public key for `machine:<name>`, as PEM.
+fn keyring_pub(env: &KernelEnv, name: &str) -> String {
+    let der = env
+        .request("user", &format!("{name}:pub"), "p256 machine")
+        .payload();
+    let f = env.dir.path().join(format!("{name}.der"));
+    std::fs::write(&f, der).unwrap();
+    openssl(
+        &[
+            "pkey",
+            "-pubin",
+            "-inform",
+            "DER",
+            "-in",
+            f.to_str().unwrap(),
+        ],
+        env.dir.path(),
+    )
+}
+
+#[test]
+fn a_csr_that_openssl_verifies_and_an_openssl_ca_certifies() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let pem = ok(dkey(
+        &env,
+        &[
+            "csr",
+            "machine:web",
+            "--subject",
+            "CN=web.example,O=Example Org,C=DE",
+            "--san",
+            "DNS:web.example",
+            "--san",
+            "IP:192.0.2.7",
+        ],
+    ));
+    assert!(
+        pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+        "{pem}"
+    );
+    std::fs::write(dir.join("web.csr"), &pem).unwrap();
+    let text = openssl(
+        &["req", "-in", "web.csr", "-noout", "-verify", "-text"],
+        dir,
+    );
+    // RFC 4514 order: the last RDN written is the first in the DER.
+    assert!(
+        text.contains("Subject: C = DE, O = Example Org, CN = web.example"),
+        "{text}"
+    );
+    assert!(
+        text.contains("DNS:web.example") && text.contains("IP Address:192.0.2.7"),
+        "{text}"
+    );
+    // The request carries the keyring's key.
+    let req_pub = openssl(&["req", "-in", "web.csr", "-noout", "-pubkey"], dir);
+    assert_eq!(req_pub, keyring_pub(&env, "web"));
+
+    // An openssl CA issues a certificate for it, which verifies.
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-subj",
+            "/CN=Test CA",
+            "-days",
+            "2",
+        ],
+        dir,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "web.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "web.pem",
+            "-days",
+            "1",
+            "-copy_extensions",
+            "copy",
+        ],
+        dir,
+    );
+    let v = openssl(&["verify", "-CAfile", "ca.pem", "web.pem"], dir);
+    assert!(v.contains("web.pem: OK"), "{v}");
+}
+
+#[test]
+fn a_self_signed_certificate_that_openssl_verifies() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let pem = ok(dkey(
+        &env,
+        &[
+            "cert",
+            "machine:self",
+            "--subject",
+            "CN=self.example",
+            "--san",
+            "DNS:self.example",
+            "--days",
+            "7",
+        ],
+    ));
+    std::fs::write(dir.join("self.pem"), &pem).unwrap();
+    let v = openssl(&["verify", "-CAfile", "self.pem", "self.pem"], dir);
+    assert!(v.contains("self.pem: OK"), "{v}");
+    let text = openssl(
+        &["x509", "-in", "self.pem", "-noout", "-text", "-enddate"],
+        dir,
+    );
+    assert!(text.contains("DNS:self.example"), "{text}");
+    let cert_pub = openssl(&["x509", "-in", "self.pem", "-noout", "-pubkey"], dir);
+    assert_eq!(cert_pub, keyring_pub(&env, "self"));
+    // Valid for the days asked: it expires between 6 and 8 days from now.
+    let ends_in = |days: &str| {
+        Command::new("openssl")
+            .args(["x509", "-in", "self.pem", "-noout", "-checkend", days])
+            .current_dir(dir)
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ends_in(&(6 * 86_400).to_string()));
+    assert!(!ends_in(&(8 * 86_400).to_string()));
+}
+
+#[test]
+fn bad_subjects_and_sans_are_exit_3_with_nothing_on_stdout() {
+    let env = KernelEnv::new("");
+    for args in [
+        vec!["csr", "machine:web", "--subject", ""],
+        vec!["csr", "machine:web", "--subject", "CN"],
+        vec!["csr", "machine:web", "--subject", "XX=1"],
+        vec!["csr", "machine:web", "--subject", "CN=a", "--san", "URI:x"],
+        vec![
+            "csr",
+            "machine:web",
+            "--subject",
+            "CN=a",
+            "--san",
+            "IP:300.0.0.1",
+        ],
+        vec!["cert", "machine:web", "--subject", "CN=a", "--days", "0"],
+        vec!["cert", "bogus:web", "--subject", "CN=a"],
+    ] {
+        let out = dkey(&env, &args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+}

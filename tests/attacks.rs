@@ -104,14 +104,21 @@ fn another_uid_cannot_get_or_read_the_victims_user_key() {
             "another uid read the victim's key with keyctl {op}: {stdout}"
         );
         // Refused, not missing: the key is there, the attacker may not read it.
-        assert!(stderr.contains("Permission denied"), "keyctl {op}: {stderr}");
+        assert!(
+            stderr.contains("Permission denied"),
+            "keyctl {op}: {stderr}"
+        );
     }
     assert!(
         holder.try_wait().unwrap().is_none(),
         "the holder's session ended during the attempt"
     );
     holder.stdin.take().unwrap().write_all(b"done\n").unwrap();
-    assert_eq!(field("key"), hex::encode(&victim), "the key outlived the attempt");
+    assert_eq!(
+        field("key"),
+        hex::encode(&victim),
+        "the key outlived the attempt"
+    );
     assert!(holder.wait().unwrap().success());
 }
 

@@ -23,7 +23,10 @@ fn dkey_for_all(env: &KernelEnv) -> String {
     if !copy.exists() {
         common::copy_executable(DKEY, &copy, "");
     }
-    let mode = std::fs::metadata(env.dir.path()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(env.dir.path())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o001, 0o001, "others can enter {:?}", env.dir.path());
     copy.to_str().unwrap().to_owned()
 }
@@ -42,7 +45,7 @@ fn dkey_as(env: &KernelEnv, uid: Option<u32>, args: &[&str]) -> Output {
             dkey_for_all(env)
         }
     };
-    cmd.extend(["keyctl".into(), "session".into(), "-".into(), exe.into()]);
+    cmd.extend(["keyctl".into(), "session".into(), "-".into(), exe]);
     cmd.extend(args.iter().map(|s| s.to_string()));
     // Key commands take the test prefix; others do not know it.
     if matches!(args[0], "derive" | "pub" | "sign") {

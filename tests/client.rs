@@ -131,7 +131,10 @@ fn logon_keys_are_kept_for_the_kernel() {
         .find(|l| l.starts_with(&id))
         .unwrap_or_else(|| panic!("key {id} not in /proc/keys"));
     let fields: Vec<&str> = line.split_whitespace().collect();
-    assert!(fields[1].starts_with('I') && !fields[1].contains('i'), "{line}");
+    assert!(
+        fields[1].starts_with('I') && !fields[1].contains('i'),
+        "{line}"
+    );
     assert_eq!(fields[7], "logon", "{line}");
     assert!(line.contains(&format!(" {}: 64", k.description)), "{line}");
     // ...whose bytes stay in the kernel, even for this process, which

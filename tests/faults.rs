@@ -166,7 +166,10 @@ fn owner_password_file_must_be_private() {
         env.swtpm.tcti(),
         auth.display()
     ));
-    assert_eq!(quickly(&env, "db#shared", "32 user"), Got::Err(libc::ENODEV));
+    assert_eq!(
+        quickly(&env, "db#shared", "32 user"),
+        Got::Err(libc::ENODEV)
+    );
     // The same file, the same password, private: the mode alone was refused.
     std::fs::set_permissions(&auth, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     assert_eq!(quickly(&env, "db#private", "32 user").payload(), reference);

@@ -390,7 +390,11 @@ impl Syslog {
             "[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
             sock.display()
         );
-        Syslog { rx, _dir: dir, conf }
+        Syslog {
+            rx,
+            _dir: dir,
+            conf,
+        }
     }
 
     /// Every line that arrives until none has for `quiet`.
@@ -443,13 +447,19 @@ fn refusal_is_cached_only_briefly() {
         second.starts_with("1 ") && second.contains("Invalid argument"),
         "the well-formed retry got the cached refusal: {second}"
     );
-    let serial = third.strip_prefix("0 ").unwrap_or_else(|| panic!("{third}"));
+    let serial = third
+        .strip_prefix("0 ")
+        .unwrap_or_else(|| panic!("{third}"));
     assert!(serial.trim().parse::<i32>().unwrap() > 0, "{third}");
     // The handler ran twice: the refusal, and the request after it expired
     // (this socket hears this test's requests alone).
     let ours = log.drain(Duration::from_secs(1));
     assert_eq!(ours.len(), 2, "{ours:#?}");
-    assert!(ours[0].contains("derived-keys: EINVAL uid=0 "), "{}", ours[0]);
+    assert!(
+        ours[0].contains("derived-keys: EINVAL uid=0 "),
+        "{}",
+        ours[0]
+    );
     assert!(
         ours[1].contains("derived-keys: granted uid=0 ")
             && ours[1].contains(" name=neg ")

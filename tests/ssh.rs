@@ -298,17 +298,27 @@ fn start_sshd(dir: &Path, port: u16, host_pub: &Path, agent: &Path, authorized: 
 
 #[test]
 fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
-    let env = KernelEnv::new("");
-    let dir = env.dir.path();
-    let agent = start_agent(&env, &["machine:host", "user:root-login"]);
+    let mut env = KernelEnv::new("");
+    let dir_path = env.dir.path().to_path_buf();
+    let dir = dir_path.as_path();
+    let agent = start_agent(
+        &env,
+        &[
+            "machine:host",
+            "user:root-login",
+            "user:root-ed,alg=ed25519",
+        ],
+    );
     let host_line = ok(dkey(&env, &["ssh", "pubkey", "machine:host"]));
     let user_line = ok(dkey(&env, &["ssh", "pubkey", "user:root-login"]));
+    let ed_line = ok(dkey(&env, &["ssh", "pubkey", "user:root-ed,alg=ed25519"]));
+    assert!(ed_line.starts_with("ssh-ed25519 "), "{ed_line}");
     let host_pub = dir.join("host.pub");
     std::fs::write(&host_pub, &host_line).unwrap();
     let authorized = dir.join("authorized_keys");
     std::fs::write(&authorized, &user_line).unwrap();
     let port = free_port();
-    let _sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
+    let sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
     let known = dir.join("known_hosts");
     std::fs::write(&known, format!("[127.0.0.1]:{port} {host_line}")).unwrap();
     let out = Command::new("ssh")
@@ -336,6 +346,60 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
         String::from_utf8_lossy(&out.stderr),
         std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
     );
+    // An Ed25519 user key logs in too (only its line authorized now).
+    std::fs::write(&authorized, &ed_line).unwrap();
+    let out = Command::new("ssh")
+        .args(["-p", &port.to_string(), "-F", "/dev/null"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", agent.sock.display()))
+        .args(["root@127.0.0.1", "echo", "ed25519-in"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "ed25519-in",
+        "ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(sshd);
+
+    // A reboot: agent, broker and TPM restarted; the public key lines come
+    // back byte for byte, so known_hosts and authorized_keys still hold.
+    drop(agent);
+    env.stop_broker();
+    env.swtpm.restart();
+    assert_eq!(
+        ok(dkey(&env, &["ssh", "pubkey", "machine:host"])),
+        host_line
+    );
+    assert_eq!(
+        ok(dkey(&env, &["ssh", "pubkey", "user:root-ed,alg=ed25519"])),
+        ed_line
+    );
+    let agent = start_agent(&env, &["machine:host", "user:root-ed,alg=ed25519"]);
+    let _sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
+    let out = Command::new("ssh")
+        .args(["-p", &port.to_string(), "-F", "/dev/null"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", agent.sock.display()))
+        .args(["root@127.0.0.1", "echo", "after-reboot"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "after-reboot",
+        "ssh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // With another host key in known_hosts, ssh refuses: the host key
     // really is the derived one.
     let other = ok(dkey(&env, &["ssh", "pubkey", "machine:impostor"]));

@@ -240,7 +240,10 @@ fn every_input_changes_the_key_and_clear_changes_all() {
     for (i, v) in variants.iter().enumerate() {
         let (prk, key) = output(&mut tpm, v);
         assert_eq!(key.len(), before[i].1.len());
-        assert_ne!(prk, before[i].0, "variant {i}: TPM2_Clear must change every PRK");
+        assert_ne!(
+            prk, before[i].0,
+            "variant {i}: TPM2_Clear must change every PRK"
+        );
         assert!(
             !same_prefix(&key, &before[i].1),
             "variant {i}: TPM2_Clear must change every key"

@@ -796,8 +796,8 @@ impl From<derived_keys::ssh::SshError> for Failure {
 fn ssh(command: SshCmd) -> Result<u8, Failure> {
     match command {
         SshCmd::Pubkey { selector, prefix } => {
-            let line =
-                derived_keys::ssh::SshKey::derive_with_prefix(&selector, &prefix)?.openssh_line()?;
+            let line = derived_keys::ssh::SshKey::derive_with_prefix(&selector, &prefix)?
+                .openssh_line()?;
             println!("{line}");
         }
         SshCmd::Certify {
@@ -809,9 +809,8 @@ fn ssh(command: SshCmd) -> Result<u8, Failure> {
             public_key,
             prefix,
         } => {
-            let text = std::fs::read_to_string(&public_key).map_err(|e| {
-                fail(exit::INVALID, format!("{}: {e}", public_key.display()))
-            })?;
+            let text = std::fs::read_to_string(&public_key)
+                .map_err(|e| fail(exit::INVALID, format!("{}: {e}", public_key.display())))?;
             let subject = ssh_key::PublicKey::from_openssh(text.trim()).map_err(|e| {
                 fail(
                     exit::INVALID,
@@ -846,7 +845,8 @@ fn agent_dir() -> Result<PathBuf, Failure> {
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     for _ in 0..16 {
         let mut r = [0u8; 6];
-        getrandom::getrandom(&mut r).map_err(|e| fail(exit::FAILURE, format!("no randomness: {e}")))?;
+        getrandom::getrandom(&mut r)
+            .map_err(|e| fail(exit::FAILURE, format!("no randomness: {e}")))?;
         let dir = base.join(format!("dkey-ssh-{}", hex::encode(r)));
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => return Ok(dir),
@@ -859,13 +859,19 @@ fn agent_dir() -> Result<PathBuf, Failure> {
             }
         }
     }
-    Err(fail(exit::FAILURE, "cannot create a private directory for the agent"))
+    Err(fail(
+        exit::FAILURE,
+        "cannot create a private directory for the agent",
+    ))
 }
 
 /// Checks the socket's directory is ours and private (0700).
 fn private_parent(socket: &Path) -> Result<(), Failure> {
     use std::os::unix::fs::MetadataExt;
-    let dir = socket.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = socket
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let m = std::fs::metadata(dir)
         .map_err(|e| fail(exit::USAGE, format!("--socket: {}: {e}", dir.display())))?;
     if m.uid() != nix::unistd::getuid().as_raw() || m.mode() & 0o077 != 0 {
@@ -998,5 +1004,9 @@ fn x509_parts(
     let sel = Selector::parse(&x.selector)
         .map_err(|e| fail(exit::INVALID, format!("key selector {:?}: {e}", x.selector)))?;
     let request = KeyRequest::from_selector(&sel)?.prefix(&x.prefix);
-    Ok((derived_keys::signer::P256Signer::with_request(request)?, subject, sans))
+    Ok((
+        derived_keys::signer::P256Signer::with_request(request)?,
+        subject,
+        sans,
+    ))
 }

@@ -8,7 +8,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 packages=(keyutils swtpm swtpm-tools libtss2-dev pkg-config tpm2-tools openssl
           python3 python3-cryptography util-linux procps ca-certificates gcc libc6-dev musl-dev git
-          openssh-client openssh-server)
+          openssh-client openssh-server cryptsetup-bin wireguard-tools e2fsprogs
+          systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -171,6 +171,31 @@ fn a_tpm_presenting_another_salt_key_is_refused_and_the_right_one_works() {
         hex::encode(Tpm::open(&tcti).unwrap().salt_key_name(None).unwrap()),
         name
     );
+    // The documented template, made by tpm2-tools (DERIVATION.md): the
+    // same Name, so anyone can check the pin.
+    let dir = common::scratch_dir();
+    let ctx = dir.path().join("salt.ctx");
+    let name_file = dir.path().join("salt.name");
+    swtpm.tool(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-G",
+        "ecc256:aes128cfb",
+        "-a",
+        "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda|restricted|decrypt",
+        "-c",
+        ctx.to_str().unwrap(),
+    ]);
+    swtpm.tool(&[
+        "tpm2_readpublic",
+        "-c",
+        ctx.to_str().unwrap(),
+        "-n",
+        name_file.to_str().unwrap(),
+    ]);
+    swtpm.tool(&["tpm2_flushcontext", "-t"]);
+    assert_eq!(hex::encode(std::fs::read(&name_file).unwrap()), name);
     let wrong = format!("000b{}", "00".repeat(32));
     let mut env = KernelEnv::with_tcti(
         swtpm,

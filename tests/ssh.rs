@@ -605,3 +605,50 @@ fn a_derived_ssh_ca_certifies_users_and_hosts_that_openssh_accepts() {
         assert!(out.stdout.is_empty());
     }
 }
+
+#[test]
+fn git_signs_a_commit_through_the_agent_and_verifies_it() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let agent = start_agent(&env, &["user:git-signing,alg=ed25519"]);
+    let line = ok(dkey(
+        &env,
+        &["ssh", "pubkey", "user:git-signing,alg=ed25519"],
+    ));
+    let key = dir.join("signing.pub");
+    std::fs::write(&key, &line).unwrap();
+    let allowed = dir.join("allowed_signers");
+    std::fs::write(&allowed, format!("dev@example.com {line}")).unwrap();
+    let repo = dir.join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(&repo)
+            .env("SSH_AUTH_SOCK", &agent.sock)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .unwrap()
+    };
+    ok(git(&["init", "-q"]));
+    for (k, v) in [
+        ("user.name", "Dev"),
+        ("user.email", "dev@example.com"),
+        ("gpg.format", "ssh"),
+        ("user.signingkey", key.to_str().unwrap()),
+        ("gpg.ssh.allowedSignersFile", allowed.to_str().unwrap()),
+    ] {
+        ok(git(&["config", k, v]));
+    }
+    std::fs::write(repo.join("f"), b"signed by a derived key\n").unwrap();
+    ok(git(&["add", "f"]));
+    ok(git(&["commit", "-q", "-S", "-m", "signed"]));
+    let v = git(&["verify-commit", "HEAD"]);
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+    assert!(
+        String::from_utf8_lossy(&v.stderr).contains("Good \"git\" signature for dev@example.com"),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+}

@@ -587,6 +587,24 @@ impl Tpm {
     /// them). If the TPM's object or session memory is full of leftovers
     /// (a crashed client), flushes them once and tries again.
     pub fn load_primary(&mut self, owner_auth: Option<&SecretBuf>) -> Result<Primary, TpmError> {
+        // swtpm's TCTI opens a connection per command and swtpm takes one
+        // client at a time: under load a connect now and then fails with
+        // an I/O error although the TPM is there. Setting up takes six
+        // commands, so try again (briefly) before calling it unreachable.
+        let mut pause = std::time::Duration::from_millis(20);
+        for _ in 0..3 {
+            match self.load_primary_once(owner_auth) {
+                Err(TpmError::Unreachable { .. }) => {
+                    std::thread::sleep(pause);
+                    pause *= 3;
+                }
+                other => return other,
+            }
+        }
+        self.load_primary_once(owner_auth)
+    }
+
+    fn load_primary_once(&mut self, owner_auth: Option<&SecretBuf>) -> Result<Primary, TpmError> {
         match self.try_load_primary(owner_auth) {
             Err(TpmError::ObjectMemory { .. } | TpmError::SessionMemory { .. }) => {
                 self.flush_transients()?;

@@ -1,0 +1,237 @@
+//! The module driven by programs nobody here wrote (GnuTLS's `p11tool`,
+//! OpenSC's `pkcs11-tool`, `openssl`), signing through the real kernel: a
+//! private request-key rule, swtpm and configuration per test (the root
+//! crate's harness), reached through `DERIVED_KEYS_PKCS11_PREFIX`.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use common::KernelEnv;
+
+const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Builds the root crate's handler and broker once (where the harness's
+/// `CARGO_BIN_EXE_derived-key-helper` points, see build.rs).
+fn handler() {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if *built {
+        return;
+    }
+    let root = Path::new(MANIFEST).join("..");
+    let out = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--bin", "derived-key-helper", "--bin", "derived-keys-broker"])
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(Path::new(MANIFEST).join("target/root"))
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "building the handler: {}", String::from_utf8_lossy(&out.stderr));
+    *built = true;
+}
+
+/// The cdylib `cargo test` built next to this test binary.
+fn module() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let so = dir.join("libderived_keys_pkcs11.so");
+    assert!(so.is_file(), "{} not built", so.display());
+    so
+}
+
+/// CKA_ID of a canonical selector: the first 16 bytes of its SHA-256, hex.
+fn id(selector: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(selector.as_bytes())[..16])
+}
+
+struct Env {
+    kernel: KernelEnv,
+    keys: String,
+}
+
+impl Env {
+    fn new(keys: &str) -> Env {
+        handler();
+        Env { kernel: KernelEnv::new(""), keys: keys.to_owned() }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let out = Command::new(program)
+            .args(args)
+            .env("DERIVED_KEYS_PKCS11_PREFIX", &self.kernel.prefix)
+            .env("DERIVED_KEYS_PKCS11_KEYS", &self.keys)
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ {program} {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn ok(&self, program: &str, args: &[&str]) -> String {
+        let out = self.run(program, args);
+        assert!(out.status.success(), "{program} {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.kernel.dir.path().join(name).display().to_string()
+    }
+
+    /// The public key (DER SPKI) straight from the kernel, with keyctl.
+    fn spki(&self, name: &str, callout: &str) -> Vec<u8> {
+        self.kernel.request("user", &format!("{name}:pub"), callout).payload()
+    }
+}
+
+#[test]
+fn p11tool_lists_the_token_and_the_configured_keys() {
+    let env = Env::new("machine:web; machine:ssh,alg=ed25519");
+    let so = module();
+    let so = so.to_str().unwrap();
+    let tokens = env.ok("p11tool", &["--provider", so, "--list-tokens"]);
+    assert!(tokens.contains("Label: derived-keys"), "{tokens}");
+    let all = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys"]);
+    for want in [
+        "object=machine%3Aweb;type=private",
+        "object=machine%3Aweb;type=public",
+        "object=machine%3Assh%2Calg%3Ded25519;type=private",
+        "object=machine%3Assh%2Calg%3Ded25519;type=public",
+    ] {
+        assert!(all.contains(want), "missing {want} in\n{all}");
+    }
+    // One key pair per selector: 4 objects, nothing else.
+    assert_eq!(all.matches("Object ").count(), 4, "{all}");
+    // A label names any valid selector's pair, configured or not; a label
+    // that is no valid selector finds nothing.
+    let other = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;object=user:other,epoch=3"]);
+    assert_eq!(other.matches("Object ").count(), 2, "{other}");
+    assert!(other.contains("object=user%3Aother%2Cepoch%3D3;type=private"), "{other}");
+    let none = env.run("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;object=no%2Fsuch"]);
+    assert!(!String::from_utf8_lossy(&none.stdout).contains("Object "));
+    let private = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;type=private"]);
+    assert_eq!(private.matches("Object ").count(), 2, "{private}");
+    // The public key p11tool reads is the kernel's.
+    let pem = env.ok(
+        "p11tool",
+        &["--provider", so, "--export-pubkey", "pkcs11:token=derived-keys;object=machine:web;type=public"],
+    );
+    let der = env.path("web.der");
+    let pem_path = env.path("web.pem");
+    std::fs::write(&pem_path, pem).unwrap();
+    env.ok("openssl", &["pkey", "-pubin", "-in", &pem_path, "-outform", "DER", "-out", &der]);
+    assert_eq!(std::fs::read(&der).unwrap(), env.spki("web", "p256 machine"));
+}
+
+#[test]
+fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
+    // pkcs11-tool finds the key to sign with by CKA_ID alone (it passes
+    // no label to C_FindObjectsInit for --sign), so the keys are configured
+    // and named by their ids.
+    let env = Env::new("machine:web machine:ssh,alg=ed25519");
+    let web_id = id("machine:web");
+    let ssh_id = id("machine:ssh,alg=ed25519");
+    let so = module();
+    let so = so.to_str().unwrap();
+    let listed = env.ok("pkcs11-tool", &["--module", so, "-L", "-M"]);
+    for want in ["derived-keys", "ECDSA-SHA256", "EDDSA"] {
+        assert!(listed.contains(want), "{want} not in\n{listed}");
+    }
+    let data = env.path("data");
+    std::fs::write(&data, b"a message the token signs through the kernel\n").unwrap();
+
+    // P-256: the public key pkcs11-tool reads is the kernel's.
+    let pub_der = env.path("p256.der");
+    env.ok(
+        "pkcs11-tool",
+        &["--module", so, "--read-object", "--type", "pubkey", "--label", "machine:web", "-o", &pub_der],
+    );
+    assert_eq!(std::fs::read(&pub_der).unwrap(), env.spki("web", "p256 machine"));
+
+    // CKM_ECDSA_SHA256 over the data.
+    let sig = env.path("sig-sha256");
+    env.ok(
+        "pkcs11-tool",
+        &[
+            "--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &web_id,
+            "--signature-format", "openssl", "-i", &data, "-o", &sig,
+        ],
+    );
+    let v = env.ok(
+        "openssl",
+        &["dgst", "-sha256", "-verify", &pub_der, "-keyform", "DER", "-signature", &sig, &data],
+    );
+    assert!(v.contains("Verified OK"), "{v}");
+
+    // CKM_ECDSA over a SHA-256 hash the caller made.
+    let hash = env.path("hash");
+    let digest = env.ok("openssl", &["dgst", "-sha256", "-binary", "-out", &hash, &data]);
+    assert!(digest.is_empty());
+    let raw_sig = env.path("sig-raw");
+    env.ok(
+        "pkcs11-tool",
+        &[
+            "--module", so, "--sign", "-m", "ECDSA", "--id", &web_id,
+            "--signature-format", "openssl", "-i", &hash, "-o", &raw_sig,
+        ],
+    );
+    let v = env.ok(
+        "openssl",
+        &["pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &pub_der, "-in", &hash, "-sigfile", &raw_sig],
+    );
+    assert!(v.contains("Signature Verified Successfully"), "{v}");
+
+    // The default (PKCS#11) format is raw r||s, 64 bytes.
+    let rs = env.path("sig-rs");
+    env.ok(
+        "pkcs11-tool",
+        &["--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &web_id, "-i", &data, "-o", &rs],
+    );
+    assert_eq!(std::fs::read(&rs).unwrap().len(), 64);
+
+    // Ed25519: CKM_EDDSA over the message itself.
+    let ed_der = env.path("ed.der");
+    std::fs::write(&ed_der, env.spki("ssh", "ed25519 machine")).unwrap();
+    let ed_sig = env.path("sig-ed");
+    env.ok(
+        "pkcs11-tool",
+        &[
+            "--module", so, "--sign", "-m", "EDDSA", "--id", &ssh_id,
+            "-i", &data, "-o", &ed_sig,
+        ],
+    );
+    assert_eq!(std::fs::read(&ed_sig).unwrap().len(), 64);
+    let v = env.ok(
+        "openssl",
+        &[
+            "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &ed_der, "-rawin", "-in", &data,
+            "-sigfile", &ed_sig,
+        ],
+    );
+    assert!(v.contains("Signature Verified Successfully"), "{v}");
+
+    // An id nobody configured finds nothing; a wrong mechanism for the key's type is
+    // refused.
+    let bad = env.run(
+        "pkcs11-tool",
+        &["--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &id("machine:other"), "-i", &data, "-o", &rs],
+    );
+    assert!(!bad.status.success());
+    let wrong = env.run(
+        "pkcs11-tool",
+        &[
+            "--module", so, "--sign", "-m", "EDDSA", "--id", &web_id, "-i", &data, "-o", &rs,
+        ],
+    );
+    assert!(!wrong.status.success());
+}

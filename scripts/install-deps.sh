@@ -9,7 +9,7 @@ fi
 packages=(keyutils swtpm swtpm-tools libtss2-dev pkg-config tpm2-tools openssl
           python3 python3-cryptography util-linux procps ca-certificates gcc libc6-dev musl-dev git
           openssh-client openssh-server cryptsetup-bin wireguard-tools e2fsprogs
-          systemd)
+          systemd opensc gnutls-bin)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,6 +14,7 @@ say "system packages"
 bash scripts/install-deps.sh
 say "build (release)"
 cargo build --release --locked
+cargo build --release --locked --manifest-path pkcs11/Cargo.toml
 bin="${CARGO_TARGET_DIR:-target}/release"
 say "install: handler, request-key rule, configuration"
 "$bin/dkey" install

@@ -17,3 +17,6 @@ fair=a_csum_flood_by_one_uid_leaves_others_answered_in_time
 cargo test --locked --lib --tests --benches --bin dkey --bin derived-keys-broker -- --test-threads=4 --skip "$fair"
 cargo test --locked --test fairness -- --exact "$fair"
 cargo test --locked --doc
+# The PKCS#11 module: a crate of its own (a cdylib with the C ABI), tested
+# through its C interface and with p11tool, pkcs11-tool and openssl.
+cargo test --locked --manifest-path pkcs11/Cargo.toml

@@ -2,6 +2,8 @@
 //! by selectors, attributes, and signatures asked of the kernel. The ABI
 //! layer (`abi.rs`) turns C arguments into these calls.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 

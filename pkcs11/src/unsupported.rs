@@ -2,6 +2,8 @@
 //! implement answers CKR_FUNCTION_NOT_SUPPORTED (never a NULL entry a consumer
 //! would call and crash on). These touch no argument, so they need no `unsafe`.
 
+#![forbid(unsafe_code)]
+
 use cryptoki_sys::*;
 use std::os::raw::c_void;
 

@@ -4,9 +4,9 @@
 //! state is process-global, as PKCS#11's is.
 
 // A test is a C caller: it dereferences what the module gives it.
-#![allow(clippy::undocumented_unsafe_blocks, clippy::unwrap_used)]
+#![allow(clippy::undocumented_unsafe_blocks, clippy::unwrap_used, clippy::panic)]
 
-use std::ptr::{null, null_mut};
+use std::ptr::null_mut;
 
 use cryptoki_sys::*;
 use derived_keys_pkcs11::C_GetFunctionList;
@@ -25,11 +25,22 @@ macro_rules! call {
 }
 
 fn attr(ty: CK_ATTRIBUTE_TYPE, v: &mut [u8]) -> CK_ATTRIBUTE {
-    CK_ATTRIBUTE { type_: ty, pValue: v.as_mut_ptr().cast(), ulValueLen: v.len() as CK_ULONG }
+    CK_ATTRIBUTE {
+        type_: ty,
+        pValue: v.as_mut_ptr().cast(),
+        ulValueLen: v.len() as CK_ULONG,
+    }
 }
 
 fn find(s: CK_SESSION_HANDLE, template: &mut [CK_ATTRIBUTE]) -> Vec<CK_OBJECT_HANDLE> {
-    assert_eq!(call!(C_FindObjectsInit(s, template.as_mut_ptr(), template.len() as CK_ULONG)), CKR_OK);
+    assert_eq!(
+        call!(C_FindObjectsInit(
+            s,
+            template.as_mut_ptr(),
+            template.len() as CK_ULONG
+        )),
+        CKR_OK
+    );
     let mut out = Vec::new();
     loop {
         let mut buf = [0 as CK_OBJECT_HANDLE; 3];
@@ -45,8 +56,16 @@ fn find(s: CK_SESSION_HANDLE, template: &mut [CK_ATTRIBUTE]) -> Vec<CK_OBJECT_HA
 }
 
 /// An attribute's value, after a length query.
-fn get(s: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, ty: CK_ATTRIBUTE_TYPE) -> Result<Vec<u8>, (CK_RV, CK_ULONG)> {
-    let mut a = CK_ATTRIBUTE { type_: ty, pValue: null_mut(), ulValueLen: 0 };
+fn get(
+    s: CK_SESSION_HANDLE,
+    o: CK_OBJECT_HANDLE,
+    ty: CK_ATTRIBUTE_TYPE,
+) -> Result<Vec<u8>, (CK_RV, CK_ULONG)> {
+    let mut a = CK_ATTRIBUTE {
+        type_: ty,
+        pValue: null_mut(),
+        ulValueLen: 0,
+    };
     let rv = call!(C_GetAttributeValue(s, o, &mut a, 1));
     if rv != CKR_OK {
         return Err((rv, a.ulValueLen));
@@ -54,11 +73,22 @@ fn get(s: CK_SESSION_HANDLE, o: CK_OBJECT_HANDLE, ty: CK_ATTRIBUTE_TYPE) -> Resu
     let mut v = vec![0u8; a.ulValueLen as usize];
     if !v.is_empty() {
         // Too small first: CKR_BUFFER_TOO_SMALL, the length unavailable.
-        let mut small = CK_ATTRIBUTE { type_: ty, pValue: v.as_mut_ptr().cast(), ulValueLen: a.ulValueLen - 1 };
-        assert_eq!(call!(C_GetAttributeValue(s, o, &mut small, 1)), CKR_BUFFER_TOO_SMALL);
+        let mut small = CK_ATTRIBUTE {
+            type_: ty,
+            pValue: v.as_mut_ptr().cast(),
+            ulValueLen: a.ulValueLen - 1,
+        };
+        assert_eq!(
+            call!(C_GetAttributeValue(s, o, &mut small, 1)),
+            CKR_BUFFER_TOO_SMALL
+        );
         assert_eq!(small.ulValueLen, CK_UNAVAILABLE_INFORMATION);
     }
-    let mut full = CK_ATTRIBUTE { type_: ty, pValue: v.as_mut_ptr().cast(), ulValueLen: a.ulValueLen };
+    let mut full = CK_ATTRIBUTE {
+        type_: ty,
+        pValue: v.as_mut_ptr().cast(),
+        ulValueLen: a.ulValueLen,
+    };
     assert_eq!(call!(C_GetAttributeValue(s, o, &mut full, 1)), CKR_OK);
     Ok(v)
 }
@@ -68,7 +98,7 @@ fn ulong(v: &[u8]) -> CK_ULONG {
 }
 
 unsafe extern "C" fn create_mutex(m: *mut *mut std::os::raw::c_void) -> CK_RV {
-    unsafe { *m = 1 as *mut _ };
+    unsafe { *m = std::ptr::dangling_mut() };
     CKR_OK
 }
 unsafe extern "C" fn mutex_op(_: *mut std::os::raw::c_void) -> CK_RV {
@@ -82,21 +112,41 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!((fl.version.major, fl.version.minor), (2, 40));
     // Every entry is a function (none NULL), unsupported ones refuse.
     let entries = (std::mem::size_of::<CK_FUNCTION_LIST>() - 8) / 8;
-    let words = unsafe { std::slice::from_raw_parts((fl as *const CK_FUNCTION_LIST as *const u8).add(8) as *const usize, entries) };
+    let words = unsafe {
+        std::slice::from_raw_parts(
+            (fl as *const CK_FUNCTION_LIST as *const u8).add(8) as *const usize,
+            entries,
+        )
+    };
     assert_eq!(entries, 68);
     assert!(words.iter().all(|&w| w != 0));
-    assert_eq!(call!(C_GenerateRandom(1, null_mut(), 0)), CKR_FUNCTION_NOT_SUPPORTED);
-    assert_eq!(call!(C_SignUpdate(1, null_mut(), 0)), CKR_FUNCTION_NOT_SUPPORTED);
-    assert_eq!(call!(C_Encrypt(1, null_mut(), 0, null_mut(), null_mut())), CKR_FUNCTION_NOT_SUPPORTED);
+    assert_eq!(
+        call!(C_GenerateRandom(1, null_mut(), 0)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(C_SignUpdate(1, null_mut(), 0)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(C_Encrypt(1, null_mut(), 0, null_mut(), null_mut())),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
 
     // Not initialised yet.
     let mut count: CK_ULONG = 0;
-    assert_eq!(call!(C_GetSlotList(CK_TRUE, null_mut(), &mut count)), CKR_CRYPTOKI_NOT_INITIALIZED);
+    assert_eq!(
+        call!(C_GetSlotList(CK_TRUE, null_mut(), &mut count)),
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
     assert_eq!(call!(C_Finalize(null_mut())), CKR_CRYPTOKI_NOT_INITIALIZED);
 
     // C_Initialize: malformed arguments, locking callbacks, twice,
     // re-initialisation after C_Finalize.
-    std::env::set_var("DERIVED_KEYS_PKCS11_KEYS", "machine:a;bad/one user:b,alg=ed25519  machine:a");
+    std::env::set_var(
+        "DERIVED_KEYS_PKCS11_KEYS",
+        "machine:a;bad/one user:b,alg=ed25519  machine:a",
+    );
     std::env::set_var("DERIVED_KEYS_PKCS11_PREFIX", "dk-no-such-prefix");
     let mut args = CK_C_INITIALIZE_ARGS {
         CreateMutex: Some(create_mutex),
@@ -106,17 +156,38 @@ fn the_abi_behaves_as_pkcs11_says() {
         flags: 0,
         pReserved: null_mut(),
     };
-    assert_eq!(call!(C_Initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast())), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_Initialize(
+            (&mut args as *mut CK_C_INITIALIZE_ARGS).cast()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
     args.DestroyMutex = Some(mutex_op);
     args.LockMutex = Some(mutex_op);
     args.UnlockMutex = Some(mutex_op);
-    args.pReserved = 1 as *mut _;
-    assert_eq!(call!(C_Initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast())), CKR_ARGUMENTS_BAD);
+    args.pReserved = std::ptr::dangling_mut();
+    assert_eq!(
+        call!(C_Initialize(
+            (&mut args as *mut CK_C_INITIALIZE_ARGS).cast()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
     args.pReserved = null_mut();
     args.flags = CKF_OS_LOCKING_OK;
-    assert_eq!(call!(C_Initialize((&mut args as *mut CK_C_INITIALIZE_ARGS).cast())), CKR_OK);
-    assert_eq!(call!(C_Initialize(null_mut())), CKR_CRYPTOKI_ALREADY_INITIALIZED);
-    assert_eq!(call!(C_Finalize(1 as *mut _)), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_Initialize(
+            (&mut args as *mut CK_C_INITIALIZE_ARGS).cast()
+        )),
+        CKR_OK
+    );
+    assert_eq!(
+        call!(C_Initialize(null_mut())),
+        CKR_CRYPTOKI_ALREADY_INITIALIZED
+    );
+    assert_eq!(
+        call!(C_Finalize(std::ptr::dangling_mut())),
+        CKR_ARGUMENTS_BAD
+    );
     assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
     assert_eq!(call!(C_Initialize(null_mut())), CKR_OK);
 
@@ -125,15 +196,27 @@ fn the_abi_behaves_as_pkcs11_says() {
     let mut info = CK_INFO::default();
     assert_eq!(call!(C_GetInfo(&mut info)), CKR_OK);
     assert_eq!(info.cryptokiVersion.major, 2);
-    assert_eq!(call!(C_GetSlotList(CK_TRUE, null_mut(), null_mut())), CKR_ARGUMENTS_BAD);
-    assert_eq!(call!(C_GetSlotList(CK_TRUE, null_mut(), &mut count)), CKR_OK);
+    assert_eq!(
+        call!(C_GetSlotList(CK_TRUE, null_mut(), null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GetSlotList(CK_TRUE, null_mut(), &mut count)),
+        CKR_OK
+    );
     assert_eq!(count, 1);
     let mut slots = [99 as CK_SLOT_ID; 2];
     count = 0;
-    assert_eq!(call!(C_GetSlotList(CK_TRUE, slots.as_mut_ptr(), &mut count)), CKR_BUFFER_TOO_SMALL);
+    assert_eq!(
+        call!(C_GetSlotList(CK_TRUE, slots.as_mut_ptr(), &mut count)),
+        CKR_BUFFER_TOO_SMALL
+    );
     assert_eq!(count, 1);
     count = 2;
-    assert_eq!(call!(C_GetSlotList(CK_TRUE, slots.as_mut_ptr(), &mut count)), CKR_OK);
+    assert_eq!(
+        call!(C_GetSlotList(CK_TRUE, slots.as_mut_ptr(), &mut count)),
+        CKR_OK
+    );
     assert_eq!((count, slots[0]), (1, 0));
     let mut slot = CK_SLOT_INFO::default();
     assert_eq!(call!(C_GetSlotInfo(0, &mut slot)), CKR_OK);
@@ -153,37 +236,103 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!(count, 3);
     let mut mechs = [0 as CK_MECHANISM_TYPE; 3];
     count = 2;
-    assert_eq!(call!(C_GetMechanismList(0, mechs.as_mut_ptr(), &mut count)), CKR_BUFFER_TOO_SMALL);
+    assert_eq!(
+        call!(C_GetMechanismList(0, mechs.as_mut_ptr(), &mut count)),
+        CKR_BUFFER_TOO_SMALL
+    );
     count = 3;
-    assert_eq!(call!(C_GetMechanismList(0, mechs.as_mut_ptr(), &mut count)), CKR_OK);
+    assert_eq!(
+        call!(C_GetMechanismList(0, mechs.as_mut_ptr(), &mut count)),
+        CKR_OK
+    );
     assert_eq!(mechs, [CKM_ECDSA, CKM_ECDSA_SHA256, CKM_EDDSA]);
     let mut mi = CK_MECHANISM_INFO::default();
-    assert_eq!(call!(C_GetMechanismInfo(0, CKM_ECDSA_SHA256, &mut mi)), CKR_OK);
+    assert_eq!(
+        call!(C_GetMechanismInfo(0, CKM_ECDSA_SHA256, &mut mi)),
+        CKR_OK
+    );
     assert_ne!(mi.flags & CKF_SIGN, 0);
-    assert_eq!(call!(C_GetMechanismInfo(0, CKM_RSA_PKCS, &mut mi)), CKR_MECHANISM_INVALID);
-    assert_eq!(call!(C_GetMechanismInfo(0, CKM_EDDSA, null_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_GetMechanismInfo(0, CKM_RSA_PKCS, &mut mi)),
+        CKR_MECHANISM_INVALID
+    );
+    assert_eq!(
+        call!(C_GetMechanismInfo(0, CKM_EDDSA, null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
 
     // Sessions: flags, bound, login states.
     let mut s: CK_SESSION_HANDLE = 0;
-    assert_eq!(call!(C_OpenSession(0, 0, null_mut(), None, &mut s)), CKR_SESSION_PARALLEL_NOT_SUPPORTED);
-    assert_eq!(call!(C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, null_mut())), CKR_ARGUMENTS_BAD);
-    assert_eq!(call!(C_OpenSession(3, CKF_SERIAL_SESSION, null_mut(), None, &mut s)), CKR_SLOT_ID_INVALID);
+    assert_eq!(
+        call!(C_OpenSession(0, 0, null_mut(), None, &mut s)),
+        CKR_SESSION_PARALLEL_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(C_OpenSession(
+            0,
+            CKF_SERIAL_SESSION,
+            null_mut(),
+            None,
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_OpenSession(
+            3,
+            CKF_SERIAL_SESSION,
+            null_mut(),
+            None,
+            &mut s
+        )),
+        CKR_SLOT_ID_INVALID
+    );
     let mut all = Vec::new();
     for _ in 0..64 {
-        assert_eq!(call!(C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut s)), CKR_OK);
+        assert_eq!(
+            call!(C_OpenSession(
+                0,
+                CKF_SERIAL_SESSION,
+                null_mut(),
+                None,
+                &mut s
+            )),
+            CKR_OK
+        );
         all.push(s);
     }
-    assert_eq!(call!(C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut s)), CKR_SESSION_COUNT);
+    assert_eq!(
+        call!(C_OpenSession(
+            0,
+            CKF_SERIAL_SESSION,
+            null_mut(),
+            None,
+            &mut s
+        )),
+        CKR_SESSION_COUNT
+    );
     assert_eq!(call!(C_CloseSession(all[0])), CKR_OK);
     assert_eq!(call!(C_CloseSession(all[0])), CKR_SESSION_HANDLE_INVALID);
     assert_eq!(call!(C_CloseAllSessions(0)), CKR_OK);
-    assert_eq!(call!(C_OpenSession(0, CKF_SERIAL_SESSION | CKF_RW_SESSION, null_mut(), None, &mut s)), CKR_OK);
+    assert_eq!(
+        call!(C_OpenSession(
+            0,
+            CKF_SERIAL_SESSION | CKF_RW_SESSION,
+            null_mut(),
+            None,
+            &mut s
+        )),
+        CKR_OK
+    );
     let mut si = CK_SESSION_INFO::default();
     assert_eq!(call!(C_GetSessionInfo(s, null_mut())), CKR_ARGUMENTS_BAD);
     assert_eq!(call!(C_GetSessionInfo(s, &mut si)), CKR_OK);
     assert_eq!(si.state, CKS_RW_PUBLIC_SESSION);
     assert_eq!(call!(C_Login(s, CKU_USER, null_mut(), 0)), CKR_OK);
-    assert_eq!(call!(C_Login(s, CKU_USER, b"1234".as_ptr() as *mut _, 4)), CKR_USER_ALREADY_LOGGED_IN);
+    assert_eq!(
+        call!(C_Login(s, CKU_USER, b"1234".as_ptr() as *mut _, 4)),
+        CKR_USER_ALREADY_LOGGED_IN
+    );
     assert_eq!(call!(C_GetSessionInfo(s, &mut si)), CKR_OK);
     assert_eq!(si.state, CKS_RW_USER_FUNCTIONS);
     assert_eq!(call!(C_Logout(s)), CKR_OK);
@@ -200,25 +349,47 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert!(find(s, &mut [attr(CKA_CLASS, &mut cert)]).is_empty());
     let mut label = b"machine:web".to_vec();
     let mut private = CKO_PRIVATE_KEY.to_ne_bytes();
-    let web = find(s, &mut [attr(CKA_LABEL, &mut label), attr(CKA_CLASS, &mut private)]);
+    let web = find(
+        s,
+        &mut [attr(CKA_LABEL, &mut label), attr(CKA_CLASS, &mut private)],
+    );
     assert_eq!(web.len(), 1);
-    let web_pub = find(s, &mut [attr(CKA_LABEL, &mut label), attr(CKA_CLASS, &mut class)]);
+    let web_pub = find(
+        s,
+        &mut [attr(CKA_LABEL, &mut label), attr(CKA_CLASS, &mut class)],
+    );
     assert_eq!(web_pub.len(), 1);
     let mut bad = b"no/such".to_vec();
     assert!(find(s, &mut [attr(CKA_LABEL, &mut bad)]).is_empty());
     let mut id = get(s, web[0], CKA_ID).unwrap();
     assert_eq!(id.len(), 16);
-    assert_eq!(find(s, &mut [attr(CKA_ID, &mut id)]).len(), 0, "machine:web is not configured");
+    assert_eq!(
+        find(s, &mut [attr(CKA_ID, &mut id)]).len(),
+        0,
+        "machine:web is not configured"
+    );
     let mut id_a = {
         let a = find(s, &mut [attr(CKA_LABEL, &mut b"machine:a".to_vec())]);
         get(s, a[0], CKA_ID).unwrap()
     };
     assert_eq!(find(s, &mut [attr(CKA_ID, &mut id_a)]).len(), 2);
-    assert_eq!(call!(C_FindObjectsInit(s, null_mut(), 1)), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_FindObjectsInit(s, null_mut(), 1)),
+        CKR_ARGUMENTS_BAD
+    );
     assert_eq!(call!(C_FindObjectsInit(s, null_mut(), 0)), CKR_OK);
-    assert_eq!(call!(C_FindObjectsInit(s, null_mut(), 0)), CKR_OPERATION_ACTIVE);
-    assert_eq!(call!(C_FindObjects(s, null_mut(), 1, &mut count)), CKR_ARGUMENTS_BAD);
-    assert_eq!(call!(C_FindObjects(s, [0; 1].as_mut_ptr(), 1, null_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_FindObjectsInit(s, null_mut(), 0)),
+        CKR_OPERATION_ACTIVE
+    );
+    assert_eq!(
+        call!(C_FindObjects(s, null_mut(), 1, &mut count)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_FindObjects(s, [0; 1].as_mut_ptr(), 1, null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
     assert_eq!(call!(C_FindObjectsFinal(s)), CKR_OK);
     assert_eq!(call!(C_FindObjectsFinal(s)), CKR_OPERATION_NOT_INITIALIZED);
 
@@ -227,54 +398,145 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!(ulong(&get(s, k, CKA_CLASS).unwrap()), CKO_PRIVATE_KEY);
     assert_eq!(ulong(&get(s, k, CKA_KEY_TYPE).unwrap()), CKK_EC);
     assert_eq!(get(s, k, CKA_LABEL).unwrap(), b"machine:web");
-    assert_eq!(get(s, k, CKA_ID).unwrap(), get(s, web_pub[0], CKA_ID).unwrap());
-    for (ty, want) in [(CKA_TOKEN, 1), (CKA_SIGN, 1), (CKA_SENSITIVE, 1), (CKA_EXTRACTABLE, 0), (CKA_PRIVATE, 0)] {
+    assert_eq!(
+        get(s, k, CKA_ID).unwrap(),
+        get(s, web_pub[0], CKA_ID).unwrap()
+    );
+    for (ty, want) in [
+        (CKA_TOKEN, 1),
+        (CKA_SIGN, 1),
+        (CKA_SENSITIVE, 1),
+        (CKA_EXTRACTABLE, 0),
+        (CKA_PRIVATE, 0),
+    ] {
         assert_eq!(get(s, k, ty).unwrap(), [want], "attribute {ty:#x}");
     }
     assert_eq!(get(s, web_pub[0], CKA_VERIFY).unwrap(), [1]);
-    assert_eq!(get(s, k, CKA_EC_PARAMS).unwrap(), [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]);
-    assert_eq!(get(s, k, CKA_MODULUS), Err((CKR_ATTRIBUTE_TYPE_INVALID, CK_UNAVAILABLE_INFORMATION)));
-    assert_eq!(get(s, k, CKA_VALUE), Err((CKR_ATTRIBUTE_SENSITIVE, CK_UNAVAILABLE_INFORMATION)));
+    assert_eq!(
+        get(s, k, CKA_EC_PARAMS).unwrap(),
+        [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]
+    );
+    assert_eq!(
+        get(s, k, CKA_MODULUS),
+        Err((CKR_ATTRIBUTE_TYPE_INVALID, CK_UNAVAILABLE_INFORMATION))
+    );
+    assert_eq!(
+        get(s, k, CKA_VALUE),
+        Err((CKR_ATTRIBUTE_SENSITIVE, CK_UNAVAILABLE_INFORMATION))
+    );
     let mut two = [
-        CK_ATTRIBUTE { type_: CKA_MODULUS, pValue: null_mut(), ulValueLen: 0 },
-        CK_ATTRIBUTE { type_: CKA_CLASS, pValue: null_mut(), ulValueLen: 0 },
+        CK_ATTRIBUTE {
+            type_: CKA_MODULUS,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
+        CK_ATTRIBUTE {
+            type_: CKA_CLASS,
+            pValue: null_mut(),
+            ulValueLen: 0,
+        },
     ];
-    assert_eq!(call!(C_GetAttributeValue(s, k, two.as_mut_ptr(), 2)), CKR_ATTRIBUTE_TYPE_INVALID);
+    assert_eq!(
+        call!(C_GetAttributeValue(s, k, two.as_mut_ptr(), 2)),
+        CKR_ATTRIBUTE_TYPE_INVALID
+    );
     assert_eq!(two[0].ulValueLen, CK_UNAVAILABLE_INFORMATION);
     assert_eq!(two[1].ulValueLen as usize, std::mem::size_of::<CK_ULONG>());
-    assert_eq!(call!(C_GetAttributeValue(s, k, null_mut(), 1)), CKR_ARGUMENTS_BAD);
-    assert_eq!(call!(C_GetAttributeValue(s, 9999, two.as_mut_ptr(), 2)), CKR_OBJECT_HANDLE_INVALID);
-    let ed_key = find(s, &mut [attr(CKA_LABEL, &mut b"b,alg=ed25519".to_vec()), attr(CKA_CLASS, &mut private)]);
+    assert_eq!(
+        call!(C_GetAttributeValue(s, k, null_mut(), 1)),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_GetAttributeValue(s, 9999, two.as_mut_ptr(), 2)),
+        CKR_OBJECT_HANDLE_INVALID
+    );
+    let ed_key = find(
+        s,
+        &mut [
+            attr(CKA_LABEL, &mut b"b,alg=ed25519".to_vec()),
+            attr(CKA_CLASS, &mut private),
+        ],
+    );
     assert_eq!(get(s, ed_key[0], CKA_LABEL).unwrap(), b"user:b,alg=ed25519");
-    assert_eq!(get(s, ed_key[0], CKA_EC_PARAMS).unwrap(), [0x06, 0x03, 0x2b, 0x65, 0x70]);
+    assert_eq!(
+        get(s, ed_key[0], CKA_EC_PARAMS).unwrap(),
+        [0x06, 0x03, 0x2b, 0x65, 0x70]
+    );
 
     // Signing: argument and state checks and the length convention (no
     // signature is made here: that takes the kernel, see real_programs.rs).
-    let mut mech = CK_MECHANISM { mechanism: CKM_EDDSA, pParameter: null_mut(), ulParameterLen: 0 };
+    let mut mech = CK_MECHANISM {
+        mechanism: CKM_EDDSA,
+        pParameter: null_mut(),
+        ulParameterLen: 0,
+    };
     assert_eq!(call!(C_SignInit(s, null_mut(), k)), CKR_ARGUMENTS_BAD);
-    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_KEY_TYPE_INCONSISTENT);
+    assert_eq!(
+        call!(C_SignInit(s, &mut mech, k)),
+        CKR_KEY_TYPE_INCONSISTENT
+    );
     mech.mechanism = CKM_RSA_PKCS;
     assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_MECHANISM_INVALID);
     mech.mechanism = CKM_ECDSA;
-    assert_eq!(call!(C_SignInit(s, &mut mech, web_pub[0])), CKR_KEY_FUNCTION_NOT_PERMITTED);
-    assert_eq!(call!(C_SignInit(s, &mut mech, 9999)), CKR_KEY_HANDLE_INVALID);
+    assert_eq!(
+        call!(C_SignInit(s, &mut mech, web_pub[0])),
+        CKR_KEY_FUNCTION_NOT_PERMITTED
+    );
+    assert_eq!(
+        call!(C_SignInit(s, &mut mech, 9999)),
+        CKR_KEY_HANDLE_INVALID
+    );
     let mut sig_len: CK_ULONG = 0;
     let mut data = [7u8; 32];
-    assert_eq!(call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)), CKR_OPERATION_NOT_INITIALIZED);
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
     assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
     assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OPERATION_ACTIVE);
-    assert_eq!(call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)), CKR_OK);
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OK
+    );
     assert_eq!(sig_len, 64);
     let mut sig = [0u8; 64];
     sig_len = 10;
-    assert_eq!(call!(C_Sign(s, data.as_mut_ptr(), 32, sig.as_mut_ptr(), &mut sig_len)), CKR_BUFFER_TOO_SMALL);
+    assert_eq!(
+        call!(C_Sign(
+            s,
+            data.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            &mut sig_len
+        )),
+        CKR_BUFFER_TOO_SMALL
+    );
     assert_eq!(sig_len, 64);
-    assert_eq!(call!(C_Sign(s, data.as_mut_ptr(), 32, sig.as_mut_ptr(), null_mut())), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_Sign(
+            s,
+            data.as_mut_ptr(),
+            32,
+            sig.as_mut_ptr(),
+            null_mut()
+        )),
+        CKR_ARGUMENTS_BAD
+    );
     // That error ended the operation.
-    assert_eq!(call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)), CKR_OPERATION_NOT_INITIALIZED);
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
     let mut ph = [CK_TRUE];
-    let mut ed_mech = CK_MECHANISM { mechanism: CKM_EDDSA, pParameter: ph.as_mut_ptr().cast(), ulParameterLen: 1 };
-    assert_eq!(call!(C_SignInit(s, &mut ed_mech, ed_key[0])), CKR_MECHANISM_PARAM_INVALID);
+    let mut ed_mech = CK_MECHANISM {
+        mechanism: CKM_EDDSA,
+        pParameter: ph.as_mut_ptr().cast(),
+        ulParameterLen: 1,
+    };
+    assert_eq!(
+        call!(C_SignInit(s, &mut ed_mech, ed_key[0])),
+        CKR_MECHANISM_PARAM_INVALID
+    );
 
     // Several threads at once.
     let threads: Vec<_> = (0..8)
@@ -282,7 +544,13 @@ fn the_abi_behaves_as_pkcs11_says() {
             std::thread::spawn(|| {
                 for _ in 0..200 {
                     let mut s: CK_SESSION_HANDLE = 0;
-                    let rv = call!(C_OpenSession(0, CKF_SERIAL_SESSION, null_mut(), None, &mut s));
+                    let rv = call!(C_OpenSession(
+                        0,
+                        CKF_SERIAL_SESSION,
+                        null_mut(),
+                        None,
+                        &mut s
+                    ));
                     assert!(rv == CKR_OK || rv == CKR_SESSION_COUNT);
                     let mut t: CK_TOKEN_INFO = unsafe { std::mem::zeroed() };
                     assert_eq!(call!(C_GetTokenInfo(0, &mut t)), CKR_OK);
@@ -307,15 +575,21 @@ fn the_abi_behaves_as_pkcs11_says() {
         let before = call!(C_GetSlotList(CK_TRUE, null_mut(), &mut n));
         let init = call!(C_Initialize(null_mut()));
         let after = call!(C_GetSlotList(CK_TRUE, null_mut(), &mut n));
-        let ok = before == CKR_CRYPTOKI_NOT_INITIALIZED && init == CKR_OK && after == CKR_OK && n == 1;
+        let ok =
+            before == CKR_CRYPTOKI_NOT_INITIALIZED && init == CKR_OK && after == CKR_OK && n == 1;
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     let mut status = 0;
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child: {status:#x}");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child: {status:#x}"
+    );
     assert_eq!(call!(C_GetSessionInfo(s, &mut si)), CKR_OK);
 
     assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
-    assert_eq!(call!(C_GetSessionInfo(s, &mut si)), CKR_CRYPTOKI_NOT_INITIALIZED);
-    let _ = null::<u8>();
+    assert_eq!(
+        call!(C_GetSessionInfo(s, &mut si)),
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
 }

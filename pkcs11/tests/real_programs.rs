@@ -3,6 +3,8 @@
 //! private request-key rule, swtpm and configuration per test (the root
 //! crate's harness), reached through `DERIVED_KEYS_PKCS11_PREFIX`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
@@ -24,7 +26,15 @@ fn handler() {
     }
     let root = Path::new(MANIFEST).join("..");
     let out = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--bin", "derived-key-helper", "--bin", "derived-keys-broker"])
+        .args([
+            "build",
+            "--quiet",
+            "--locked",
+            "--bin",
+            "derived-key-helper",
+            "--bin",
+            "derived-keys-broker",
+        ])
         .arg("--manifest-path")
         .arg(root.join("Cargo.toml"))
         .arg("--target-dir")
@@ -32,7 +42,11 @@ fn handler() {
         .env_remove("CARGO_TARGET_DIR")
         .output()
         .unwrap();
-    assert!(out.status.success(), "building the handler: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "building the handler: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     *built = true;
 }
 
@@ -59,7 +73,10 @@ struct Env {
 impl Env {
     fn new(keys: &str) -> Env {
         handler();
-        Env { kernel: KernelEnv::new(""), keys: keys.to_owned() }
+        Env {
+            kernel: KernelEnv::new(""),
+            keys: keys.to_owned(),
+        }
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Output {
@@ -90,7 +107,9 @@ impl Env {
 
     /// The public key (DER SPKI) straight from the kernel, with keyctl.
     fn spki(&self, name: &str, callout: &str) -> Vec<u8> {
-        self.kernel.request("user", &format!("{name}:pub"), callout).payload()
+        self.kernel
+            .request("user", &format!("{name}:pub"), callout)
+            .payload()
     }
 }
 
@@ -101,7 +120,10 @@ fn p11tool_lists_the_token_and_the_configured_keys() {
     let so = so.to_str().unwrap();
     let tokens = env.ok("p11tool", &["--provider", so, "--list-tokens"]);
     assert!(tokens.contains("Label: derived-keys"), "{tokens}");
-    let all = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys"]);
+    let all = env.ok(
+        "p11tool",
+        &["--provider", so, "--list-all", "pkcs11:token=derived-keys"],
+    );
     for want in [
         "object=machine%3Aweb;type=private",
         "object=machine%3Aweb;type=public",
@@ -114,23 +136,83 @@ fn p11tool_lists_the_token_and_the_configured_keys() {
     assert_eq!(all.matches("Object ").count(), 4, "{all}");
     // A label names any valid selector's pair, configured or not; a label
     // that is no valid selector finds nothing.
-    let other = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;object=user:other,epoch=3"]);
+    let other = env.ok(
+        "p11tool",
+        &[
+            "--provider",
+            so,
+            "--list-all",
+            "pkcs11:token=derived-keys;object=user:other,epoch=3",
+        ],
+    );
     assert_eq!(other.matches("Object ").count(), 2, "{other}");
-    assert!(other.contains("object=user%3Aother%2Cepoch%3D3;type=private"), "{other}");
-    let none = env.run("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;object=no%2Fsuch"]);
+    assert!(
+        other.contains("object=user%3Aother%2Cepoch%3D3;type=private"),
+        "{other}"
+    );
+    let none = env.run(
+        "p11tool",
+        &[
+            "--provider",
+            so,
+            "--list-all",
+            "pkcs11:token=derived-keys;object=no%2Fsuch",
+        ],
+    );
     assert!(!String::from_utf8_lossy(&none.stdout).contains("Object "));
-    let private = env.ok("p11tool", &["--provider", so, "--list-all", "pkcs11:token=derived-keys;type=private"]);
+    let private = env.ok(
+        "p11tool",
+        &[
+            "--provider",
+            so,
+            "--list-all",
+            "pkcs11:token=derived-keys;type=private",
+        ],
+    );
     assert_eq!(private.matches("Object ").count(), 2, "{private}");
+    // GnuTLS signs through the token and verifies with the public key
+    // object, for both algorithms.
+    for (url, hash) in [
+        (
+            "pkcs11:token=derived-keys;object=machine:web;type=private",
+            "--hash=SHA256",
+        ),
+        (
+            "pkcs11:token=derived-keys;object=machine%3Assh%2Calg%3Ded25519;type=private",
+            "--hash=SHA512",
+        ),
+    ] {
+        let out = env.run("p11tool", &["--provider", so, hash, "--test-sign", url]);
+        assert!(out.status.success());
+        let out = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.contains("Verifying against public key in the token... ok"),
+            "{out}"
+        );
+    }
     // The public key p11tool reads is the kernel's.
     let pem = env.ok(
         "p11tool",
-        &["--provider", so, "--export-pubkey", "pkcs11:token=derived-keys;object=machine:web;type=public"],
+        &[
+            "--provider",
+            so,
+            "--export-pubkey",
+            "pkcs11:token=derived-keys;object=machine:web;type=public",
+        ],
     );
     let der = env.path("web.der");
     let pem_path = env.path("web.pem");
     std::fs::write(&pem_path, pem).unwrap();
-    env.ok("openssl", &["pkey", "-pubin", "-in", &pem_path, "-outform", "DER", "-out", &der]);
-    assert_eq!(std::fs::read(&der).unwrap(), env.spki("web", "p256 machine"));
+    env.ok(
+        "openssl",
+        &[
+            "pkey", "-pubin", "-in", &pem_path, "-outform", "DER", "-out", &der,
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&der).unwrap(),
+        env.spki("web", "p256 machine")
+    );
 }
 
 #[test]
@@ -154,40 +236,91 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     let pub_der = env.path("p256.der");
     env.ok(
         "pkcs11-tool",
-        &["--module", so, "--read-object", "--type", "pubkey", "--label", "machine:web", "-o", &pub_der],
+        &[
+            "--module",
+            so,
+            "--read-object",
+            "--type",
+            "pubkey",
+            "--label",
+            "machine:web",
+            "-o",
+            &pub_der,
+        ],
     );
-    assert_eq!(std::fs::read(&pub_der).unwrap(), env.spki("web", "p256 machine"));
+    assert_eq!(
+        std::fs::read(&pub_der).unwrap(),
+        env.spki("web", "p256 machine")
+    );
 
     // CKM_ECDSA_SHA256 over the data.
     let sig = env.path("sig-sha256");
     env.ok(
         "pkcs11-tool",
         &[
-            "--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &web_id,
-            "--signature-format", "openssl", "-i", &data, "-o", &sig,
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &web_id,
+            "--signature-format",
+            "openssl",
+            "-i",
+            &data,
+            "-o",
+            &sig,
         ],
     );
     let v = env.ok(
         "openssl",
-        &["dgst", "-sha256", "-verify", &pub_der, "-keyform", "DER", "-signature", &sig, &data],
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &pub_der,
+            "-keyform",
+            "DER",
+            "-signature",
+            &sig,
+            &data,
+        ],
     );
     assert!(v.contains("Verified OK"), "{v}");
 
     // CKM_ECDSA over a SHA-256 hash the caller made.
     let hash = env.path("hash");
-    let digest = env.ok("openssl", &["dgst", "-sha256", "-binary", "-out", &hash, &data]);
+    let digest = env.ok(
+        "openssl",
+        &["dgst", "-sha256", "-binary", "-out", &hash, &data],
+    );
     assert!(digest.is_empty());
     let raw_sig = env.path("sig-raw");
     env.ok(
         "pkcs11-tool",
         &[
-            "--module", so, "--sign", "-m", "ECDSA", "--id", &web_id,
-            "--signature-format", "openssl", "-i", &hash, "-o", &raw_sig,
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA",
+            "--id",
+            &web_id,
+            "--signature-format",
+            "openssl",
+            "-i",
+            &hash,
+            "-o",
+            &raw_sig,
         ],
     );
     let v = env.ok(
         "openssl",
-        &["pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &pub_der, "-in", &hash, "-sigfile", &raw_sig],
+        &[
+            "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &pub_der, "-in", &hash,
+            "-sigfile", &raw_sig,
+        ],
     );
     assert!(v.contains("Signature Verified Successfully"), "{v}");
 
@@ -195,7 +328,19 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     let rs = env.path("sig-rs");
     env.ok(
         "pkcs11-tool",
-        &["--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &web_id, "-i", &data, "-o", &rs],
+        &[
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &web_id,
+            "-i",
+            &data,
+            "-o",
+            &rs,
+        ],
     );
     assert_eq!(std::fs::read(&rs).unwrap().len(), 64);
 
@@ -206,16 +351,15 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     env.ok(
         "pkcs11-tool",
         &[
-            "--module", so, "--sign", "-m", "EDDSA", "--id", &ssh_id,
-            "-i", &data, "-o", &ed_sig,
+            "--module", so, "--sign", "-m", "EDDSA", "--id", &ssh_id, "-i", &data, "-o", &ed_sig,
         ],
     );
     assert_eq!(std::fs::read(&ed_sig).unwrap().len(), 64);
     let v = env.ok(
         "openssl",
         &[
-            "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &ed_der, "-rawin", "-in", &data,
-            "-sigfile", &ed_sig,
+            "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey", &ed_der, "-rawin", "-in",
+            &data, "-sigfile", &ed_sig,
         ],
     );
     assert!(v.contains("Signature Verified Successfully"), "{v}");
@@ -224,7 +368,19 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     // refused.
     let bad = env.run(
         "pkcs11-tool",
-        &["--module", so, "--sign", "-m", "ECDSA-SHA256", "--id", &id("machine:other"), "-i", &data, "-o", &rs],
+        &[
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &id("machine:other"),
+            "-i",
+            &data,
+            "-o",
+            &rs,
+        ],
     );
     assert!(!bad.status.success());
     let wrong = env.run(

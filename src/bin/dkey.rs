@@ -510,6 +510,10 @@ fn status(json: bool, config: &Path) -> Result<u8, Failure> {
                 None => "not running (starts with the next request)".into(),
             }
         );
+        println!(
+            "PKCS#11:        {} /usr/local/lib/derived-keys/derived-keys-pkcs11.so",
+            yes(s.pkcs11_installed)
+        );
         if let Some(a) = &s.audit {
             println!(
                 "audit:          {}{}; dropped: {} since the broker started, {} since boot, {} not yet reported",

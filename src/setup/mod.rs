@@ -98,6 +98,30 @@ impl Layout {
     pub fn swtpm_unit(&self) -> PathBuf {
         self.at("/etc/systemd/system/derived-keys-swtpm.service")
     }
+    /// The PKCS#11 module (CONTRACT.md, "PKCS#11 (v2)").
+    pub fn pkcs11_module(&self) -> PathBuf {
+        self.at("/usr/local/lib/derived-keys/derived-keys-pkcs11.so")
+    }
+    /// The p11-kit module file that makes p11-kit's consumers load it.
+    pub fn p11kit_module(&self) -> PathBuf {
+        self.at("/etc/pkcs11/modules/derived-keys.module")
+    }
+}
+
+/// The PKCS#11 module's file name as cargo builds it (crate pkcs11/).
+const PKCS11_BUILT: &str = "libderived_keys_pkcs11.so";
+
+/// Where a build tree's PKCS#11 module is: beside dkey, or in the
+/// pkcs11 crate's own target directory of the same profile.
+fn built_pkcs11_module(build_dir: &Path) -> Option<PathBuf> {
+    let profile = build_dir.file_name()?;
+    let repo = build_dir.parent()?.parent()?;
+    [
+        build_dir.join(PKCS11_BUILT),
+        repo.join("pkcs11/target").join(profile).join(PKCS11_BUILT),
+    ]
+    .into_iter()
+    .find(|p| p.is_file())
 }
 
 /// Setup's errors; each says what to do.
@@ -372,6 +396,35 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
         path: layout.rule(),
         change: install_file(&layout.rule(), RULE.as_bytes(), 0o644)?,
     });
+    match built_pkcs11_module(&opts.build_dir) {
+        Some(built) => {
+            let bytes = std::fs::read(&built).map_err(io(&built, "read"))?;
+            steps.push(Step {
+                what: "PKCS#11 module".into(),
+                path: layout.pkcs11_module(),
+                change: install_file(&layout.pkcs11_module(), &bytes, 0o755)?,
+            });
+            let p11kit = format!(
+                "# derived-keys: a stateless PKCS#11 token (installed by dkey install)\nmodule: {}\n",
+                Path::new("/").join(
+                    layout
+                        .pkcs11_module()
+                        .strip_prefix(&layout.root)
+                        .unwrap_or(&layout.pkcs11_module())
+                ).display()
+            );
+            steps.push(Step {
+                what: "p11-kit module file".into(),
+                path: layout.p11kit_module(),
+                change: install_file(&layout.p11kit_module(), p11kit.as_bytes(), 0o644)?,
+            });
+        }
+        None => steps.push(Step {
+            what: "PKCS#11 module not built (cargo build --release --manifest-path pkcs11/Cargo.toml), skipped".into(),
+            path: layout.pkcs11_module(),
+            change: Change::Absent,
+        }),
+    }
 
     let embedded = opts.tcti.is_none() && !layout.at("/dev/tpmrm0").exists();
     let tcti_text = match (&opts.tcti, embedded) {
@@ -568,6 +621,8 @@ pub fn uninstall(layout: &Layout, purge: bool) -> Result<Vec<Step>, SetupError> 
         purge,
     )?;
     remove("dkey command", layout.dkey(), true)?;
+    remove("PKCS#11 module", layout.pkcs11_module(), true)?;
+    remove("p11-kit module file", layout.p11kit_module(), true)?;
     if purge {
         // The directories install created, if nothing else is in them.
         for dir in [

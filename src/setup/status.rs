@@ -40,6 +40,8 @@ pub struct Status {
     pub handler_path: PathBuf,
     pub handler_installed: bool,
     pub broker_installed: bool,
+    /// The PKCS#11 module and its p11-kit file are in place.
+    pub pkcs11_installed: bool,
     /// The broker serving this configuration, if one runs now (it starts
     /// with the first request and exits when idle).
     pub broker_pid: Option<u32>,
@@ -106,6 +108,7 @@ pub fn status(layout: &Layout, config_path: &Path) -> Status {
         handler_path: layout.handler(),
         handler_installed,
         broker_installed,
+        pkcs11_installed: layout.pkcs11_module().is_file() && layout.p11kit_module().is_file(),
         broker_pid: None,
         audit: None,
         secret_memory: secret::probe_backing().map_or("unavailable", |b| b.as_str()),

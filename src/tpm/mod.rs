@@ -286,10 +286,32 @@ impl Tpm {
         let conf = TctiNameConf::from_str(tcti.as_str()).map_err(|_| TpmError::BadTcti {
             tcti: tcti.to_string(),
         })?;
-        let ctx = Context::new(conf).map_err(|source| TpmError::Unreachable {
-            tcti: tcti.to_string(),
-            source,
-        })?;
+        // A TCP simulator's TCTI connects at once, to a server that takes
+        // one client at a time: under load a connect fails now and then
+        // although the TPM is there. Try again briefly before calling it
+        // unreachable; a device node is not retried.
+        let retries = match tcti.kind() {
+            TctiKind::Swtpm | TctiKind::Mssim => 3,
+            TctiKind::Device | TctiKind::Tabrmd => 0,
+        };
+        let mut pause = std::time::Duration::from_millis(20);
+        let mut attempt = 0;
+        let ctx = loop {
+            match Context::new(conf.clone()) {
+                Ok(ctx) => break ctx,
+                Err(_) if attempt < retries => {
+                    attempt += 1;
+                    std::thread::sleep(pause);
+                    pause *= 3;
+                }
+                Err(source) => {
+                    return Err(TpmError::Unreachable {
+                        tcti: tcti.to_string(),
+                        source,
+                    })
+                }
+            }
+        };
         Ok(Tpm {
             ctx,
             tcti: tcti.clone(),

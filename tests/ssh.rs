@@ -242,6 +242,34 @@ fn the_agent_refuses_a_socket_in_a_shared_directory_and_bad_selectors() {
     assert!(out.stdout.is_empty());
 }
 
+/// ssh to root@127.0.0.1:`port` in batch mode, trusting only `known`, with
+/// the keys (and the certificate `cert`, if any) of the agent at `agent`.
+fn ssh_login(port: u16, known: &Path, agent: &Path, cert: Option<&Path>, cmd: &[&str]) -> Output {
+    let mut c = Command::new("ssh");
+    c.args(["-p", &port.to_string(), "-F", "/dev/null"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "PasswordAuthentication=no",
+        ])
+        .arg("-o")
+        .arg(format!("IdentityAgent={}", agent.display()));
+    if let Some(cert) = cert {
+        c.arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()));
+    }
+    c.arg("root@127.0.0.1")
+        .args(cmd)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -321,24 +349,7 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
     let sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
     let known = dir.join("known_hosts");
     std::fs::write(&known, format!("[127.0.0.1]:{port} {host_line}")).unwrap();
-    let out = Command::new("ssh")
-        .args(["-p", &port.to_string(), "-F", "/dev/null"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args([
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "PasswordAuthentication=no",
-        ])
-        .arg("-o")
-        .arg(format!("IdentityAgent={}", agent.sock.display()))
-        .args(["root@127.0.0.1", "echo", "logged-in"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = ssh_login(port, &known, &agent.sock, None, &["echo", "logged-in"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "logged-in",
@@ -348,17 +359,7 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
     );
     // An Ed25519 user key logs in too (only its line authorized now).
     std::fs::write(&authorized, &ed_line).unwrap();
-    let out = Command::new("ssh")
-        .args(["-p", &port.to_string(), "-F", "/dev/null"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-        .arg("-o")
-        .arg(format!("IdentityAgent={}", agent.sock.display()))
-        .args(["root@127.0.0.1", "echo", "ed25519-in"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = ssh_login(port, &known, &agent.sock, None, &["echo", "ed25519-in"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "ed25519-in",
@@ -382,17 +383,7 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
     );
     let agent = start_agent(&env, &["machine:host", "user:root-ed,alg=ed25519"]);
     let _sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
-    let out = Command::new("ssh")
-        .args(["-p", &port.to_string(), "-F", "/dev/null"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-        .arg("-o")
-        .arg(format!("IdentityAgent={}", agent.sock.display()))
-        .args(["root@127.0.0.1", "echo", "after-reboot"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = ssh_login(port, &known, &agent.sock, None, &["echo", "after-reboot"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "after-reboot",
@@ -404,17 +395,7 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
     // really is the derived one.
     let other = ok(dkey(&env, &["ssh", "pubkey", "machine:impostor"]));
     std::fs::write(&known, format!("[127.0.0.1]:{port} {other}")).unwrap();
-    let out = Command::new("ssh")
-        .args(["-p", &port.to_string(), "-F", "/dev/null"])
-        .arg("-o")
-        .arg(format!("UserKnownHostsFile={}", known.display()))
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-        .arg("-o")
-        .arg(format!("IdentityAgent={}", agent.sock.display()))
-        .args(["root@127.0.0.1", "true"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = ssh_login(port, &known, &agent.sock, None, &["true"]);
     assert!(
         !out.status.success(),
         "ssh accepted a host key it does not know"
@@ -524,23 +505,8 @@ fn a_derived_ssh_ca_certifies_users_and_hosts_that_openssh_accepts() {
         "known_hosts",
         &format!("@cert-authority [127.0.0.1]:{port} {ca_line}"),
     );
-    let login = |cert: Option<&Path>| {
-        let mut c = Command::new("ssh");
-        c.args(["-p", &port.to_string(), "-F", "/dev/null"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", known.display()))
-            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
-            .arg("-o")
-            .arg(format!("IdentityAgent={}", agent.sock.display()));
-        if let Some(cert) = cert {
-            c.arg("-o")
-                .arg(format!("CertificateFile={}", cert.display()));
-        }
-        c.args(["root@127.0.0.1", "echo", "certified"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let login =
+        |cert: Option<&Path>| ssh_login(port, &known, &agent.sock, cert, &["echo", "certified"]);
     let out = login(Some(&user_cert_file));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),

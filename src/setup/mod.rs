@@ -342,15 +342,22 @@ pub fn migrate_config(text: &str, netns: &Path) -> Option<String> {
     if config.tcti.as_str() != SWTPM_TCTI || config.tpm_netns.is_some() {
         return None;
     }
-    let mut out = String::with_capacity(text.len() + 64);
+    insert_after_tcti(text, &format!("netns = \"{}\"", netns.display()))
+}
+
+/// `text` with `line` added right after its `tcti` line (in `[tpm]`), the
+/// rest as the operator left it; None if it has no such line.
+fn insert_after_tcti(text: &str, line: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len() + line.len() + 2);
     let mut done = false;
-    for line in text.split_inclusive('\n') {
-        out.push_str(line);
-        if !done && line.trim_start().starts_with("tcti") {
-            if !line.ends_with('\n') {
+    for l in text.split_inclusive('\n') {
+        out.push_str(l);
+        if !done && l.trim_start().starts_with("tcti") {
+            if !l.ends_with('\n') {
                 out.push('\n');
             }
-            out.push_str(&format!("netns = \"{}\"\n", netns.display()));
+            out.push_str(line);
+            out.push('\n');
             done = true;
         }
     }
@@ -535,21 +542,9 @@ fn ensure_pinned(path: &Path, name: &str) -> Result<Change, SetupError> {
         Some(_) => return Ok(Change::Kept),
         None => {}
     }
-    let mut out = String::with_capacity(text.len() + 96);
-    let mut done = false;
-    for line in text.split_inclusive('\n') {
-        out.push_str(line);
-        if !done && line.trim_start().starts_with("tcti") {
-            if !line.ends_with('\n') {
-                out.push('\n');
-            }
-            out.push_str(&format!("salt_key_name = \"{name}\"\n"));
-            done = true;
-        }
-    }
-    if !done {
+    let Some(out) = insert_after_tcti(&text, &format!("salt_key_name = \"{name}\"")) else {
         return Ok(Change::Absent);
-    }
+    };
     write_atomic(&path.with_extension("conf.bak"), text.as_bytes(), 0o644)?;
     write_atomic(path, out.as_bytes(), 0o644)?;
     Ok(Change::Updated)

@@ -19,6 +19,7 @@ use ssh_key::public::{EcdsaPublicKey, Ed25519PublicKey, KeyData};
 use ssh_key::{PublicKey, Signature};
 
 use crate::client::{ClientError, KeyRequest};
+use crate::derive::ED25519_SPKI_PREFIX;
 use crate::request::{Algorithm, RequestError, Selector};
 
 pub mod cert;
@@ -150,11 +151,6 @@ fn key_data(spki: &[u8], alg: Algorithm) -> Option<KeyData> {
         }
     }
 }
-
-/// The DER before an Ed25519 key in its SubjectPublicKeyInfo (RFC 8410).
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
 
 /// The agent: the identities it lists, in order.
 #[derive(Debug)]

@@ -1,6 +1,6 @@
 //! Enrollment: PKCS#10 certificate requests and self-signed X.509
-//! certificates signed by a derived key, through [`crate::signer`]. Only
-//! this module uses x509-cert.
+//! certificates signed by a derived key (P-256 or Ed25519), through
+//! [`crate::signer`]. Only this module uses x509-cert.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -13,10 +13,14 @@ use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::name::Name;
 use x509_cert::serial_number::SerialNumber;
-use x509_cert::spki::SubjectPublicKeyInfoOwned;
+use x509_cert::spki::{
+    DynSignatureAlgorithmIdentifier, EncodePublicKey, SignatureBitStringEncoding,
+    SubjectPublicKeyInfoOwned,
+};
 use x509_cert::time::Validity;
 
-use crate::signer::P256Signer;
+use crate::client::ClientError;
+use crate::signer::{DerivedSigner, Ed25519BitString};
 
 /// Why no request or certificate came out.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +44,34 @@ pub enum X509Error {
 }
 
 impl X509Error {
-    /// EINVAL for bad input (dkey's usage exit 3), EIO otherwise.
+    /// EINVAL for bad input (dkey's usage exit 3), the request's errno if
+    /// the kernel refused the signature (EINVAL for an Ed25519 structure
+    /// over the 1024 bytes a message may have), EIO otherwise.
     pub fn errno(&self) -> i32 {
         match self {
             X509Error::BadSubject { .. } | X509Error::BadSan { .. } | X509Error::Days { .. } => {
                 libc::EINVAL
             }
+            X509Error::Build(x509_cert::builder::Error::Signature(e)) => {
+                std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<ClientError>())
+                    .map_or(libc::EIO, ClientError::errno)
+            }
             _ => libc::EIO,
         }
     }
+}
+
+/// What a self-signed certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    /// A root CA (basicConstraints cA, keyCertSign and cRLSign): what
+    /// `dkey cert` prints, a trust anchor for the certificates it signs.
+    Ca,
+    /// An end-entity certificate (cA false, digitalSignature), such as a
+    /// TLS server's that is its own trust anchor: webpki (rustls) refuses a
+    /// CA certificate as a server's.
+    EndEntity,
 }
 
 /// A subject alternative name, parsed at the edge.
@@ -110,31 +133,75 @@ fn san_extension(sans: &[San]) -> Result<Option<SubjectAltName>, X509Error> {
 }
 
 /// A PEM PKCS#10 certificate request for `subject`, signed by the key.
-pub fn csr(signer: &P256Signer, subject: &Name, sans: &[San]) -> Result<String, X509Error> {
+pub fn csr(signer: &DerivedSigner, subject: &Name, sans: &[San]) -> Result<String, X509Error> {
+    match signer {
+        DerivedSigner::P256(s) => csr_by::<_, p256::ecdsa::DerSignature>(s, subject, sans),
+        DerivedSigner::Ed25519(s) => csr_by::<_, Ed25519BitString>(s, subject, sans),
+    }
+}
+
+fn csr_by<S, Sig>(signer: &S, subject: &Name, sans: &[San]) -> Result<String, X509Error>
+where
+    S: signature::Keypair + DynSignatureAlgorithmIdentifier + signature::Signer<Sig>,
+    S::VerifyingKey: EncodePublicKey,
+    Sig: SignatureBitStringEncoding,
+{
     let mut b = RequestBuilder::new(subject.clone(), signer)?;
     if let Some(san) = san_extension(sans)? {
         b.add_extension(&san)?;
     }
-    let req = b.build::<p256::ecdsa::DerSignature>()?;
+    let req = b.build::<Sig>()?;
     Ok(req.to_pem(LineEnding::LF)?)
 }
 
 /// A PEM self-signed certificate for `subject`, valid from now for `days`.
 pub fn self_signed(
-    signer: &P256Signer,
+    signer: &DerivedSigner,
     subject: &Name,
     sans: &[San],
     days: u32,
+    usage: Usage,
 ) -> Result<String, X509Error> {
     if !(1..=36_500).contains(&days) {
         return Err(X509Error::Days { days });
     }
+    let profile = match usage {
+        Usage::Ca => Profile::Root,
+        Usage::EndEntity => Profile::Leaf {
+            issuer: subject.clone(),
+            enable_key_agreement: false,
+            enable_key_encipherment: false,
+        },
+    };
+    let cert = match signer {
+        DerivedSigner::P256(s) => {
+            self_signed_by::<_, p256::ecdsa::DerSignature>(s, profile, subject, sans, days)
+        }
+        DerivedSigner::Ed25519(s) => {
+            self_signed_by::<_, Ed25519BitString>(s, profile, subject, sans, days)
+        }
+    }?;
+    Ok(cert.to_pem(LineEnding::LF)?)
+}
+
+fn self_signed_by<S, Sig>(
+    signer: &S,
+    profile: Profile,
+    subject: &Name,
+    sans: &[San],
+    days: u32,
+) -> Result<x509_cert::Certificate, X509Error>
+where
+    S: signature::Keypair + DynSignatureAlgorithmIdentifier + signature::Signer<Sig>,
+    S::VerifyingKey: EncodePublicKey,
+    Sig: SignatureBitStringEncoding,
+{
     let mut serial = [0u8; 16];
     getrandom::getrandom(&mut serial).map_err(|_| X509Error::NoRandomness)?;
     serial[0] &= 0x7f; // positive, as RFC 5280 wants
-    let spki = SubjectPublicKeyInfoOwned::from_key(signature::Keypair::verifying_key(signer))?;
+    let spki = SubjectPublicKeyInfoOwned::from_key(signer.verifying_key())?;
     let mut b = CertificateBuilder::new(
-        Profile::Root,
+        profile,
         SerialNumber::new(&serial)?,
         Validity::from_now(Duration::from_secs(u64::from(days) * 86_400))?,
         subject.clone(),
@@ -144,8 +211,7 @@ pub fn self_signed(
     if let Some(san) = san_extension(sans)? {
         b.add_extension(&san)?;
     }
-    let cert = b.build::<p256::ecdsa::DerSignature>()?;
-    Ok(cert.to_pem(LineEnding::LF)?)
+    Ok(b.build::<Sig>()?)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Enrollment through the real kernel and a CA nobody here wrote
 //! (openssl): a CSR signed by a derived key that `openssl req -verify`
 //! accepts and an openssl CA certifies, and a self-signed certificate that
-//! `openssl verify` accepts against itself, both for the keyring's key.
+//! `openssl verify -check_ss_sig` accepts against itself, both for the keyring's key.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod common;
 
@@ -38,10 +38,33 @@ fn openssl(args: &[&str], dir: &Path) -> String {
         .unwrap())
 }
 
-/// The keyring's public key for `machine:<name>`, as PEM.
-fn keyring_pub(env: &KernelEnv, name: &str) -> String {
+/// `openssl req -verify` exits 0 even when the signature is bad: only its
+/// message (on stderr) tells.
+fn assert_csr_signature_verifies(csr: &str, dir: &Path) {
+    let out = Command::new("openssl")
+        .args(["req", "-in", csr, "-noout", "-verify"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("self-signature verify OK"),
+        "{said}"
+    );
+}
+
+/// `openssl verify -CAfile c c` checks a trust anchor's own signature only
+/// with -check_ss_sig.
+fn assert_self_signed_verifies(cert: &str, dir: &Path) {
+    let v = openssl(&["verify", "-check_ss_sig", "-CAfile", cert, cert], dir);
+    assert!(v.contains(&format!("{cert}: OK")), "{v}");
+}
+
+/// The keyring's public key for `machine:<name>` (`spec` p256 or
+/// ed25519), as PEM.
+fn keyring_pub(env: &KernelEnv, name: &str, spec: &str) -> String {
     let der = env
-        .request("user", &format!("{name}:pub"), "p256 machine")
+        .request("user", &format!("{name}:pub"), &format!("{spec} machine"))
         .payload();
     let f = env.dir.path().join(format!("{name}.der"));
     std::fs::write(&f, der).unwrap();
@@ -80,6 +103,7 @@ fn a_csr_that_openssl_verifies_and_an_openssl_ca_certifies() {
         "{pem}"
     );
     std::fs::write(dir.join("web.csr"), &pem).unwrap();
+    assert_csr_signature_verifies("web.csr", dir);
     let text = openssl(
         &["req", "-in", "web.csr", "-noout", "-verify", "-text"],
         dir,
@@ -95,7 +119,7 @@ fn a_csr_that_openssl_verifies_and_an_openssl_ca_certifies() {
     );
     // The request carries the keyring's key.
     let req_pub = openssl(&["req", "-in", "web.csr", "-noout", "-pubkey"], dir);
-    assert_eq!(req_pub, keyring_pub(&env, "web"));
+    assert_eq!(req_pub, keyring_pub(&env, "web", "p256"));
 
     // An openssl CA issues a certificate for it, which verifies.
     openssl(
@@ -160,15 +184,14 @@ fn a_self_signed_certificate_that_openssl_verifies() {
         ],
     ));
     std::fs::write(dir.join("self.pem"), &pem).unwrap();
-    let v = openssl(&["verify", "-CAfile", "self.pem", "self.pem"], dir);
-    assert!(v.contains("self.pem: OK"), "{v}");
+    assert_self_signed_verifies("self.pem", dir);
     let text = openssl(
         &["x509", "-in", "self.pem", "-noout", "-text", "-enddate"],
         dir,
     );
     assert!(text.contains("DNS:self.example"), "{text}");
     let cert_pub = openssl(&["x509", "-in", "self.pem", "-noout", "-pubkey"], dir);
-    assert_eq!(cert_pub, keyring_pub(&env, "self"));
+    assert_eq!(cert_pub, keyring_pub(&env, "self", "p256"));
     // Valid for the days asked: it expires between 6 and 8 days from now.
     let ends_in = |days: &str| {
         Command::new("openssl")
@@ -180,6 +203,64 @@ fn a_self_signed_certificate_that_openssl_verifies() {
     };
     assert!(ends_in(&(6 * 86_400).to_string()));
     assert!(!ends_in(&(8 * 86_400).to_string()));
+}
+
+#[test]
+fn ed25519_keys_make_a_csr_and_a_certificate_that_openssl_verifies() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let sel = "machine:edweb,alg=ed25519";
+    let csr = ok(dkey(
+        &env,
+        &[
+            "csr",
+            sel,
+            "--subject",
+            "CN=ed.example",
+            "--san",
+            "DNS:ed.example",
+        ],
+    ));
+    std::fs::write(dir.join("ed.csr"), &csr).unwrap();
+    assert_csr_signature_verifies("ed.csr", dir);
+    let text = openssl(&["req", "-in", "ed.csr", "-noout", "-verify", "-text"], dir);
+    assert!(
+        text.contains("ED25519") && text.contains("DNS:ed.example"),
+        "{text}"
+    );
+    let req_pub = openssl(&["req", "-in", "ed.csr", "-noout", "-pubkey"], dir);
+    let keyring = keyring_pub(&env, "edweb", "ed25519");
+    assert_eq!(req_pub, keyring);
+
+    let cert = ok(dkey(&env, &["cert", sel, "--subject", "CN=ed.example"]));
+    std::fs::write(dir.join("ed.pem"), &cert).unwrap();
+    assert_self_signed_verifies("ed.pem", dir);
+    let cert_pub = openssl(&["x509", "-in", "ed.pem", "-noout", "-pubkey"], dir);
+    assert_eq!(cert_pub, keyring);
+    // The P-256 key of the same name is another key.
+    assert_ne!(keyring, keyring_pub(&env, "edweb", "p256"));
+}
+
+#[test]
+fn an_ed25519_structure_over_1024_bytes_is_a_usage_error() {
+    // An Ed25519 signature is over the message itself, which reaches the
+    // handler in the callout: at most 1024 bytes. 60 SANs make the
+    // to-be-signed part longer; P-256 signs its digest and takes them.
+    let env = KernelEnv::new("");
+    let sans: Vec<String> = (0..60)
+        .map(|i| format!("DNS:host{i:02}.example.org"))
+        .collect();
+    let with_sans = |sel: &str| {
+        let mut args = vec!["cert", sel, "--subject", "CN=many"];
+        for s in &sans {
+            args.extend(["--san", s.as_str()]);
+        }
+        dkey(&env, &args)
+    };
+    let out = with_sans("machine:many,alg=ed25519");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(out.stdout.is_empty());
+    ok(with_sans("machine:many"));
 }
 
 #[test]

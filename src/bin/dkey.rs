@@ -716,7 +716,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let (signer, subject, sans) = x509_parts(&x)?;
             print!(
                 "{}",
-                derived_keys::x509::self_signed(&signer, &subject, &sans, days)?
+                derived_keys::x509::self_signed(
+                    &signer,
+                    &subject,
+                    &sans,
+                    days,
+                    derived_keys::x509::Usage::Ca
+                )?
             );
         }
         Cmd::Ssh { command } => return ssh(command),
@@ -956,7 +962,7 @@ fn ssh_agent(
 
 #[derive(Args)]
 struct X509Args {
-    /// Key selector, e.g. machine:web (P-256).
+    /// Key selector, e.g. machine:web (P-256) or machine:web,alg=ed25519.
     selector: String,
     /// The subject, an RFC 4514 distinguished name (CN=host,O=Org,C=DE).
     #[arg(long)]
@@ -993,7 +999,7 @@ fn x509_parts(
     x: &X509Args,
 ) -> Result<
     (
-        derived_keys::signer::P256Signer,
+        derived_keys::signer::DerivedSigner,
         x509_cert::name::Name,
         Vec<derived_keys::x509::San>,
     ),
@@ -1009,7 +1015,7 @@ fn x509_parts(
         .map_err(|e| fail(exit::INVALID, format!("key selector {:?}: {e}", x.selector)))?;
     let request = KeyRequest::from_selector(&sel)?.prefix(&x.prefix);
     Ok((
-        derived_keys::signer::P256Signer::with_request(request)?,
+        derived_keys::signer::DerivedSigner::with_request(request)?,
         subject,
         sans,
     ))

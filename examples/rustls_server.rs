@@ -6,7 +6,6 @@
 //! cargo run --example rustls_server -- machine:web > web.pem
 //! cargo run --example rustls_server -- machine:web,alg=ed25519 127.0.0.1:8443 > web.pem
 //! openssl s_client -connect 127.0.0.1:8443 -CAfile web.pem -verify_return_error -servername localhost
-//! curl --cacert web.pem https://localhost:8443/
 //! ```
 //!
 //! It prints its certificate on stdout: self-signed by the key (an

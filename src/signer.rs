@@ -6,6 +6,25 @@
 //! [`P256Signer`] (ECDSA with SHA-256) and [`Ed25519Signer`] (pure RFC 8032
 //! Ed25519) are the signers; [`DerivedSigner`] is either, chosen by the
 //! selector's `alg`. examples/rustls_server.rs serves TLS with them.
+//!
+//! ```no_run
+//! use derived_keys::request::Selector;
+//! use derived_keys::signer::{DerivedSigner, Ed25519Signer};
+//! use derived_keys::x509;
+//! use signature::{Keypair, Signer};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let sel = Selector::parse("machine:web,alg=ed25519")?;
+//! let signer = Ed25519Signer::new(&sel)?;
+//! let sig: ed25519_dalek::Signature = signer.try_sign(b"hello")?;
+//! signer.verifying_key().verify_strict(b"hello", &sig)?;
+//!
+//! // A certificate request for whichever key a selector names.
+//! let any = DerivedSigner::new(&sel)?;
+//! let csr_pem = x509::csr(&any, &x509::parse_subject("CN=web.example")?, &[])?;
+//! # Ok(())
+//! # }
+//! ```
 
 use p256::pkcs8::der::asn1::{BitString, ObjectIdentifier};
 use p256::pkcs8::der::AnyRef;

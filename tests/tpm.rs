@@ -334,3 +334,34 @@ fn owner_password_is_used_and_a_wrong_one_is_typed() {
     assert!(matches!(err, TpmError::OwnerAuth { .. }), "{err:?}");
     assert_eq!(tpm.transient_count().unwrap(), 0);
 }
+
+/// The broker gives libtss2-esys one OpenSSL library context instead of a
+/// new one per hash, HMAC and nonce (src/bin/derived-keys-broker/libctx.rs,
+/// ~4 ms per TPM2_HMAC otherwise): the dynamic linker must bind the TPM
+/// stack's calls to the broker's own functions.
+#[test]
+fn the_broker_gives_the_tpm_stack_its_own_library_context() {
+    let dir = scratch_dir();
+    let log = dir.path().join("ld");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_derived-keys-broker"))
+        .arg("--version")
+        .env("LD_BIND_NOW", "1")
+        .env("LD_DEBUG", "bindings")
+        .env("LD_DEBUG_OUTPUT", &log)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut text = String::new();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        text += &std::fs::read_to_string(e.unwrap().path()).unwrap();
+    }
+    for sym in ["OSSL_LIB_CTX_new", "OSSL_LIB_CTX_free"] {
+        let bound = text.lines().any(|l| {
+            l.contains("binding file")
+                && l.contains("libtss2-esys")
+                && l.contains("derived-keys-broker")
+                && l.contains(&format!("`{sym}'"))
+        });
+        assert!(bound, "libtss2-esys's {sym} is not the broker's:\n{text}");
+    }
+}

@@ -1,11 +1,15 @@
 //! derived-keys-broker: keeps the derivation primary loaded for the
 //! request-key handler, which starts it on demand. Root only; exits when
-//! idle. Thin: the work is in `derived_keys::broker`.
+//! idle. Thin: the work is in `derived_keys::broker`; [`libctx`] gives the
+//! TPM stack one OpenSSL library context instead of one per operation.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+#[allow(unsafe_code)]
+mod libctx;
 
 /// The TPM broker of derived-keys. Started by derived-key-helper; not for
 /// running by hand except to debug.

@@ -365,3 +365,24 @@ fn the_broker_gives_the_tpm_stack_its_own_library_context() {
         assert!(bound, "libtss2-esys's {sym} is not the broker's:\n{text}");
     }
 }
+
+/// Session handle numbers are reused as soon as a session ends. The salt
+/// key's one-command session is ended by the TPM itself; a connection that
+/// still counted it as open would flush its number when dropped, and with
+/// it whichever session holds that number then: here another broker's.
+#[test]
+fn closing_a_connection_leaves_other_clients_sessions_alone() {
+    let swtpm = Swtpm::start();
+    let mut a = open(&swtpm);
+    let pa = a.load_primary(None).unwrap();
+    a.flush_primary(pa).unwrap();
+    let mut b = open(&swtpm);
+    let pb = b.load_primary(None).unwrap();
+    drop(a);
+    let prk = b.prk_with(&pb, &input().message()).map(|_| ());
+    assert!(
+        prk.is_ok(),
+        "the other connection's session survives: {prk:?}"
+    );
+    b.flush_primary(pb).unwrap();
+}

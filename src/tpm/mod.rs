@@ -440,7 +440,14 @@ impl Tpm {
                 ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
             })
             .map(|r| r.key_handle)
-            .map_err(|e| classify(&tcti, "CreatePrimary", e))?;
+            .map_err(|e| classify(&tcti, "CreatePrimary", e));
+        // The TPM ended the one-command session itself (continueSession
+        // clear), but ESYS and tss-esapi still hold it: forget it here, or
+        // dropping the context would flush its handle number, which the
+        // next session (the salted one, or another client's) reuses.
+        let mut ended = ObjectHandle::from(tss_esapi::handles::SessionHandle::from(once));
+        let _ = self.ctx.tr_close(&mut ended);
+        let key = key?;
         match self.ctx.tr_get_name(key.into()) {
             Ok(name) => Ok((key, name.value().to_vec())),
             Err(source) => {

@@ -1,8 +1,9 @@
-//! The TPM step alone, on swtpm, as the broker runs it (with its one
-//! OpenSSL library context for the TPM stack): opening the TCTI, setting
-//! up (salt key, salted session, primary), and one TPM2_HMAC in the
-//! salted, encrypted session. Run as root: `cargo bench --bench tpm`
-//! (DK_TPM_N, default 300).
+//! Each stage of a request alone, to say where a request's time goes
+//! (docs/SPEED.md): the TPM step on swtpm as the broker runs it (with its
+//! one OpenSSL library context for the TPM stack), the derivations, the
+//! /proc reads of the handler and of the broker's requester check, and a
+//! wake-up round trip over a Unix socket. Run as root:
+//! `cargo bench --bench stages` (DK_STAGES_N, default 300).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[allow(unsafe_code, dead_code)]
@@ -14,44 +15,138 @@ mod common;
 #[path = "measure.rs"]
 mod measure;
 
+use std::io::{Read, Write};
+use std::path::Path;
 use std::time::Instant;
 
 use common::Swtpm;
+use derived_keys::derive::{self, Ed25519Key, P256Key};
 use derived_keys::tpm::{Tcti, Tpm};
 use measure::Row;
 
+fn row(name: &str, n: usize, mut f: impl FnMut(usize)) -> Row {
+    for i in 0..5 {
+        f(1_000_000 + i);
+    }
+    let mut r = Row::new(name);
+    for i in 0..n {
+        let t = Instant::now();
+        f(i);
+        r.add(Ok(t.elapsed()));
+    }
+    r
+}
+
 fn main() {
-    let n: usize = std::env::var("DK_TPM_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let n: usize = if smoke {
+        5
+    } else {
+        std::env::var("DK_STAGES_N")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300)
+    };
     let swtpm = Swtpm::start();
     let tcti = Tcti::parse(&swtpm.tcti()).unwrap();
     let mut rows = Vec::new();
 
-    let mut open = Row::new("open the TCTI");
-    let mut load = Row::new("salt key, salted session, primary");
-    let mut hmac = Row::new("TPM2_HMAC in the salted session");
-    for _ in 0..10 {
-        let t = Instant::now();
-        let mut t2 = Tpm::open(&tcti).unwrap();
-        open.add(Ok(t.elapsed()));
-        let t = Instant::now();
-        let p = t2.load_primary(None).unwrap();
-        load.add(Ok(t.elapsed()));
-        t2.flush_primary(p).unwrap();
-    }
-    let mut t2 = Tpm::open(&tcti).unwrap();
-    let p = t2.load_primary(None).unwrap();
-    for i in 0..n {
-        let msg = [i as u8; 32];
-        let t = Instant::now();
-        let prk = t2.prk_with(&p, &msg).unwrap();
-        hmac.add(Ok(t.elapsed()));
-        drop(prk);
-    }
-    t2.flush_primary(p).unwrap();
-    rows.extend([open, load, hmac]);
+    // The TPM: what a broker does when it starts, and once per request.
+    rows.push(row("TPM: open the TCTI", 10.min(n), |_| {
+        drop(Tpm::open(&tcti).unwrap());
+    }));
+    let mut tpm = Tpm::open(&tcti).unwrap();
+    rows.push(row(
+        "TPM: set-up (salt key, salted session, primary)",
+        10.min(n),
+        |_| {
+            let p = tpm.load_primary(None).unwrap();
+            tpm.flush_primary(p).unwrap();
+        },
+    ));
+    let primary = tpm.load_primary(None).unwrap();
+    let mut prk = None;
+    rows.push(row("TPM: TPM2_HMAC in the salted session", n, |i| {
+        prk = Some(tpm.prk_with(&primary, &[i as u8; 32]).unwrap());
+    }));
+    tpm.flush_primary(primary).unwrap();
+    let prk = prk.unwrap();
+
+    // The derivations, from a PRK.
+    rows.push(row("derive: HKDF, 32-byte symmetric key", n, |_| {
+        drop(derive::symmetric_key(&prk, 32).unwrap());
+    }));
+    rows.push(row("derive: P-256 key and signature (RFC 6979)", n, |i| {
+        let k = P256Key::from_prk(&prk).unwrap();
+        drop(k.sign_digest(&[i as u8; 32]).unwrap());
+    }));
+    rows.push(row("derive: P-256 public key (SPKI)", n, |_| {
+        drop(P256Key::from_prk(&prk).unwrap().spki_der().unwrap());
+    }));
+    rows.push(row(
+        "derive: Ed25519 key and signature (32 bytes)",
+        n,
+        |i| {
+            let k = Ed25519Key::from_prk(&prk).unwrap();
+            drop(k.sign(&[i as u8; 32]).unwrap());
+        },
+    ));
+
+    // The handler reads all of /proc/keys (the kernel checks possession of
+    // every key it lists); the broker checks the requester in /proc.
+    rows.push(row("handler: read /proc/keys", n, |_| {
+        drop(std::fs::read("/proc/keys").unwrap());
+    }));
+    let mut child = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let dir = Path::new("/proc").join(child.id().to_string());
+    rows.push(row(
+        "broker: requester reads in /proc (syscall x2, exe, ns, status)",
+        n,
+        |_| {
+            let _ = std::fs::read(dir.join("syscall")).unwrap();
+            let exe = std::fs::read_link(dir.join("exe")).unwrap();
+            let _ = std::fs::metadata(dir.join("exe")).unwrap();
+            let _ = std::fs::metadata(exe).unwrap();
+            for ns in ["self/ns/mnt", "self/ns/user"] {
+                let _ = std::fs::metadata(Path::new("/proc").join(ns)).unwrap();
+            }
+            for ns in ["ns/mnt", "ns/user"] {
+                let _ = std::fs::metadata(dir.join(ns)).unwrap();
+            }
+            let _ = std::fs::read(dir.join("status")).unwrap();
+            let _ = std::fs::read(dir.join("syscall")).unwrap();
+        },
+    ));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // What a message and its answer between two processes cost: each side
+    // sleeps in read until the other writes (handler and broker do this
+    // once per request; the broker and swtpm once per TPM command).
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok(k) = b.read(&mut buf) {
+            if k == 0 || b.write_all(&buf[..k]).is_err() {
+                break;
+            }
+        }
+    });
+    rows.push(row(
+        "wake-up: Unix socket round trip between two threads",
+        n,
+        |_| {
+            let mut buf = [0u8; 64];
+            a.write_all(&[7; 64]).unwrap();
+            a.read_exact(&mut buf).unwrap();
+        },
+    ));
+    drop(a);
+    echo.join().unwrap();
+
     println!("\nmachine: {}\n", measure::machine());
     measure::print_table(&rows);
 }

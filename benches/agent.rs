@@ -46,10 +46,11 @@ fn main() {
         .iter()
         .map(|s| derived_keys::ssh::SshKey::derive_with_prefix(s, &env.prefix).unwrap())
         .collect();
-    std::thread::scope(|scope| {
-        scope.spawn(|| {
-            let _ = derived_keys::ssh::serve(&agent, &listener);
-        });
+    // The agent thread blocks in accept until the process ends.
+    std::thread::spawn(move || {
+        let _ = derived_keys::ssh::serve(&agent, &listener);
+    });
+    {
         let mut rows = Vec::new();
         for (sel, key) in selectors.iter().zip(&keys) {
             let direct = KeyRequest::from_selector(&Selector::parse(sel).unwrap())
@@ -90,7 +91,9 @@ fn main() {
         }
         let errors: usize = rows.iter().map(|r| r.errors).sum();
         assert_eq!(errors, 0, "signatures failed");
-        // The agent thread blocks in accept: end the process here.
-        std::process::exit(0);
-    });
+    }
+    // Exiting skips destructors: clean up (rule, broker, swtpm) first.
+    drop(env);
+    drop(dir);
+    std::process::exit(0);
 }

@@ -21,6 +21,7 @@ use derived_keys::request::Binding;
 use measure::Row;
 
 const SIGN_P256: &str = "derived-keys :sign: (p256 machine)";
+const REFUSED: &str = "derived-keys refused at parsing (EINVAL)";
 const SIGN_HOT: &str = "derived-keys :sign: (p256 machine), hot key";
 const SIGN_ED25519: &str = "derived-keys :sign: (ed25519 machine, 32-byte msg)";
 
@@ -279,6 +280,16 @@ fn main() {
         }),
         measure(SIGN_ED25519, n, |i| {
             raw_request(&format!("{pre}:host:sign:{ed_digest}#i{i}"), &ed_callout)
+        }),
+        // The handler's and the broker's round trip without the pipeline's
+        // work: the callout fails to parse, before /proc, TPM or P-256.
+        measure(REFUSED, n, |i| {
+            let t = Instant::now();
+            match raw_request(&format!("{pre}:host:sign:{digest}#r{i}"), "p256 nonsense") {
+                Err(e) if e == libc::EINVAL => Ok(t.elapsed()),
+                Err(e) => Err(e),
+                Ok(_) => Err(0),
+            }
         }),
         measure("library: KeyRequest::sign_digest", n / 2, |_| {
             let r = KeyRequest::new("host")

@@ -471,6 +471,15 @@ impl Drop for KernelEnv {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.rule);
         self.stop_broker();
+        // The broker's runtime files that outlive it (the drop counter is
+        // kept for the next broker of the same configuration): this
+        // configuration has no next broker.
+        if let Ok(config) = derived_keys::config::Config::load(&self.conf) {
+            let paths = derived_keys::broker::paths(&config);
+            for p in [paths.lock, paths.dropped, paths.audit] {
+                let _ = std::fs::remove_file(p);
+            }
+        }
     }
 }
 

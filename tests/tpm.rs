@@ -333,6 +333,9 @@ fn owner_password_is_used_and_a_wrong_one_is_typed() {
     let err = tpm.prk(Some(&wrong), &input().message()).err().unwrap();
     assert!(matches!(err, TpmError::OwnerAuth { .. }), "{err:?}");
     assert_eq!(tpm.transient_count().unwrap(), 0);
+    // The session that carried the wrong password: a refused command does
+    // not end it, so it is flushed, not forgotten (nor left to a drop).
+    assert_eq!(tpm.session_count().unwrap(), 0);
 }
 
 /// The broker gives libtss2-esys one OpenSSL library context instead of a

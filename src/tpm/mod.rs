@@ -416,6 +416,28 @@ impl Tpm {
         Ok(session)
     }
 
+    /// Lets go of a session started with continueSession clear once its
+    /// one command is done. The TPM ends such a session only when the
+    /// command succeeds (TPM 2.0 Part 2, TPMA_SESSION): then ESYS and
+    /// tss-esapi must forget it without a flush, or dropping the context
+    /// would flush its handle number, which the next session (ours or
+    /// another client's) reuses at once. A command the TPM refused leaves
+    /// the session loaded: flush it. After a transport or ESYS error we
+    /// cannot tell, and forgetting is the safer mistake (a slot until the
+    /// TPM restarts, rather than another client's session).
+    fn end_one_command_session(&mut self, session: AuthSession, failed: Option<&TssError>) {
+        let mut h = ObjectHandle::from(tss_esapi::handles::SessionHandle::from(session));
+        let refused = failed
+            .and_then(raw_rc)
+            .is_some_and(|rc| (rc >> 16) & 0xff == LAYER_TPM);
+        if refused && self.flush(h).is_ok() {
+            return;
+        }
+        // tss-esapi answers InvalidHandleState here (it expected a flush)
+        // but forgets the handle all the same.
+        let _ = self.ctx.tr_close(&mut h);
+    }
+
     /// Creates the salt key (owner authorization through an unsalted HMAC
     /// session: the owner password never crosses the bus) and returns it
     /// with its Name.
@@ -434,19 +456,13 @@ impl Tpm {
             false,
         )?;
         let tcti = self.tcti.clone();
-        let key = self
-            .ctx
-            .execute_with_session(Some(once), |ctx| {
-                ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
-            })
+        let created = self.ctx.execute_with_session(Some(once), |ctx| {
+            ctx.create_primary(Hierarchy::Owner, template, None, None, None, None)
+        });
+        self.end_one_command_session(once, created.as_ref().err());
+        let key = created
             .map(|r| r.key_handle)
             .map_err(|e| classify(&tcti, "CreatePrimary", e));
-        // The TPM ended the one-command session itself (continueSession
-        // clear), but ESYS and tss-esapi still hold it: forget it here, or
-        // dropping the context would flush its handle number, which the
-        // next session (the salted one, or another client's) reuses.
-        let mut ended = ObjectHandle::from(tss_esapi::handles::SessionHandle::from(once));
-        let _ = self.ctx.tr_close(&mut ended);
         let key = key?;
         match self.ctx.tr_get_name(key.into()) {
             Ok(name) => Ok((key, name.value().to_vec())),

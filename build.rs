@@ -42,10 +42,14 @@ fn main() {
     }
     println!("cargo:rustc-check-cfg=cfg(dk_static_handler)");
     // The broker hands libtss2-esys one OpenSSL library context
-    // (src/bin/derived-keys-broker/libctx.rs): its two functions must be in
+    // (src/bin/derived-keys-broker/libctx.rs): its functions must be in
     // the executable's dynamic symbol table to take the place of
     // libcrypto's. benches/tpm.rs measures the TPM step the same way.
-    for sym in ["OSSL_LIB_CTX_new", "OSSL_LIB_CTX_free"] {
+    for sym in [
+        "OSSL_LIB_CTX_new",
+        "OSSL_LIB_CTX_free",
+        "OSSL_LIB_CTX_new_from_dispatch",
+    ] {
         let export = format!("-Wl,--export-dynamic-symbol={sym}");
         println!("cargo:rustc-link-arg-bin=derived-keys-broker={export}");
         println!("cargo:rustc-link-arg-benches={export}");

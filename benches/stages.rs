@@ -47,6 +47,7 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(300)
     };
+    assert!(libctx::no_config());
     let swtpm = Swtpm::start();
     let tcti = Tcti::parse(&swtpm.tcti()).unwrap();
     let mut rows = Vec::new();

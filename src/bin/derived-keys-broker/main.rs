@@ -23,6 +23,11 @@ struct Cli {
 
 fn main() -> ExitCode {
     std::env::set_var("TSS2_LOG", "all+NONE");
+    // Before anything touches libcrypto: no openssl.cnf (see libctx).
+    if !libctx::no_config() {
+        eprintln!("derived-keys-broker: cannot initialise libcrypto");
+        return ExitCode::from(libc::EIO as u8);
+    }
     let cli = Cli::parse();
     match derived_keys::broker::serve(&cli.config) {
         Ok(()) => ExitCode::SUCCESS,

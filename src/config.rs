@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::request::Binding;
+use crate::request::{Binding, Selector};
 use crate::secret::{SecretAllocError, SecretBuf};
 use crate::tpm::{Tcti, TpmError};
 
@@ -70,7 +70,20 @@ struct RawConfig {
     results: RawResults,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    pkcs11: RawPkcs11,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPkcs11 {
+    #[serde(default)]
+    keys: Vec<String>,
+}
+
+/// At most this many `[pkcs11] keys`: each lists two objects, and the
+/// module holds at most 4096 object handles.
+pub const MAX_PKCS11_KEYS: usize = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,6 +239,25 @@ pub fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
     h.0
 }
 
+/// `[pkcs11] keys` parsed into selectors at load: a bad one is a
+/// configuration error naming it, not a key the module silently skips.
+fn pkcs11_keys(keys: &[String]) -> Result<Vec<Selector>, String> {
+    if keys.len() > MAX_PKCS11_KEYS {
+        return Err(format!(
+            "at most {MAX_PKCS11_KEYS} selectors, not {}",
+            keys.len()
+        ));
+    }
+    let mut out: Vec<Selector> = Vec::with_capacity(keys.len());
+    for k in keys {
+        let sel = Selector::parse(k).map_err(|e| format!("selector {k:?}: {e}"))?;
+        if !out.contains(&sel) {
+            out.push(sel);
+        }
+    }
+    Ok(out)
+}
+
 /// A setting that is still accepted but no longer does what its name says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deprecated {
@@ -287,6 +319,9 @@ pub struct Config {
     pub negative_timeout_s: u32,
     pub signature_timeout_s: u32,
     pub log: LogTarget,
+    /// `[pkcs11] keys`: the selectors the PKCS#11 module lists in a search
+    /// without a label, in order, each once (by canonical form).
+    pub pkcs11_keys: Vec<Selector>,
 }
 
 impl Config {
@@ -405,6 +440,8 @@ impl Config {
                 ));
             }
         }
+        let pkcs11_keys =
+            pkcs11_keys(&raw.pkcs11.keys).map_err(|reason| value("pkcs11.keys", reason))?;
         let b = &raw.bindings;
         Ok(Config {
             path: path.to_owned(),
@@ -429,6 +466,7 @@ impl Config {
             negative_timeout_s: raw.results.negative_timeout_s,
             signature_timeout_s: raw.results.signature_timeout_s,
             log,
+            pkcs11_keys,
         })
     }
 
@@ -525,6 +563,14 @@ mod tests {
         let c = parse(text).unwrap();
         assert_eq!(c.tcti.as_str(), "device:/dev/tpmrm0");
         assert_eq!(c.machine_uids, vec![0]);
+        assert!(c.pkcs11_keys.is_empty());
+        // The commented example is valid.
+        let example = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# keys = "))
+            .unwrap();
+        let c = parse(&format!("[pkcs11]\nkeys = {example}\n")).unwrap();
+        assert_eq!(c.pkcs11_keys.len(), 2);
     }
 
     #[test]
@@ -558,6 +604,9 @@ mod tests {
                 "results.signature_timeout_s",
             ),
             ("[log]\ntarget = \"file\"\n", "log.target"),
+            ("[pkcs11]\nkeys = [\"machine:a/b\"]\n", "pkcs11.keys"),
+            ("[pkcs11]\nkeys = [\"user:x,alg=rsa\"]\n", "pkcs11.keys"),
+            ("[pkcs11]\nkeys = [\"\"]\n", "pkcs11.keys"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(key), "{text}: {e}");
@@ -583,6 +632,40 @@ mod tests {
         assert!(file.deprecated.is_empty());
         let e = parse("[bindings]\ncsum_source = \"IMA\"\n").unwrap_err();
         assert!(e.to_string().contains("bindings.csum_source"), "{e}");
+    }
+
+    #[test]
+    fn pkcs11_keys_are_selectors() {
+        assert!(parse("").unwrap().pkcs11_keys.is_empty());
+        let c = parse(
+            "[pkcs11]\nkeys = [\"machine:web\", \"git,alg=ed25519\", \"user:git,alg=ed25519\", \"path:db,epoch=2\"]\n",
+        )
+        .unwrap();
+        let names: Vec<String> = c.pkcs11_keys.iter().map(|s| s.to_string()).collect();
+        // Canonical, in order, a duplicate (another spelling) listed once.
+        assert_eq!(
+            names,
+            ["machine:web", "user:git,alg=ed25519", "path:db,epoch=2"]
+        );
+        // The bad selector is named, with why.
+        let e = parse("[pkcs11]\nkeys = [\"machine:web\", \"machine:web,epoch=x\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pkcs11.keys") && e.contains("machine:web,epoch=x"),
+            "{e}"
+        );
+        let e = parse("[pkcs11]\nkeys = \"machine:web\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("keys"), "{e}");
+        let e = parse("[pkcs11]\nkey = []\n").unwrap_err().to_string();
+        assert!(e.contains("key"), "{e}");
+        let many = vec!["\"a\""; MAX_PKCS11_KEYS + 1].join(",");
+        let e = parse(&format!("[pkcs11]\nkeys = [{many}]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pkcs11.keys"), "{e}");
     }
 
     #[test]

@@ -446,6 +446,56 @@ pub(crate) unsafe extern "C" fn C_SignInit(
     })
 }
 
+/// Ends the session's signature operation (after a signature, or an error
+/// other than a length answer, as PKCS#11 says).
+fn end_sign(hSession: CK_SESSION_HANDLE) {
+    let _ = token::with(|s| {
+        s.sign_end(hSession);
+        Ok(())
+    });
+}
+
+/// PKCS#11's convention for a signature of SIG_LEN bytes: `pSignature`
+/// NULL asks for the length, a buffer too small answers
+/// CKR_BUFFER_TOO_SMALL with it (both leave the operation active);
+/// otherwise `make` signs and the operation ends, whatever the outcome.
+///
+/// # Safety
+/// `pulSignatureLen` is NULL or a readable and writable CK_ULONG;
+/// `pSignature` NULL or `*pulSignatureLen` writable bytes.
+unsafe fn signature_out(
+    hSession: CK_SESSION_HANDLE,
+    pSignature: *mut CK_BYTE,
+    pulSignatureLen: *mut CK_ULONG,
+    make: impl FnOnce() -> Result<Vec<u8>, CK_RV>,
+) -> Result<(), CK_RV> {
+    let result = (|| {
+        // SAFETY: caller contract on pulSignatureLen; NULL is refused.
+        let have = unsafe { get(pulSignatureLen as *const CK_ULONG) }?;
+        if pSignature.is_null() {
+            // SAFETY: as above.
+            return unsafe { put(pulSignatureLen, token::SIG_LEN as CK_ULONG) };
+        }
+        if have < token::SIG_LEN as CK_ULONG {
+            // SAFETY: as above.
+            unsafe { put(pulSignatureLen, token::SIG_LEN as CK_ULONG) }?;
+            return Err(CKR_BUFFER_TOO_SMALL);
+        }
+        let sig = make();
+        end_sign(hSession);
+        let sig = sig?;
+        // SAFETY: pSignature holds `have` >= SIG_LEN writable bytes.
+        let dst = unsafe { slice_mut(pSignature, sig.len() as CK_ULONG) }?;
+        dst.copy_from_slice(&sig);
+        // SAFETY: as above.
+        unsafe { put(pulSignatureLen, sig.len() as CK_ULONG) }
+    })();
+    if matches!(result, Err(rv) if rv != CKR_BUFFER_TOO_SMALL) {
+        end_sign(hSession);
+    }
+    result
+}
+
 /// # Safety
 /// `pData` is `ulDataLen` readable bytes; `pulSignatureLen` a CK_ULONG;
 /// `pSignature` NULL or `*pulSignatureLen` writable bytes.
@@ -457,40 +507,67 @@ pub(crate) unsafe extern "C" fn C_Sign(
     pulSignatureLen: *mut CK_ULONG,
 ) -> CK_RV {
     guard(|| {
-        let (mech, sel, prefix) = token::with(|s| s.sign_op(hSession))?;
-        let result = (|| {
-            // SAFETY: caller contract on pulSignatureLen; NULL is refused.
-            let have = unsafe { get(pulSignatureLen as *const CK_ULONG) }?;
-            if pSignature.is_null() {
-                // SAFETY: as above.
-                return unsafe { put(pulSignatureLen, token::SIG_LEN as CK_ULONG) };
+        let (mech, sel, prefix) = match token::with(|s| s.sign_op(hSession)) {
+            Err(CKR_OPERATION_ACTIVE) => {
+                // Multi-part: only C_SignFinal finishes it.
+                end_sign(hSession);
+                return Err(CKR_OPERATION_ACTIVE);
             }
-            if have < token::SIG_LEN as CK_ULONG {
-                // SAFETY: as above.
-                unsafe { put(pulSignatureLen, token::SIG_LEN as CK_ULONG) }?;
-                return Err(CKR_BUFFER_TOO_SMALL);
-            }
+            other => other?,
+        };
+        let make = || {
             // SAFETY: caller contract on the data.
             let data = unsafe { slice(pData as *const u8, ulDataLen) }?;
-            let sig = token::sign(mech, &sel, prefix.as_deref(), data);
-            token::with(|s| {
-                s.sign_end(hSession);
-                Ok(())
-            })?;
-            let sig = sig?;
-            // SAFETY: pSignature holds `have` >= SIG_LEN writable bytes.
-            let dst = unsafe { slice_mut(pSignature, sig.len() as CK_ULONG) }?;
-            dst.copy_from_slice(&sig);
-            // SAFETY: as above.
-            unsafe { put(pulSignatureLen, sig.len() as CK_ULONG) }
-        })();
-        // Any error but a length answer ends the operation.
-        if matches!(result, Err(rv) if rv != CKR_BUFFER_TOO_SMALL) {
-            let _ = token::with(|s| {
-                s.sign_end(hSession);
-                Ok(())
-            });
+            token::sign(mech, &sel, prefix.as_deref(), data)
+        };
+        // SAFETY: forwarded caller contract on the signature arguments.
+        unsafe { signature_out(hSession, pSignature, pulSignatureLen, make) }
+    })
+}
+
+/// # Safety
+/// `pPart` is `ulPartLen` readable bytes.
+pub(crate) unsafe extern "C" fn C_SignUpdate(
+    hSession: CK_SESSION_HANDLE,
+    pPart: *mut CK_BYTE,
+    ulPartLen: CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        // SAFETY: caller contract on the part.
+        let part = unsafe { slice(pPart as *const u8, ulPartLen) };
+        let result = part.and_then(|p| token::with(|s| s.sign_update(hSession, p)));
+        // An error ends the operation (one that is there).
+        if matches!(result, Err(rv) if rv != CKR_OPERATION_NOT_INITIALIZED
+            && rv != CKR_SESSION_HANDLE_INVALID
+            && rv != CKR_CRYPTOKI_NOT_INITIALIZED)
+        {
+            end_sign(hSession);
         }
         result
+    })
+}
+
+/// # Safety
+/// `pulSignatureLen` a CK_ULONG; `pSignature` NULL or `*pulSignatureLen`
+/// writable bytes.
+pub(crate) unsafe extern "C" fn C_SignFinal(
+    hSession: CK_SESSION_HANDLE,
+    pSignature: *mut CK_BYTE,
+    pulSignatureLen: *mut CK_ULONG,
+) -> CK_RV {
+    guard(|| {
+        let (sel, prefix, digest) = match token::with(|s| s.sign_final_op(hSession)) {
+            Err(rv @ CKR_FUNCTION_NOT_SUPPORTED) => {
+                end_sign(hSession);
+                return Err(rv);
+            }
+            other => other?,
+        };
+        // SAFETY: forwarded caller contract on the signature arguments.
+        unsafe {
+            signature_out(hSession, pSignature, pulSignatureLen, || {
+                token::sign_digest(&sel, prefix.as_deref(), &digest)
+            })
+        }
     })
 }

@@ -8,11 +8,15 @@
 //! functions are ours (see README.md for why). Unsupported entries answer
 //! CKR_FUNCTION_NOT_SUPPORTED.
 //!
-//! Environment, read at `C_Initialize`:
-//! - `DERIVED_KEYS_PKCS11_KEYS`: the selectors a search without a label
-//!   lists, separated by spaces or `;` (selectors contain commas).
-//! - `DERIVED_KEYS_PKCS11_PREFIX`: test only (hidden): the description
-//!   prefix of the requests, for a test's private request-key rule.
+//! A search without a label lists the configuration's `[pkcs11] keys`
+//! (/etc/derived-keys/derived-keys.conf, read at `C_Initialize`; if it
+//! cannot be read or is invalid, nothing is listed and C_Initialize still
+//! succeeds: labelled searches need no configuration).
+//!
+//! Environment, read at `C_Initialize`, test only (hidden):
+//! - `DERIVED_KEYS_PKCS11_PREFIX`: the description prefix of the requests,
+//!   for a test's private request-key rule.
+//! - `DERIVED_KEYS_PKCS11_CONFIG`: the configuration read instead.
 //!
 //! For `path:` and `csum:` selectors the key belongs to the program that
 //! loaded the module (the keyring request is that process's).
@@ -74,8 +78,8 @@ static FUNCTION_LIST: CK_FUNCTION_LIST = CK_FUNCTION_LIST {
     C_DigestFinal: Some(crate::unsupported::C_DigestFinal),
     C_SignInit: Some(crate::abi::C_SignInit),
     C_Sign: Some(crate::abi::C_Sign),
-    C_SignUpdate: Some(crate::unsupported::C_SignUpdate),
-    C_SignFinal: Some(crate::unsupported::C_SignFinal),
+    C_SignUpdate: Some(crate::abi::C_SignUpdate),
+    C_SignFinal: Some(crate::abi::C_SignFinal),
     C_SignRecoverInit: Some(crate::unsupported::C_SignRecoverInit),
     C_SignRecover: Some(crate::unsupported::C_SignRecover),
     C_VerifyInit: Some(crate::unsupported::C_VerifyInit),

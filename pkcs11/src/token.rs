@@ -21,10 +21,11 @@ pub const SIG_LEN: usize = 64;
 /// The one slot.
 pub const SLOT_ID: CK_SLOT_ID = 0;
 
-/// The selectors a search without a label lists (space or `;` separated).
-pub const KEYS_ENV: &str = "DERIVED_KEYS_PKCS11_KEYS";
 /// Test only: the description prefix of the requests (default `derived`).
 pub const PREFIX_ENV: &str = "DERIVED_KEYS_PKCS11_PREFIX";
+/// Test only: the configuration whose `[pkcs11] keys` a search without a
+/// label lists (default [`derived_keys::config::DEFAULT_PATH`]).
+pub const CONFIG_ENV: &str = "DERIVED_KEYS_PKCS11_CONFIG";
 
 pub const MECHANISMS: [CK_MECHANISM_TYPE; 3] = [CKM_ECDSA, CKM_ECDSA_SHA256, CKM_EDDSA];
 
@@ -44,11 +45,21 @@ pub struct Object {
     pub spki: Option<Vec<u8>>,
 }
 
+/// An active signature operation.
+#[derive(Debug, Clone)]
+pub struct SignOp {
+    pub mech: CK_MECHANISM_TYPE,
+    pub key: CK_OBJECT_HANDLE,
+    /// CKM_ECDSA_SHA256 after a C_SignUpdate: the data hashed so far (the
+    /// module hashes; the kernel signs the digest once, at C_SignFinal).
+    pub parts: Option<Sha256>,
+}
+
 #[derive(Debug, Default)]
 pub struct Session {
     pub rw: bool,
     pub find: Option<(Vec<CK_OBJECT_HANDLE>, usize)>,
-    pub sign: Option<(CK_MECHANISM_TYPE, CK_OBJECT_HANDLE)>,
+    pub sign: Option<SignOp>,
 }
 
 #[derive(Debug)]
@@ -81,18 +92,15 @@ pub fn with<T>(f: impl FnOnce(&mut State) -> Result<T, CK_RV>) -> Result<T, CK_R
     }
 }
 
-/// The selectors in `DERIVED_KEYS_PKCS11_KEYS`: invalid ones are skipped,
-/// duplicates (by canonical form) listed once.
-pub fn parse_list(list: &str) -> Vec<Selector> {
-    let mut out: Vec<Selector> = Vec::new();
-    for word in list.split(|c: char| c == ';' || c.is_whitespace()) {
-        if let Ok(sel) = Selector::parse(word) {
-            if !out.contains(&sel) {
-                out.push(sel);
-            }
-        }
-    }
-    out
+/// The selectors a search without a label lists: the configuration's
+/// `[pkcs11] keys`. A configuration that cannot be read or is invalid lists
+/// nothing rather than failing C_Initialize: a labelled search (or one by
+/// CKA_ID) needs no configuration, and a host program should not lose its
+/// other tokens over ours.
+pub fn configured_keys(path: &std::path::Path) -> Vec<Selector> {
+    derived_keys::config::Config::load(path)
+        .map(|c| c.pkcs11_keys)
+        .unwrap_or_default()
 }
 
 pub fn initialize() -> Result<(), CK_RV> {
@@ -102,9 +110,10 @@ pub fn initialize() -> Result<(), CK_RV> {
         return Err(CKR_CRYPTOKI_ALREADY_INITIALIZED);
     }
     let prefix = std::env::var(PREFIX_ENV).ok().filter(|p| !p.is_empty());
-    let configured = std::env::var(KEYS_ENV)
-        .map(|v| parse_list(&v))
-        .unwrap_or_default();
+    let config = std::env::var_os(CONFIG_ENV)
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| derived_keys::config::DEFAULT_PATH.into());
+    let configured = configured_keys(std::path::Path::new(&config));
     *g = Some(State {
         pid,
         prefix,
@@ -332,9 +341,11 @@ impl State {
     }
 
     /// The objects `template` matches: with a CKA_LABEL, that selector's
-    /// pair (if it is a valid selector); without, the configured ones'.
-    /// Attributes that need the public key are not matched here unless
-    /// asked for (then the key is derived, once).
+    /// pair (if it is a valid selector); else with a CKA_ID, the pair of the
+    /// selector it spells (see [`key_id`]); else the configured ones'. Every
+    /// other attribute filters, and one the objects do not have (or that is
+    /// sensitive) matches nothing. Attributes that need the public key are
+    /// not matched here unless asked for (then the key is derived, once).
     pub fn find_init(
         &mut self,
         h: CK_SESSION_HANDLE,
@@ -343,13 +354,13 @@ impl State {
         if self.session(h)?.find.is_some() {
             return Err(CKR_OPERATION_ACTIVE);
         }
-        let candidates = match template.iter().find(|(t, _)| *t == CKA_LABEL) {
-            Some((_, label)) => std::str::from_utf8(label)
-                .ok()
-                .and_then(|l| Selector::parse(l).ok())
-                .into_iter()
-                .collect(),
-            None => self.configured.clone(),
+        let given = |ty| template.iter().find(|(t, _)| *t == ty).map(|(_, v)| v);
+        let candidates: Vec<Selector> = match (given(CKA_LABEL), given(CKA_ID)) {
+            (Some(label), _) => parse_bytes(label).into_iter().collect(),
+            // The ID is matched below like any attribute: only the
+            // canonical spelling is an object's CKA_ID.
+            (None, Some(id)) => parse_bytes(id).into_iter().collect(),
+            (None, None) => self.configured.clone(),
         };
         let prefix = self.prefix.clone();
         let mut found = Vec::new();
@@ -427,18 +438,66 @@ impl State {
             (CKM_ECDSA | CKM_ECDSA_SHA256 | CKM_EDDSA, _) => return Err(CKR_KEY_TYPE_INCONSISTENT),
             _ => return Err(CKR_MECHANISM_INVALID),
         }
-        self.session(h)?.sign = Some((mech, key));
+        self.session(h)?.sign = Some(SignOp {
+            mech,
+            key,
+            parts: None,
+        });
         Ok(())
     }
 
-    /// The active signature operation (it stays active: length queries).
+    /// The active single-part signature operation (it stays active:
+    /// length queries). One that C_SignUpdate made multi-part is finished
+    /// by C_SignFinal only.
     pub fn sign_op(
         &mut self,
         h: CK_SESSION_HANDLE,
     ) -> Result<(CK_MECHANISM_TYPE, Selector, Option<String>), CK_RV> {
-        let (mech, key) = self.session(h)?.sign.ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
-        let sel = self.object(key)?.selector.clone();
-        Ok((mech, sel, self.prefix.clone()))
+        let op = self
+            .session(h)?
+            .sign
+            .clone()
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if op.parts.is_some() {
+            return Err(CKR_OPERATION_ACTIVE);
+        }
+        let sel = self.object(op.key)?.selector.clone();
+        Ok((op.mech, sel, self.prefix.clone()))
+    }
+
+    /// C_SignUpdate: CKM_ECDSA_SHA256 hashes the part here. CKM_ECDSA
+    /// (input: a hash) and CKM_EDDSA (pure Ed25519 reads the whole message
+    /// twice) are single-part only, as PKCS#11 lists them.
+    pub fn sign_update(&mut self, h: CK_SESSION_HANDLE, data: &[u8]) -> Result<(), CK_RV> {
+        let op = self
+            .session(h)?
+            .sign
+            .as_mut()
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if op.mech != CKM_ECDSA_SHA256 {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        }
+        op.parts.get_or_insert_with(Sha256::new).update(data);
+        Ok(())
+    }
+
+    /// What C_SignFinal signs: the selector and the SHA-256 of all parts
+    /// (none: of the empty message). The operation stays active.
+    pub fn sign_final_op(
+        &mut self,
+        h: CK_SESSION_HANDLE,
+    ) -> Result<(Selector, Option<String>, [u8; 32]), CK_RV> {
+        let op = self
+            .session(h)?
+            .sign
+            .clone()
+            .ok_or(CKR_OPERATION_NOT_INITIALIZED)?;
+        if op.mech != CKM_ECDSA_SHA256 {
+            return Err(CKR_FUNCTION_NOT_SUPPORTED);
+        }
+        let digest = op.parts.unwrap_or_default().finalize().into();
+        let sel = self.object(op.key)?.selector.clone();
+        Ok((sel, self.prefix.clone(), digest))
     }
 
     pub fn sign_end(&mut self, h: CK_SESSION_HANDLE) {
@@ -448,13 +507,20 @@ impl State {
     }
 }
 
-/// CKA_ID: the first 16 bytes of SHA-256 over the canonical selector, the
-/// same for both objects of a pair and in every process.
-pub fn key_id(sel: &Selector) -> [u8; 16] {
-    let d = Sha256::digest(sel.to_string().as_bytes());
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&d[..16]);
-    id
+/// CKA_ID: the canonical selector's bytes, the same for both objects of a
+/// pair and in every process. Consumers find a key by its ID alone
+/// (OpenSSH's ssh-pkcs11 finds the private key by the public key's
+/// CKA_ID, GnuTLS the public key by the private key's), and the ID maps
+/// back to its selector without a table the token would have to keep.
+pub fn key_id(sel: &Selector) -> Vec<u8> {
+    sel.to_string().into_bytes()
+}
+
+/// A label's or ID's selector, if it spells a valid one.
+fn parse_bytes(b: &[u8]) -> Option<Selector> {
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| Selector::parse(s).ok())
 }
 
 /// One attribute's value, or why there is none.
@@ -512,7 +578,7 @@ pub fn attribute(
             Algorithm::Ed25519 => CKK_EC_EDWARDS,
         }),
         CKA_LABEL => Attr::Value(sel.to_string().into_bytes()),
-        CKA_ID => Attr::Value(key_id(sel).to_vec()),
+        CKA_ID => Attr::Value(key_id(sel)),
         CKA_TOKEN => flag(true),
         CKA_PRIVATE | CKA_MODIFIABLE | CKA_COPYABLE | CKA_DESTROYABLE | CKA_LOCAL | CKA_DERIVE => {
             flag(false)
@@ -594,24 +660,35 @@ pub fn sign(
     prefix: Option<&str>,
     data: &[u8],
 ) -> Result<Vec<u8>, CK_RV> {
-    let req = request(sel, prefix)?;
-    let der = match mech {
-        CKM_ECDSA => req.sign_digest(&digest_for_ecdsa(data)?),
-        CKM_ECDSA_SHA256 => req.sign_digest(&Sha256::digest(data).into()),
+    match mech {
+        CKM_ECDSA => sign_digest(sel, prefix, &digest_for_ecdsa(data)?),
+        CKM_ECDSA_SHA256 => sign_digest(sel, prefix, &Sha256::digest(data).into()),
         CKM_EDDSA => {
             if data.is_empty() || data.len() > 1024 {
                 return Err(CKR_DATA_LEN_RANGE);
             }
-            let sig = req.sign_message(data).map_err(|e| kernel_error(&e))?;
-            return if sig.len() == SIG_LEN {
+            let sig = request(sel, prefix)?
+                .sign_message(data)
+                .map_err(|e| kernel_error(&e))?;
+            if sig.len() == SIG_LEN {
                 Ok(sig)
             } else {
                 Err(CKR_FUNCTION_FAILED)
-            };
+            }
         }
-        _ => return Err(CKR_MECHANISM_INVALID),
+        _ => Err(CKR_MECHANISM_INVALID),
     }
-    .map_err(|e| kernel_error(&e))?;
+}
+
+/// A P-256 signature over a SHA-256 digest, raw r||s, asked of the kernel.
+pub fn sign_digest(
+    sel: &Selector,
+    prefix: Option<&str>,
+    digest: &[u8; 32],
+) -> Result<Vec<u8>, CK_RV> {
+    let der = request(sel, prefix)?
+        .sign_digest(digest)
+        .map_err(|e| kernel_error(&e))?;
     let sig = p256::ecdsa::Signature::from_der(&der).map_err(|_| CKR_FUNCTION_FAILED)?;
     Ok(sig.to_bytes().to_vec())
 }
@@ -621,15 +698,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lists_and_ids() {
-        let l = parse_list("machine:web; git,alg=ed25519  bad/sel;user:git;;");
-        let names: Vec<String> = l.iter().map(|s| s.to_string()).collect();
-        assert_eq!(names, ["machine:web", "user:git,alg=ed25519", "user:git"]);
-        assert_eq!(
-            key_id(&l[0]),
-            key_id(&Selector::parse("machine:web").unwrap())
-        );
-        assert_ne!(key_id(&l[1]), key_id(&l[2]));
+    fn ids_map_back_to_their_selectors() {
+        for s in ["machine:web", "git,alg=ed25519", "path:db,epoch=2,client=x"] {
+            let sel = Selector::parse(s).unwrap();
+            assert_eq!(parse_bytes(&key_id(&sel)), Some(sel.clone()));
+            // Another spelling of the same key has the same ID.
+            assert_eq!(
+                key_id(&Selector::parse(&sel.to_string()).unwrap()),
+                key_id(&sel)
+            );
+        }
+        let a = Selector::parse("user:git").unwrap();
+        let b = Selector::parse("user:git,alg=ed25519").unwrap();
+        assert_ne!(key_id(&a), key_id(&b));
+        assert_eq!(parse_bytes(b"no/such"), None);
+        assert_eq!(parse_bytes(&[0xff, 0x00]), None);
     }
 
     #[test]

@@ -126,7 +126,11 @@ fn the_abi_behaves_as_pkcs11_says() {
     );
     assert_eq!(
         call!(C_SignUpdate(1, null_mut(), 0)),
-        CKR_FUNCTION_NOT_SUPPORTED
+        CKR_CRYPTOKI_NOT_INITIALIZED
+    );
+    assert_eq!(
+        call!(C_SignFinal(1, null_mut(), null_mut())),
+        CKR_CRYPTOKI_NOT_INITIALIZED
     );
     assert_eq!(
         call!(C_Encrypt(1, null_mut(), 0, null_mut(), null_mut())),
@@ -142,11 +146,16 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!(call!(C_Finalize(null_mut())), CKR_CRYPTOKI_NOT_INITIALIZED);
 
     // C_Initialize: malformed arguments, locking callbacks, twice,
-    // re-initialisation after C_Finalize.
-    std::env::set_var(
-        "DERIVED_KEYS_PKCS11_KEYS",
-        "machine:a;bad/one user:b,alg=ed25519  machine:a",
-    );
+    // re-initialisation after C_Finalize. The configuration lists two
+    // keys (one twice, in another spelling).
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("derived-keys.conf");
+    std::fs::write(
+        &conf,
+        "[pkcs11]\nkeys = [\"machine:a\", \"user:b,alg=ed25519\", \"machine:a,epoch=0\"]\n",
+    )
+    .unwrap();
+    std::env::set_var("DERIVED_KEYS_PKCS11_CONFIG", &conf);
     std::env::set_var("DERIVED_KEYS_PKCS11_PREFIX", "dk-no-such-prefix");
     let mut args = CK_C_INITIALIZE_ARGS {
         CreateMutex: Some(create_mutex),
@@ -338,7 +347,7 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!(call!(C_Logout(s)), CKR_OK);
     assert_eq!(call!(C_Logout(s)), CKR_USER_NOT_LOGGED_IN);
 
-    // Objects: the configured list, filters, a label.
+    // Objects: the configured list, filters, a label, an ID.
     assert_eq!(find(s, &mut []).len(), 4);
     let mut class = CKO_PUBLIC_KEY.to_ne_bytes();
     let publics = find(s, &mut [attr(CKA_CLASS, &mut class)]);
@@ -361,18 +370,75 @@ fn the_abi_behaves_as_pkcs11_says() {
     assert_eq!(web_pub.len(), 1);
     let mut bad = b"no/such".to_vec();
     assert!(find(s, &mut [attr(CKA_LABEL, &mut bad)]).is_empty());
+    // CKA_ID is the canonical selector: an ID finds its pair without a
+    // label, configured or not (OpenSSH and GnuTLS search by CKA_ID).
     let mut id = get(s, web[0], CKA_ID).unwrap();
-    assert_eq!(id.len(), 16);
+    assert_eq!(id, b"machine:web");
+    assert_eq!(find(s, &mut [attr(CKA_ID, &mut id)]), [web[0], web_pub[0]]);
     assert_eq!(
-        find(s, &mut [attr(CKA_ID, &mut id)]).len(),
-        0,
-        "machine:web is not configured"
+        find(
+            s,
+            &mut [attr(CKA_CLASS, &mut private), attr(CKA_ID, &mut id)]
+        ),
+        web
+    );
+    let mut sign_true = [CK_TRUE];
+    assert_eq!(
+        find(
+            s,
+            &mut [
+                attr(CKA_CLASS, &mut private),
+                attr(CKA_ID, &mut id),
+                attr(CKA_SIGN, &mut sign_true)
+            ]
+        ),
+        web
+    );
+    // Only the canonical spelling is an ID; a label may be any spelling.
+    let mut other_spelling = b"machine:web,epoch=0".to_vec();
+    assert!(find(s, &mut [attr(CKA_ID, &mut other_spelling)]).is_empty());
+    assert_eq!(
+        find(s, &mut [attr(CKA_LABEL, &mut other_spelling)]).len(),
+        2
     );
     let mut id_a = {
         let a = find(s, &mut [attr(CKA_LABEL, &mut b"machine:a".to_vec())]);
         get(s, a[0], CKA_ID).unwrap()
     };
+    assert_eq!(id_a, b"machine:a");
     assert_eq!(find(s, &mut [attr(CKA_ID, &mut id_a)]).len(), 2);
+    // Attributes that do not match find nothing: another pair's ID with
+    // a label, a value the object does not have, one it has not at all,
+    // a sensitive one, an ID that is no selector.
+    assert!(find(
+        s,
+        &mut [attr(CKA_LABEL, &mut label), attr(CKA_ID, &mut id_a)]
+    )
+    .is_empty());
+    let mut sign_false = [CK_FALSE];
+    assert!(find(
+        s,
+        &mut [attr(CKA_ID, &mut id), attr(CKA_SIGN, &mut sign_false)]
+    )
+    .is_empty());
+    let mut ec = CKK_EC.to_ne_bytes();
+    assert_eq!(find(s, &mut [attr(CKA_KEY_TYPE, &mut ec)]).len(), 2);
+    assert!(find(s, &mut [attr(CKA_ID, &mut id), attr(CKA_KEY_TYPE, &mut ed)]).is_empty());
+    let mut modulus = [1u8; 4];
+    assert!(find(
+        s,
+        &mut [attr(CKA_CLASS, &mut class), attr(CKA_MODULUS, &mut modulus)]
+    )
+    .is_empty());
+    let mut value = [0u8; 32];
+    assert!(find(
+        s,
+        &mut [attr(CKA_LABEL, &mut label), attr(CKA_VALUE, &mut value)]
+    )
+    .is_empty());
+    assert!(find(s, &mut [attr(CKA_ID, &mut [0xff; 16])]).is_empty());
+    let mut short_class = [1u8];
+    assert!(find(s, &mut [attr(CKA_CLASS, &mut short_class)]).is_empty());
     assert_eq!(
         call!(C_FindObjectsInit(s, null_mut(), 1)),
         CKR_ARGUMENTS_BAD
@@ -538,6 +604,72 @@ fn the_abi_behaves_as_pkcs11_says() {
         CKR_MECHANISM_PARAM_INVALID
     );
 
+    // Multi-part (CKM_ECDSA_SHA256 only): length queries keep the
+    // operation, C_Sign cannot finish it, single-part mechanisms refuse
+    // C_SignUpdate and C_SignFinal (and that ends them).
+    mech.mechanism = CKM_ECDSA_SHA256;
+    assert_eq!(
+        call!(C_SignFinal(s, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
+    assert_eq!(call!(C_SignUpdate(s, data.as_mut_ptr(), 32)), CKR_OK);
+    assert_eq!(call!(C_SignUpdate(s, null_mut(), 0)), CKR_OK);
+    assert_eq!(call!(C_SignUpdate(s, null_mut(), 5)), CKR_ARGUMENTS_BAD);
+    assert_eq!(
+        call!(C_SignFinal(s, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED,
+        "an error ended it"
+    );
+    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
+    assert_eq!(call!(C_SignUpdate(s, data.as_mut_ptr(), 32)), CKR_OK);
+    sig_len = 0;
+    assert_eq!(call!(C_SignFinal(s, null_mut(), &mut sig_len)), CKR_OK);
+    assert_eq!(sig_len, 64);
+    sig_len = 63;
+    assert_eq!(
+        call!(C_SignFinal(s, sig.as_mut_ptr(), &mut sig_len)),
+        CKR_BUFFER_TOO_SMALL
+    );
+    assert_eq!(sig_len, 64);
+    assert_eq!(
+        call!(C_SignFinal(s, sig.as_mut_ptr(), null_mut())),
+        CKR_ARGUMENTS_BAD
+    );
+    assert_eq!(
+        call!(C_SignUpdate(s, data.as_mut_ptr(), 32)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
+    assert_eq!(call!(C_SignUpdate(s, data.as_mut_ptr(), 32)), CKR_OK);
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OPERATION_ACTIVE
+    );
+    assert_eq!(
+        call!(C_SignFinal(s, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    mech.mechanism = CKM_ECDSA;
+    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
+    assert_eq!(
+        call!(C_SignUpdate(s, data.as_mut_ptr(), 32)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+    assert_eq!(call!(C_SignInit(s, &mut mech, k)), CKR_OK);
+    assert_eq!(
+        call!(C_SignFinal(s, null_mut(), &mut sig_len)),
+        CKR_FUNCTION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        call!(C_Sign(s, data.as_mut_ptr(), 32, null_mut(), &mut sig_len)),
+        CKR_OPERATION_NOT_INITIALIZED
+    );
+
     // Several threads at once.
     let threads: Vec<_> = (0..8)
         .map(|_| {
@@ -592,4 +724,45 @@ fn the_abi_behaves_as_pkcs11_says() {
         call!(C_GetSessionInfo(s, &mut si)),
         CKR_CRYPTOKI_NOT_INITIALIZED
     );
+
+    // A configuration that is invalid, writable by others, or missing:
+    // C_Initialize succeeds, nothing is listed, a label or ID still finds.
+    let insecure = dir.path().join("insecure.conf");
+    std::fs::write(&insecure, "[pkcs11]\nkeys = [\"machine:a\"]\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&insecure, std::fs::Permissions::from_mode(0o666)).unwrap();
+    }
+    for (text, path) in [
+        (
+            Some("[pkcs11]\nkeys = [\"machine:a\", \"bad/one\"]\n"),
+            conf.clone(),
+        ),
+        (
+            Some("[tpm]\ntcti = \"floppy\"\n[pkcs11]\nkeys = [\"machine:a\"]\n"),
+            conf.clone(),
+        ),
+        (None, insecure),
+        (None, dir.path().join("missing.conf")),
+    ] {
+        if let Some(t) = text {
+            std::fs::write(&path, t).unwrap();
+        }
+        std::env::set_var("DERIVED_KEYS_PKCS11_CONFIG", &path);
+        assert_eq!(call!(C_Initialize(null_mut())), CKR_OK, "{path:?}");
+        assert_eq!(
+            call!(C_OpenSession(
+                0,
+                CKF_SERIAL_SESSION,
+                null_mut(),
+                None,
+                &mut s
+            )),
+            CKR_OK
+        );
+        assert!(find(s, &mut []).is_empty(), "{path:?} {text:?}");
+        assert_eq!(find(s, &mut [attr(CKA_LABEL, &mut label)]).len(), 2);
+        assert_eq!(find(s, &mut [attr(CKA_ID, &mut id_a)]).len(), 2);
+        assert_eq!(call!(C_Finalize(null_mut())), CKR_OK);
+    }
 }

@@ -1,121 +1,19 @@
 //! The module driven by programs nobody here wrote (GnuTLS's `p11tool`,
 //! OpenSC's `pkcs11-tool`, `openssl`), signing through the real kernel: a
 //! private request-key rule, swtpm and configuration per test (the root
-//! crate's harness), reached through `DERIVED_KEYS_PKCS11_PREFIX`.
+//! crate's harness), reached through `DERIVED_KEYS_PKCS11_PREFIX`; the
+//! module reads that configuration's `[pkcs11] keys`
+//! (`DERIVED_KEYS_PKCS11_CONFIG`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
+mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Mutex;
-
-use common::KernelEnv;
-
-const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
-
-/// Builds the root crate's handler and broker once (where the harness's
-/// `CARGO_BIN_EXE_derived-key-helper` points, see build.rs).
-fn handler() {
-    static BUILT: Mutex<bool> = Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if *built {
-        return;
-    }
-    let root = Path::new(MANIFEST).join("..");
-    let out = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--locked",
-            "--bin",
-            "derived-key-helper",
-            "--bin",
-            "derived-keys-broker",
-        ])
-        .arg("--manifest-path")
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(Path::new(MANIFEST).join("target/root"))
-        .env_remove("CARGO_TARGET_DIR")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building the handler: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    *built = true;
-}
-
-/// The cdylib `cargo test` built next to this test binary.
-fn module() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let so = dir.join("libderived_keys_pkcs11.so");
-    assert!(so.is_file(), "{} not built", so.display());
-    so
-}
-
-/// CKA_ID of a canonical selector: the first 16 bytes of its SHA-256, hex.
-fn id(selector: &str) -> String {
-    use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(selector.as_bytes())[..16])
-}
-
-struct Env {
-    kernel: KernelEnv,
-    keys: String,
-}
-
-impl Env {
-    fn new(keys: &str) -> Env {
-        handler();
-        Env {
-            kernel: KernelEnv::new(""),
-            keys: keys.to_owned(),
-        }
-    }
-
-    fn run(&self, program: &str, args: &[&str]) -> Output {
-        let out = Command::new(program)
-            .args(args)
-            .env("DERIVED_KEYS_PKCS11_PREFIX", &self.kernel.prefix)
-            .env("DERIVED_KEYS_PKCS11_KEYS", &self.keys)
-            .output()
-            .unwrap();
-        eprintln!(
-            "$ {program} {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-
-    fn ok(&self, program: &str, args: &[&str]) -> String {
-        let out = self.run(program, args);
-        assert!(out.status.success(), "{program} {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.kernel.dir.path().join(name).display().to_string()
-    }
-
-    /// The public key (DER SPKI) straight from the kernel, with keyctl.
-    fn spki(&self, name: &str, callout: &str) -> Vec<u8> {
-        self.kernel
-            .request("user", &format!("{name}:pub"), callout)
-            .payload()
-    }
-}
+use support::{id, module, Env};
 
 #[test]
 fn p11tool_lists_the_token_and_the_configured_keys() {
-    let env = Env::new("machine:web; machine:ssh,alg=ed25519");
+    let env = Env::new(&["machine:web", "machine:ssh,alg=ed25519"]);
     let so = module();
     let so = so.to_str().unwrap();
     let tokens = env.ok("p11tool", &["--provider", so, "--list-tokens"]);
@@ -218,9 +116,8 @@ fn p11tool_lists_the_token_and_the_configured_keys() {
 #[test]
 fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     // pkcs11-tool finds the key to sign with by CKA_ID alone (it passes
-    // no label to C_FindObjectsInit for --sign), so the keys are configured
-    // and named by their ids.
-    let env = Env::new("machine:web machine:ssh,alg=ed25519");
+    // no label to C_FindObjectsInit for --sign): the ID is the selector.
+    let env = Env::new(&["machine:web", "machine:ssh,alg=ed25519"]);
     let web_id = id("machine:web");
     let ssh_id = id("machine:ssh,alg=ed25519");
     let so = module();
@@ -364,9 +261,51 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     );
     assert!(v.contains("Signature Verified Successfully"), "{v}");
 
-    // An id nobody configured finds nothing; a wrong mechanism for the key's type is
-    // refused.
-    let bad = env.run(
+    // Data longer than pkcs11-tool's buffer is signed in parts
+    // (C_SignUpdate, C_SignFinal): the module hashes, the kernel signs.
+    let big = env.path("big");
+    let text: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&big, &text).unwrap();
+    let big_sig = env.path("sig-big");
+    env.ok(
+        "pkcs11-tool",
+        &[
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &web_id,
+            "--signature-format",
+            "openssl",
+            "-i",
+            &big,
+            "-o",
+            &big_sig,
+        ],
+    );
+    let v = env.ok(
+        "openssl",
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &pub_der,
+            "-keyform",
+            "DER",
+            "-signature",
+            &big_sig,
+            &big,
+        ],
+    );
+    assert!(v.contains("Verified OK"), "{v}");
+
+    // The ID alone names a key nobody configured (it is the selector);
+    // an ID that is no selector finds nothing; a wrong mechanism for the
+    // key's type is refused.
+    let other_sig = env.path("sig-other");
+    env.ok(
         "pkcs11-tool",
         &[
             "--module",
@@ -376,6 +315,41 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
             "ECDSA-SHA256",
             "--id",
             &id("machine:other"),
+            "--signature-format",
+            "openssl",
+            "-i",
+            &data,
+            "-o",
+            &other_sig,
+        ],
+    );
+    let other_der = env.path("other.der");
+    std::fs::write(&other_der, env.spki("other", "p256 machine")).unwrap();
+    let v = env.ok(
+        "openssl",
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            &other_der,
+            "-keyform",
+            "DER",
+            "-signature",
+            &other_sig,
+            &data,
+        ],
+    );
+    assert!(v.contains("Verified OK"), "{v}");
+    let bad = env.run(
+        "pkcs11-tool",
+        &[
+            "--module",
+            so,
+            "--sign",
+            "-m",
+            "ECDSA-SHA256",
+            "--id",
+            &id("machine:no/such"),
             "-i",
             &data,
             "-o",

@@ -65,12 +65,14 @@ impl X509Error {
 /// What a self-signed certificate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Usage {
-    /// A root CA (basicConstraints cA, keyCertSign and cRLSign): what
-    /// `dkey cert` prints, a trust anchor for the certificates it signs.
+    /// A root CA (basicConstraints cA, keyCertSign and cRLSign): a trust
+    /// anchor for the certificates its key signs (`dkey cert --ca`).
     Ca,
     /// An end-entity certificate (cA false, digitalSignature), such as a
-    /// TLS server's that is its own trust anchor: webpki (rustls) refuses a
-    /// CA certificate as a server's.
+    /// TLS server's that is its own trust anchor: what `dkey cert` prints.
+    /// A root CA's profile forbids the signatures TLS makes with the key:
+    /// GnuTLS then refuses to serve it, and webpki (rustls) refuses a CA
+    /// certificate as a server's.
     EndEntity,
 }
 
@@ -154,7 +156,8 @@ where
     Ok(req.to_pem(LineEnding::LF)?)
 }
 
-/// A PEM self-signed certificate for `subject`, valid from now for `days`.
+/// A PEM self-signed certificate for `subject`, valid from now for `days`,
+/// with the profile `usage` says.
 pub fn self_signed(
     signer: &DerivedSigner,
     subject: &Name,

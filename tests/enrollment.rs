@@ -190,6 +190,9 @@ fn a_self_signed_certificate_that_openssl_verifies() {
         dir,
     );
     assert!(text.contains("DNS:self.example"), "{text}");
+    // An endpoint's certificate: TLS may sign with its key.
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(text.contains("Digital Signature"), "{text}");
     let cert_pub = openssl(&["x509", "-in", "self.pem", "-noout", "-pubkey"], dir);
     assert_eq!(cert_pub, keyring_pub(&env, "self", "p256"));
     // Valid for the days asked: it expires between 6 and 8 days from now.

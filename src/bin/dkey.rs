@@ -118,6 +118,10 @@ enum Cmd {
         /// Days of validity, from now.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// A root CA's certificate (CA:TRUE, keyCertSign, cRLSign) instead of
+        /// an endpoint's own (CA:FALSE, digitalSignature: a TLS server's).
+        #[arg(long)]
+        ca: bool,
     },
     /// SSH: OpenSSH public key lines for derived keys.
     Ssh {
@@ -712,17 +716,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let (signer, subject, sans) = x509_parts(&x)?;
             print!("{}", derived_keys::x509::csr(&signer, &subject, &sans)?);
         }
-        Cmd::Cert { x, days } => {
+        Cmd::Cert { x, days, ca } => {
+            use derived_keys::x509::Usage;
             let (signer, subject, sans) = x509_parts(&x)?;
+            let usage = if ca { Usage::Ca } else { Usage::EndEntity };
             print!(
                 "{}",
-                derived_keys::x509::self_signed(
-                    &signer,
-                    &subject,
-                    &sans,
-                    days,
-                    derived_keys::x509::Usage::Ca
-                )?
+                derived_keys::x509::self_signed(&signer, &subject, &sans, days, usage)?
             );
         }
         Cmd::Ssh { command } => return ssh(command),

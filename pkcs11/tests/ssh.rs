@@ -87,7 +87,7 @@ fn key_of(line: &str) -> String {
 
 #[test]
 fn ssh_logs_in_with_a_token_key() {
-    let env = Env::new(&["machine:sshp", "machine:sshe,alg=ed25519"]);
+    let mut env = Env::new(&["machine:sshp", "machine:sshe,alg=ed25519"]);
     let p256 = key_of(&env.dkey(&["ssh", "pubkey", "machine:sshp"]));
     let ed25519 = key_of(&env.dkey(&["ssh", "pubkey", "machine:sshe,alg=ed25519"]));
     assert!(p256.starts_with("ecdsa-sha2-nistp256 "), "{p256}");
@@ -119,6 +119,14 @@ fn ssh_logs_in_with_a_token_key() {
         text(&out),
         server.output()
     );
+
+    // After a "reboot" (broker and TPM restarted) OpenSSH reads the same
+    // key from the token and logs in with it again.
+    env.reboot();
+    let again = env.ok("ssh-keygen", &["-D", module().to_str().unwrap()]);
+    assert!(again.lines().map(key_of).any(|k| k == p256), "{again}");
+    let out = ssh(&env, port, &p256_file);
+    assert!(out.status.success(), "ssh after reboot: {}", text(&out));
 
     // sshd trusting another key only: the token's key is not accepted.
     let other = key_of(&env.dkey(&["ssh", "pubkey", "machine:sshother"]));

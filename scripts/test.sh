@@ -22,3 +22,5 @@ cargo test --locked --doc
 # (`cargo test` builds the crate as an rlib; the tests load the cdylib.)
 cargo build --locked --manifest-path pkcs11/Cargo.toml
 cargo test --locked --manifest-path pkcs11/Cargo.toml
+# Its TLS benchmark once, as a smoke test (3 handshakes each, seconds).
+cargo test --locked --manifest-path pkcs11/Cargo.toml --benches

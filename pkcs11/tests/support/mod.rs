@@ -17,6 +17,9 @@ pub use common::KernelEnv;
 
 const MANIFEST: &str = env!("CARGO_MANIFEST_DIR");
 
+/// The root binaries' profile: release for the benchmark (see build.rs).
+const PROFILE: &str = env!("DK_ROOT_PROFILE");
+
 /// Builds the root crate's handler, broker and dkey once (where the
 /// harness's `CARGO_BIN_EXE_derived-key-helper` points, see build.rs).
 pub fn root_binaries() {
@@ -26,9 +29,13 @@ pub fn root_binaries() {
         return;
     }
     let root = Path::new(MANIFEST).join("..");
-    let out = Command::new(env!("CARGO"))
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.arg("build");
+    if PROFILE == "release" {
+        cargo.arg("--release");
+    }
+    let out = cargo
         .args([
-            "build",
             "--quiet",
             "--locked",
             "--bin",
@@ -55,7 +62,7 @@ pub fn root_binaries() {
 
 /// The root crate's dkey, built by [`root_binaries`].
 pub fn dkey_exe() -> PathBuf {
-    Path::new(MANIFEST).join("target/root/debug/dkey")
+    Path::new(MANIFEST).join(format!("target/root/{PROFILE}/dkey"))
 }
 
 /// The cdylib cargo built next to this test (or bench) binary.

@@ -19,7 +19,7 @@ cargo test --locked --test fairness -- --exact "$fair"
 cargo test --locked --doc
 # The PKCS#11 module: a crate of its own (a cdylib with the C ABI), tested
 # through its C interface and with p11tool, pkcs11-tool and openssl.
-# (`cargo test` builds the crate as an rlib; the tests load the cdylib.)
+# (The tests load the cdylib `cargo test` builds beside them.)
 cargo build --locked --manifest-path pkcs11/Cargo.toml
 cargo test --locked --manifest-path pkcs11/Cargo.toml
 # Its TLS benchmark once, as a smoke test (3 handshakes each, seconds).

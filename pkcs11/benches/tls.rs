@@ -6,9 +6,8 @@
 //! adds per handshake. The configuration is the shipped default's
 //! `hot_key_s = 60` (DK_TLS_HOT_KEY_S=0: every signature asks the TPM).
 //!
-//! Run as root, in pkcs11/: `cargo build --release && cargo bench --bench
-//! tls` (the server loads the release cdylib; DK_TLS_N handshakes each,
-//! default 50). `cargo test --benches` runs it
+//! Run as root, in pkcs11/: `cargo bench --bench tls` (DK_TLS_N handshakes
+//! each, default 50). `cargo test --benches` runs it
 //! as a smoke test (3 each).
 //!
 //! The client is openssl, not gnutls-cli: gnutls-cli's closing exchange

@@ -65,13 +65,22 @@ pub fn dkey_exe() -> PathBuf {
     Path::new(MANIFEST).join(format!("target/root/{PROFILE}/dkey"))
 }
 
-/// The cdylib cargo built next to this test (or bench) binary.
+/// The cdylib this cargo run built: beside the test (or bench) binary in
+/// deps/, which `cargo test` and `cargo bench` rebuild (the copy one level
+/// up is `cargo build`'s and may be stale), else that copy.
 pub fn module() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let so = dir.join("libderived_keys_pkcs11.so");
-    assert!(so.is_file(), "{} not built", so.display());
-    so
+    let deps = exe.parent().unwrap();
+    let so = [deps, deps.parent().unwrap()]
+        .iter()
+        .map(|d| d.join("libderived_keys_pkcs11.so"))
+        .find(|p| p.is_file());
+    so.unwrap_or_else(|| {
+        panic!(
+            "libderived_keys_pkcs11.so not built near {}",
+            deps.display()
+        )
+    })
 }
 
 /// CKA_ID of a canonical selector (its bytes), in hex as OpenSC wants it.

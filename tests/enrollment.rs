@@ -208,6 +208,24 @@ fn a_self_signed_certificate_that_openssl_verifies() {
     assert!(!ends_in(&(8 * 86_400).to_string()));
 }
 
+/// `--ca`: a root CA's certificate for the key, the trust anchor of what
+/// the key signs (through the PKCS#11 token, say).
+#[test]
+fn a_ca_certificate_on_request() {
+    let env = KernelEnv::new("");
+    let dir = env.dir.path();
+    let pem = ok(dkey(
+        &env,
+        &["cert", "machine:root", "--subject", "CN=Root", "--ca"],
+    ));
+    std::fs::write(dir.join("root.pem"), &pem).unwrap();
+    assert_self_signed_verifies("root.pem", dir);
+    let text = openssl(&["x509", "-in", "root.pem", "-noout", "-text"], dir);
+    assert!(text.contains("CA:TRUE"), "{text}");
+    assert!(text.contains("Certificate Sign"), "{text}");
+    assert!(!text.contains("Digital Signature"), "{text}");
+}
+
 #[test]
 fn ed25519_keys_make_a_csr_and_a_certificate_that_openssl_verifies() {
     let env = KernelEnv::new("");

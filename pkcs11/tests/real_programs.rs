@@ -365,3 +365,90 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     );
     assert!(!wrong.status.success());
 }
+
+/// p11-kit loads the token through its module file alone, the file `dkey
+/// install` writes to /etc/pkcs11/modules (the same text, here a user's:
+/// p11-kit reads no user configuration in a program running as root, and
+/// the system directory is the installed system's). p11tool runs as uid
+/// 1000 with no `--provider`, and reads uid 1000's own key.
+#[test]
+fn p11tool_finds_the_token_through_its_p11kit_module_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new(&["user:web"]);
+    // What uid 1000 may read: the module, the configuration, a home.
+    let open = tempfile::Builder::new()
+        .prefix("dk-p11kit-")
+        .tempdir()
+        .unwrap();
+    let at = |name: &str| open.path().join(name);
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(open.path(), 0o755);
+    std::fs::copy(module(), at("derived-keys-pkcs11.so")).unwrap();
+    mode(&at("derived-keys-pkcs11.so"), 0o755);
+    std::fs::copy(&env.kernel.conf, at("derived-keys.conf")).unwrap();
+    mode(&at("derived-keys.conf"), 0o644);
+    let modules = at("home/.config/pkcs11/modules");
+    std::fs::create_dir_all(&modules).unwrap();
+    for d in [
+        "home",
+        "home/.config",
+        "home/.config/pkcs11",
+        "home/.config/pkcs11/modules",
+    ] {
+        std::os::unix::fs::chown(at(d), Some(1000), Some(1000)).unwrap();
+    }
+    let p11tool = |args: &[&str]| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=1000", "--regid=1000", "--clear-groups", "p11tool"])
+            .args(args)
+            .env("HOME", at("home"))
+            .env("DERIVED_KEYS_PKCS11_PREFIX", &env.kernel.prefix)
+            .env("DERIVED_KEYS_PKCS11_CONFIG", at("derived-keys.conf"))
+            .output()
+            .unwrap();
+        eprintln!(
+            "$ p11tool {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Without the module file, no such token.
+    assert!(!p11tool(&["--list-tokens"]).contains("Label: derived-keys"));
+    std::fs::write(
+        modules.join("derived-keys.module"),
+        derived_keys::setup::p11kit_module_text(&at("derived-keys-pkcs11.so")),
+    )
+    .unwrap();
+    let tokens = p11tool(&["--list-tokens"]);
+    assert!(tokens.contains("Label: derived-keys"), "{tokens}");
+    let all = p11tool(&["--list-all", "pkcs11:token=derived-keys"]);
+    assert!(all.contains("object=user%3Aweb;type=public"), "{all}");
+    // uid 1000's own key, as the kernel gives it to uid 1000.
+    let pem = p11tool(&[
+        "--export-pubkey",
+        "pkcs11:token=derived-keys;object=user:web;type=public",
+    ]);
+    let pem_path = env.path("web1000.pem");
+    let der = env.path("web1000.der");
+    std::fs::write(&pem_path, pem).unwrap();
+    env.ok(
+        "openssl",
+        &[
+            "pkey", "-pubin", "-in", &pem_path, "-outform", "DER", "-out", &der,
+        ],
+    );
+    let kernel = env
+        .kernel
+        .request_as(1000, "user", "web:pub", "p256 user")
+        .payload();
+    assert_eq!(std::fs::read(&der).unwrap(), kernel);
+    assert_ne!(
+        kernel,
+        env.spki("web", "p256 user"),
+        "root's key is another"
+    );
+}

@@ -364,6 +364,15 @@ fn insert_after_tcti(text: &str, line: &str) -> Option<String> {
     done.then_some(out)
 }
 
+/// The p11-kit module file for the module at `module`: what makes p11-kit
+/// (and through it GnuTLS, p11tool, browsers) load the token.
+pub fn p11kit_module_text(module: &Path) -> String {
+    format!(
+        "# derived-keys: a stateless PKCS#11 token (installed by dkey install)\nmodule: {}\n",
+        module.display()
+    )
+}
+
 /// `dkey install`.
 pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, SetupError> {
     if !is_root() {
@@ -411,14 +420,13 @@ pub fn install(layout: &Layout, opts: &InstallOptions) -> Result<Vec<Step>, Setu
                 path: layout.pkcs11_module(),
                 change: install_file(&layout.pkcs11_module(), &bytes, 0o755)?,
             });
-            let p11kit = format!(
-                "# derived-keys: a stateless PKCS#11 token (installed by dkey install)\nmodule: {}\n",
-                Path::new("/").join(
+            let p11kit = p11kit_module_text(
+                &Path::new("/").join(
                     layout
                         .pkcs11_module()
                         .strip_prefix(&layout.root)
-                        .unwrap_or(&layout.pkcs11_module())
-                ).display()
+                        .unwrap_or(&layout.pkcs11_module()),
+                ),
             );
             steps.push(Step {
                 what: "p11-kit module file".into(),

@@ -270,14 +270,6 @@ fn ssh_login(port: u16, known: &Path, agent: &Path, cert: Option<&Path>, cmd: &[
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// sshd as root on a free loopback port; killed on drop.
 struct Sshd(Child);
 
@@ -345,7 +337,7 @@ fn sshd_serves_a_host_key_that_is_in_no_file_to_a_derived_user_key() {
     std::fs::write(&host_pub, &host_line).unwrap();
     let authorized = dir.join("authorized_keys");
     std::fs::write(&authorized, &user_line).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let sshd = start_sshd(dir, port, &host_pub, &agent.sock, &authorized);
     let known = dir.join("known_hosts");
     std::fs::write(&known, format!("[127.0.0.1]:{port} {host_line}")).unwrap();
@@ -474,7 +466,7 @@ fn a_derived_ssh_ca_certifies_users_and_hosts_that_openssh_accepts() {
     // sshd trusts the CA for users and presents its certified host key;
     // the client knows only the CA (no authorized_keys, no host key line).
     std::fs::create_dir_all("/run/sshd").unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let cfg = write(
         "sshd_config",
         &format!(

@@ -20,26 +20,56 @@ pub struct Swtpm {
     embedded: Option<Layout>,
 }
 
-/// The swtpm TCTI expects the control port right after the server port.
-pub fn free_port_pair() -> (u16, u16) {
-    let seed = std::process::id() as u64
+/// Ports for the tests' servers (swtpm, proxies, sshd, gnutls-serv): free,
+/// and below the kernel's ephemeral range. Inside that range a client that
+/// connects to a port nobody listens on yet (a test waiting for its server
+/// to come up, a TCTI reconnecting) is now and then given that very port
+/// as its own source port, and TCP connects the socket to itself: the
+/// probe "succeeds" and the server then cannot bind its port. That was the
+/// TPM the suite found unreachable on a first request, once every few
+/// runs.
+fn server_ports() -> std::ops::Range<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32768u16);
+    10000..low.saturating_sub(1).max(10002)
+}
+
+/// `n` consecutive free server ports (see [`server_ports`]), the first one
+/// returned.
+fn free_ports(n: u16) -> u16 {
+    let range = server_ports();
+    let span = u64::from(range.end - range.start - n);
+    let mut x = u64::from(std::process::id())
         ^ std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-    let mut x = seed;
     loop {
         // xorshift: no rand dependency needed for picking a port.
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let port = 20000 + (x % 40000) as u16;
-        let a = TcpListener::bind(("127.0.0.1", port));
-        let b = TcpListener::bind(("127.0.0.1", port + 1));
-        if a.is_ok() && b.is_ok() {
-            return (port, port + 1);
+        let port = range.start + (x % span) as u16;
+        let all: Vec<_> = (port..port + n)
+            .map(|p| TcpListener::bind(("127.0.0.1", p)))
+            .collect();
+        if all.iter().all(Result::is_ok) {
+            return port;
         }
     }
+}
+
+/// The swtpm TCTI expects the control port right after the server port.
+pub fn free_port_pair() -> (u16, u16) {
+    let port = free_ports(2);
+    (port, port + 1)
+}
+
+/// One free server port.
+pub fn free_port() -> u16 {
+    free_ports(1)
 }
 
 impl Swtpm {

@@ -163,14 +163,10 @@ impl Env {
     }
 }
 
-/// A free loopback TCP port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A free loopback TCP port for a server (the harness's: below the
+/// ephemeral range).
+#[allow(unused_imports)]
+pub use common::free_port;
 
 /// A server process, killed on drop.
 pub struct Server {

@@ -131,8 +131,17 @@ fn a_csum_flood_by_one_uid_leaves_others_answered_in_time() {
         worst,
         flood_lines.len()
     );
+    // Starvation is what this looks for: with one shared queue, other
+    // uids waited ~3 s behind the flood. The bounds leave room for a busy
+    // 2-core machine's scheduling (a 72 ms outlier at the end of one CI
+    // run), not for queueing behind another uid's work.
+    let p50 = times[times.len() / 2];
     assert!(
-        worst <= Duration::from_millis(50),
+        p50 <= Duration::from_millis(20),
+        "other uids' p50 was {p50:?} during the flood"
+    );
+    assert!(
+        worst <= Duration::from_millis(250),
         "another uid waited {worst:?} during the flood"
     );
     // The flood itself: every request ended with a contract errno (its

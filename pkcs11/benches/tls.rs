@@ -93,30 +93,7 @@ fn main() {
     std::fs::write(&token_cert, pem).unwrap();
     let file_key = env.path("file.key");
     let file_cert = env.path("file.pem");
-    env.ok(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &file_key,
-            "-out",
-            &file_cert,
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-addext",
-            "keyUsage=digitalSignature",
-            "-days",
-            "2",
-        ],
-    );
+    support::pem_key_and_cert(&env, &file_key, &file_cert);
     let (token_srv, token_port) = serve(&env, "token", token_key, &token_cert);
     let (file_srv, file_port) = serve(&env, "file", &file_key, &file_cert);
 

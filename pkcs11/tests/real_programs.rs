@@ -11,6 +11,25 @@ mod support;
 
 use support::{id, module, Env};
 
+/// openssl checks a DER SPKI's ECDSA-SHA256 signature over a file.
+fn assert_openssl_verifies(env: &Env, pub_der: &str, sig: &str, data: &str) {
+    let v = env.ok(
+        "openssl",
+        &[
+            "dgst",
+            "-sha256",
+            "-verify",
+            pub_der,
+            "-keyform",
+            "DER",
+            "-signature",
+            sig,
+            data,
+        ],
+    );
+    assert!(v.contains("Verified OK"), "{v}");
+}
+
 #[test]
 fn p11tool_lists_the_token_and_the_configured_keys() {
     let env = Env::new(&["machine:web", "machine:ssh,alg=ed25519"]);
@@ -170,21 +189,7 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
             &sig,
         ],
     );
-    let v = env.ok(
-        "openssl",
-        &[
-            "dgst",
-            "-sha256",
-            "-verify",
-            &pub_der,
-            "-keyform",
-            "DER",
-            "-signature",
-            &sig,
-            &data,
-        ],
-    );
-    assert!(v.contains("Verified OK"), "{v}");
+    assert_openssl_verifies(&env, &pub_der, &sig, &data);
 
     // CKM_ECDSA over a SHA-256 hash the caller made.
     let hash = env.path("hash");
@@ -285,21 +290,7 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
             &big_sig,
         ],
     );
-    let v = env.ok(
-        "openssl",
-        &[
-            "dgst",
-            "-sha256",
-            "-verify",
-            &pub_der,
-            "-keyform",
-            "DER",
-            "-signature",
-            &big_sig,
-            &big,
-        ],
-    );
-    assert!(v.contains("Verified OK"), "{v}");
+    assert_openssl_verifies(&env, &pub_der, &big_sig, &big);
 
     // The ID alone names a key nobody configured (it is the selector);
     // an ID that is no selector finds nothing; a wrong mechanism for the
@@ -325,21 +316,7 @@ fn pkcs11_tool_signs_with_each_mechanism_and_openssl_verifies() {
     );
     let other_der = env.path("other.der");
     std::fs::write(&other_der, env.spki("other", "p256 machine")).unwrap();
-    let v = env.ok(
-        "openssl",
-        &[
-            "dgst",
-            "-sha256",
-            "-verify",
-            &other_der,
-            "-keyform",
-            "DER",
-            "-signature",
-            &other_sig,
-            &data,
-        ],
-    );
-    assert!(v.contains("Verified OK"), "{v}");
+    assert_openssl_verifies(&env, &other_der, &other_sig, &data);
     let bad = env.run(
         "pkcs11-tool",
         &[

@@ -144,28 +144,7 @@ fn tls_through_the_token(case: &Case, make_cert: impl Fn(&Env, &str) -> String) 
     // handshakes above verified the server's signature, not just a name.
     let other = env.path("other.pem");
     let other_key = env.path("other.key");
-    env.ok(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &other_key,
-            "-out",
-            &other,
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-            "-days",
-            "2",
-        ],
-    );
+    support::pem_key_and_cert(&env, &other_key, &other);
     refused(&env, port, &other);
     drop(server);
 

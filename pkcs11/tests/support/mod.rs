@@ -163,6 +163,36 @@ impl Env {
     }
 }
 
+/// A P-256 key in a PEM file and a self-signed certificate of it for
+/// `localhost`, both made by openssl: the key-file side of a comparison.
+#[allow(dead_code)]
+pub fn pem_key_and_cert(env: &Env, key: &str, cert: &str) {
+    env.ok(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-addext",
+            "keyUsage=digitalSignature",
+            "-days",
+            "2",
+        ],
+    );
+}
+
 /// A free loopback TCP port for a server (the harness's: below the
 /// ephemeral range).
 #[allow(unused_imports)]

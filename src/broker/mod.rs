@@ -40,12 +40,14 @@ mod hot;
 pub mod pipeline;
 mod queue;
 
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use queue::{Job, Queues, MAX_QUEUED, MAX_QUEUED_PER_UID};
 /// The broker's executable, beside the handler's.
 pub const BROKER_EXE: &str = "derived-keys-broker";
 
-/// Requests served at once. More wait in per-uid queues; a request stuck
-/// on a hung filesystem holds one until its deadline.
+/// Requests served at once, each worker accepting its own. More wait in
+/// per-uid queues; a request stuck on a hung filesystem holds one until
+/// its deadline.
 const WORKERS: usize = 8;
 /// The broker answers ETIMEDOUT itself this long before the handler's
 /// deadline, so that the answer (and its audit line) is the broker's.
@@ -262,9 +264,11 @@ struct Server {
     last: AtomicU64,
     epoch: Instant,
     hello: Vec<u8>,
-    /// Requests waiting for a worker, by uid; `work` wakes the workers.
+    /// Requests waiting for a worker, by uid.
     queues: Mutex<Queues>,
-    work: Condvar,
+    /// One count per job queued for a worker that is still waiting
+    /// (a semaphore: each count wakes one worker).
+    more: EventFd,
     /// Digests of executables for `csum`, and per-uid hashing turns.
     hasher: crate::requester::csum::Hasher,
     /// PRKs of recent requests (`tpm.hot_key_s`).
@@ -300,7 +304,6 @@ impl Server {
         self.stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.socket);
         let _ = nix::sys::socket::shutdown(self.listener, nix::sys::socket::Shutdown::Both);
-        self.work.notify_all();
     }
 
     fn micros(&self) -> u64 {
@@ -376,17 +379,21 @@ impl Server {
     }
 }
 
-/// Reads one upcall, however the kernel splits it.
+/// Reads one upcall, however the kernel splits it: as much as has
+/// arrived at each read (usually all of it at once), up to the largest
+/// upcall. Nothing else comes on the connection, so bytes past the upcall
+/// make it invalid.
 fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
     let mut chunk = [0u8; 4096];
     loop {
-        let want = match Upcall::progress(buf) {
+        match Upcall::progress(buf) {
             Progress::Complete(n) if n == buf.len() => return Some(()),
             Progress::Complete(_) | Progress::Invalid => return None,
-            Progress::Need(n) => n,
-        };
+            Progress::Need(_) => {}
+        }
+        let room = (wire::MAX_UPCALL + 1).saturating_sub(buf.len());
         let n = s
-            .read(&mut chunk[..(want - buf.len()).min(4096)])
+            .read(&mut chunk[..room.clamp(1, 4096)])
             .ok()
             .filter(|&n| n > 0)?;
         buf.extend_from_slice(&chunk[..n]);
@@ -529,58 +536,111 @@ fn write_all_vectored(
     Ok(())
 }
 
-/// Accepts connections and queues them by uid, until the broker stops.
-fn acceptor(server: &Server, listener: &UnixListener) {
-    while !server.stop.load(Ordering::SeqCst) {
-        let Ok((stream, _)) = listener.accept() else {
-            if server.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
+/// How long a waiting worker sleeps before it looks at the stop flag again
+/// (stopping also wakes it at once: the listener is shut down).
+const WAIT_MS: u16 = 200;
+
+/// Serves requests until the broker stops. There is no accepting thread:
+/// every worker takes the connections waiting on the (non-blocking)
+/// listener into the queues itself, then serves the next job the round
+/// robin gives it, so the handler's connection wakes the worker that
+/// answers it and nothing else. A hand-off from an accepting thread to a
+/// worker, and waking every idle worker after each request, were two
+/// more wake-ups on every request's path (~0.1 ms on a VM whose idle CPUs
+/// halt). Idle workers wait on their own epoll sets, exclusively, so that
+/// a connection wakes one of them; a worker that queued more jobs than it
+/// can serve wakes as many others through `server.more`.
+fn worker(server: &Server, listener: &UnixListener) {
+    let Ok(waiter) = Waiter::new(listener, &server.more) else {
+        return;
+    };
+    loop {
+        take_arrivals(server, listener);
+        let (job, left) = {
+            let mut q = relock(&server.queues);
+            let job = q.pop();
+            (job, q.eligible())
         };
-        server.inflight.fetch_add(1, Ordering::SeqCst);
-        let queued = receive(server, stream).map(|job| relock(&server.queues).push(job));
-        match queued {
-            Some(Ok(())) => {
-                server.work.notify_one();
-                continue; // still in flight
-            }
-            Some(Err(job)) => refuse_busy(server, job),
-            None => {}
+        for _ in 0..left.min(WORKERS) {
+            let _ = server.more.write(1);
         }
-        server.last.store(server.micros(), Ordering::SeqCst);
-        server.inflight.fetch_sub(1, Ordering::SeqCst);
+        match job {
+            Some(job) => run(server, job),
+            // Stopping: what is still queued belongs to uids with requests
+            // running, whose workers take it when they finish.
+            None if server.stop.load(Ordering::SeqCst) => return,
+            None => waiter.wait(&server.more),
+        }
     }
-    server.work.notify_all();
 }
 
-fn worker(server: &Server) {
+/// A worker's wait for a connection or for work another worker queued.
+struct Waiter(nix::sys::epoll::Epoll);
+
+impl Waiter {
+    fn new(listener: &UnixListener, more: &EventFd) -> nix::Result<Waiter> {
+        use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let flags = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+        epoll.add(listener, EpollEvent::new(flags, 0))?;
+        epoll.add(more, EpollEvent::new(flags, 1))?;
+        Ok(Waiter(epoll))
+    }
+
+    fn wait(&self, more: &EventFd) {
+        let mut events = [nix::sys::epoll::EpollEvent::empty()];
+        if let Ok(1) = self.0.wait(&mut events, WAIT_MS) {
+            if events[0].data() == 1 {
+                // One wake-up consumed (a semaphore eventfd; another
+                // worker may have taken it first).
+                let _ = more.read();
+            }
+        }
+    }
+}
+
+/// Takes every connection waiting on the listener into the queues, so that
+/// the round robin sees every uid that waits, however busy the workers
+/// are; refuses those the queues have no room for.
+fn take_arrivals(server: &Server, listener: &UnixListener) {
     loop {
-        let job = {
-            let mut q = relock(&server.queues);
-            loop {
-                if let Some(job) = q.pop() {
-                    break job;
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            // Out of file descriptors, or stopping (the listener is shut
+            // down): the waiting connections are not lost.
+            Err(_) => {
+                if !server.stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                if server.stop.load(Ordering::SeqCst) && q.queued == 0 {
-                    return;
-                }
-                q = server
-                    .work
-                    .wait_timeout(q, Duration::from_millis(200))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
+                return;
             }
         };
-        let uid = job.uid;
-        serve_one(server, job);
-        relock(&server.queues).done(uid);
-        // A slot of this uid is free: a waiter of its may go now.
-        server.work.notify_all();
-        server.last.store(server.micros(), Ordering::SeqCst);
-        server.inflight.fetch_sub(1, Ordering::SeqCst);
+        server.inflight.fetch_add(1, Ordering::SeqCst);
+        let Some(job) = receive(server, stream) else {
+            finished(server);
+            continue;
+        };
+        let queued = relock(&server.queues).push(job);
+        if let Err(job) = queued {
+            refuse_busy(server, job);
+            finished(server);
+        }
     }
+}
+
+/// Serves a job the queues handed out, then frees its uid's slot.
+fn run(server: &Server, job: Job) {
+    let uid = job.uid;
+    serve_one(server, job);
+    relock(&server.queues).done(uid);
+    finished(server);
+}
+
+/// A connection is done with, answered or not.
+fn finished(server: &Server) {
+    server.last.store(server.micros(), Ordering::SeqCst);
+    server.inflight.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn encode_hello(config: &Config) -> Vec<u8> {
@@ -715,12 +775,19 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
         .map_err(|e| io(&p.pid)(std::io::Error::from(e)))?;
 
+    // Workers take connections without blocking (see `worker`).
+    listener.set_nonblocking(true).map_err(io(&p.socket))?;
+    let more = EventFd::from_value_and_flags(
+        0,
+        EfdFlags::EFD_SEMAPHORE | EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
+    )
+    .map_err(|e| io(&p.socket)(std::io::Error::from(e)))?;
     let idle = config.broker_idle;
     let limit = config.tpm_timeout;
     let server = Server {
         hello: encode_hello(&config),
         queues: Mutex::new(Queues::default()),
-        work: Condvar::new(),
+        more,
         hasher: crate::requester::csum::Hasher::default(),
         hot: hot::HotKeys::new(config.hot_key),
         owner_auth,
@@ -749,16 +816,15 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         let _ = std::thread::Builder::new()
             .name("warm-up".into())
             .spawn_scoped(scope, crate::derive::warm_up);
-        for _ in 0..WORKERS {
-            let _ = std::thread::Builder::new()
-                .name("worker".into())
-                .spawn_scoped(scope, || worker(&server));
-        }
-        if std::thread::Builder::new()
-            .name("acceptor".into())
-            .spawn_scoped(scope, || acceptor(&server, &listener))
-            .is_err()
-        {
+        let spawned = (0..WORKERS)
+            .filter(|_| {
+                std::thread::Builder::new()
+                    .name("worker".into())
+                    .spawn_scoped(scope, || worker(&server, &listener))
+                    .is_ok()
+            })
+            .count();
+        if spawned == 0 {
             server.stop.store(true, Ordering::SeqCst);
         }
         // Our own watchdog: a TPM that hangs mid-command must not keep a

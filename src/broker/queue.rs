@@ -65,6 +65,17 @@ impl Queues {
         Some(job)
     }
 
+    /// How many waiting jobs [`Queues::pop`] would hand out now.
+    pub fn eligible(&self) -> usize {
+        self.waiting
+            .iter()
+            .map(|(uid, q)| {
+                let running = self.running.get(uid).copied().unwrap_or(0);
+                q.len().min(PER_UID.saturating_sub(running))
+            })
+            .sum()
+    }
+
     pub fn done(&mut self, uid: u32) {
         if let Some(n) = self.running.get_mut(&uid) {
             *n -= 1;
@@ -106,6 +117,23 @@ mod tests {
         q.done(1000);
         assert_eq!(q.pop().map(|j| j.uid), Some(1000));
         assert_eq!(q.queued, 50 - PER_UID - 1);
+    }
+
+    #[test]
+    fn eligible_counts_what_pop_hands_out() {
+        let mut q = Queues::default();
+        for uid in [1000, 1000, 1000, 0] {
+            q.push(job(uid)).map_err(|_| ()).unwrap();
+        }
+        assert_eq!(q.eligible(), PER_UID + 1);
+        let mut popped = 0;
+        while q.pop().is_some() {
+            popped += 1;
+        }
+        assert_eq!(popped, PER_UID + 1);
+        assert_eq!(q.eligible(), 0, "uid 1000 has its share running");
+        q.done(1000);
+        assert_eq!(q.eligible(), 1);
     }
 
     #[test]

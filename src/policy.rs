@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::request::{Binding, Request};
+use crate::requester::Needs;
 
 /// The facts policy looks at.
 #[derive(Debug, Clone)]
@@ -39,6 +40,35 @@ impl PolicyError {
     /// Every policy refusal is EACCES.
     pub fn errno(&self) -> i32 {
         libc::EACCES
+    }
+}
+
+/// The facts about the requester that [`check`] looks at for `req` from
+/// `uid`/`gid`; the others are not read (see [`Needs`]: a fact not read
+/// refuses). `machine` needs the groups only when neither the uid nor the
+/// primary gid is listed; `path` and `csum` need the namespaces, `path`
+/// also whether its executable is still at its path; `user` nothing.
+pub fn needs(config: &Config, req: &Request, uid: u32, gid: u32) -> Needs {
+    if !config.enabled(req.binding) {
+        return Needs::default();
+    }
+    match req.binding {
+        Binding::Machine => Needs {
+            groups: !config.machine_uids.contains(&uid)
+                && !config.machine_gids.contains(&gid)
+                && !config.machine_gids.is_empty(),
+            ..Needs::default()
+        },
+        Binding::Path => Needs {
+            namespaces: true,
+            exe_at_path: true,
+            ..Needs::default()
+        },
+        Binding::Csum => Needs {
+            namespaces: true,
+            ..Needs::default()
+        },
+        Binding::User => Needs::default(),
     }
 }
 
@@ -181,5 +211,53 @@ mod tests {
                 binding: Binding::User
             })
         );
+    }
+
+    /// Whatever the facts are, the verdict with only the facts `needs`
+    /// names (the others at their refusing values, as `identify` leaves
+    /// them) is the verdict with all of them.
+    #[test]
+    fn the_facts_needs_names_are_all_check_looks_at() {
+        let configs = [
+            cfg(""),
+            cfg("[bindings]\nmachine_uids = [0, 1000]\n"),
+            cfg("[bindings]\nmachine_gids = [27]\n"),
+            cfg("[bindings]\nmachine_uids = []\nmachine_gids = [1000, 27]\nuser = false\n"),
+        ];
+        let callouts = ["32 machine", "32 path", "32 csum", "32 user"];
+        let groups: [&[u32]; 3] = [&[], &[27], &[4, 1000]];
+        for c in &configs {
+            for callout in callouts {
+                let r = req(callout);
+                for (uid, gid) in [(0, 0), (1000, 1000), (1000, 27), (4242, 4242)] {
+                    for g in groups {
+                        for bits in 0..8u8 {
+                            let all = Facts {
+                                uid,
+                                gid,
+                                groups: g,
+                                same_mount_ns: bits & 1 != 0,
+                                exe_at_path: bits & 2 != 0,
+                                same_user_ns: bits & 4 != 0,
+                            };
+                            let n = needs(c, &r, uid, gid);
+                            let gathered = Facts {
+                                uid,
+                                gid,
+                                groups: if n.groups { g } else { &[] },
+                                same_mount_ns: n.namespaces && all.same_mount_ns,
+                                exe_at_path: n.exe_at_path && all.exe_at_path,
+                                same_user_ns: n.namespaces && all.same_user_ns,
+                            };
+                            assert_eq!(
+                                check(c, &r, &gathered),
+                                check(c, &r, &all),
+                                "{callout} uid {uid} gid {gid} groups {g:?} facts {bits:03b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

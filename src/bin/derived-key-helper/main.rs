@@ -80,21 +80,22 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
         }
     };
     KEY.store(args.key, Ordering::SeqCst);
-    let mut payload = [0u8; wire::MAX_PAYLOAD];
+    // What the broker sends: its hello, then the answer and its payload.
+    let mut inbox = [0u8; INBOX];
     let mut session = Session {
         negative_s: DEFAULT_NEGATIVE_S,
         log: None,
     };
-    let status = match request(&args, start, &mut payload, &mut session) {
-        Ok((answer, len)) if answer.errno == 0 => {
-            let bytes = &payload[..usize::from(answer.len).min(len)];
+    let status = match request(&args, start, &mut inbox, &mut session) {
+        Ok((answer, body)) if answer.errno == 0 => {
+            let bytes = &inbox[body];
             let result = if answer.timeout_s > 0 {
                 sys::set_timeout(args.key, answer.timeout_s)
             } else {
                 Ok(())
             }
             .and_then(|()| sys::instantiate(args.key, bytes));
-            sys::wipe(&mut payload);
+            sys::wipe(&mut inbox);
             match result {
                 Ok(()) => 0,
                 Err(Errno(e)) => {
@@ -121,7 +122,7 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
             1
         }
     };
-    sys::wipe(&mut payload);
+    sys::wipe(&mut inbox);
     status
 }
 
@@ -186,13 +187,16 @@ struct LogConf {
     path_len: usize,
 }
 
-/// The whole exchange: the answer header and the payload length read.
+/// The most the broker sends on a connection.
+const INBOX: usize = wire::MAX_HELLO + wire::ANSWER_HEADER + wire::MAX_PAYLOAD;
+
+/// The whole exchange: the answer and where in `inbox` its payload is.
 fn request(
     args: &Args<'_>,
     start: u64,
-    payload: &mut [u8],
+    inbox: &mut [u8; INBOX],
     session: &mut Session,
-) -> Result<(Answer, usize), Fail> {
+) -> Result<(Answer, core::ops::Range<usize>), Fail> {
     // 1. What the kernel says.
     let mut describe = [0u8; wire::MAX_DESCRIBE];
     let dlen = sys::describe(args.key, &mut describe).map_err(|Errno(e)| Fail::Describe(e))?;
@@ -221,30 +225,27 @@ fn request(
     let mut msg = [0u8; wire::MAX_UPCALL];
     let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
     let mut deadline = start + DEFAULT_BOUND_US;
-    let mut hello_buf = [0u8; wire::MAX_HELLO];
     let mut attempts = 0;
+    let mut got = Received::default();
     let conn = loop {
         let conn = connect_broker(args, deadline)?;
-        conn.set_timeouts(left(deadline)?)
-            .map_err(|Errno(e)| Fail::Socket(e))?;
         let sent = conn.write_all(&msg[..n]);
-        match sent.and_then(|()| conn.read_exact(&mut hello_buf[..Hello::FIXED])) {
+        match sent.and_then(|()| got.read_until(&conn, inbox, Hello::FIXED)) {
             Ok(()) => break conn,
             // Closed before any worker took the connection: that broker
             // was stopping (idle, or a TPM password to re-read). Nothing
             // was decided; go again, to its successor.
             Err(Errno(e)) if e != sys::EAGAIN && attempts < 3 => {
                 attempts += 1;
+                got = Received::default();
                 sys::sleep_us(1000);
             }
             Err(e) => return Err(exchange_fail(e, deadline)),
         }
     };
-    let fixed = &hello_buf[..Hello::FIXED];
-    let hlen = Hello::len(fixed).ok_or(Fail::Protocol)?;
-    conn.read_exact(&mut hello_buf[Hello::FIXED..hlen])
-        .map_err(|e| exchange_fail(e, deadline))?;
-    let hello = Hello::decode(&hello_buf[..hlen]).ok_or(Fail::Protocol)?;
+    let hlen = Hello::len(&inbox[..Hello::FIXED]).ok_or(Fail::Protocol)?;
+    got.at_least(&conn, inbox, hlen, deadline)?;
+    let hello = Hello::decode(&inbox[..hlen]).ok_or(Fail::Protocol)?;
     let mut log = LogConf {
         to: hello.log,
         path: [0; wire::MAX_LOG_PATH],
@@ -255,18 +256,70 @@ fn request(
     session.negative_s = hello.negative_s;
     deadline = start + u64::from(hello.bound_ms) * 1000;
 
-    // 3. Its answer, within the bound.
-    conn.set_timeouts(left(deadline)?)
-        .map_err(|Errno(e)| Fail::Socket(e))?;
+    // 3. Its answer, within the bound: the receive timeout is the
+    // broker's bound from here on, set before the first read that waits.
+    got.bound_set = false;
+    let head_end = hlen + wire::ANSWER_HEADER;
+    got.at_least(&conn, inbox, head_end, deadline)?;
     let mut head = [0u8; wire::ANSWER_HEADER];
-    conn.read_exact(&mut head)
-        .map_err(|e| exchange_fail(e, deadline))?;
+    head.copy_from_slice(&inbox[hlen..head_end]);
     let answer = Answer::decode(&head).ok_or(Fail::Protocol)?;
-    let len = usize::from(answer.len);
-    let body = payload.get_mut(..len).ok_or(Fail::Protocol)?;
-    conn.read_exact(body)
-        .map_err(|e| exchange_fail(e, deadline))?;
-    Ok((answer, len))
+    let body = head_end..head_end + usize::from(answer.len);
+    if body.end > INBOX {
+        return Err(Fail::Protocol);
+    }
+    got.at_least(&conn, inbox, body.end, deadline)?;
+    Ok((answer, body))
+}
+
+/// How much of what the broker sent has been read into the inbox.
+struct Received {
+    have: usize,
+    /// Whether the connection's receive timeout is what is left until
+    /// the current deadline.
+    bound_set: bool,
+}
+
+impl Default for Received {
+    /// Before the hello, connect_broker has set the timeouts.
+    fn default() -> Received {
+        Received {
+            have: 0,
+            bound_set: true,
+        }
+    }
+}
+
+impl Received {
+    /// Reads until the inbox holds at least `n` bytes, each read taking
+    /// as much as has arrived (usually the whole answer at once).
+    fn read_until(&mut self, conn: &Fd, inbox: &mut [u8], n: usize) -> Result<(), Errno> {
+        while self.have < n {
+            match conn.read(&mut inbox[self.have..])? {
+                0 => return Err(Errno(EIO)),
+                k => self.have += k,
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Received::read_until`] within `deadline`: the receive timeout is
+    /// brought to it before a read has to wait.
+    fn at_least(
+        &mut self,
+        conn: &Fd,
+        inbox: &mut [u8],
+        n: usize,
+        deadline: u64,
+    ) -> Result<(), Fail> {
+        if self.have < n && !self.bound_set {
+            conn.set_receive_timeout(left(deadline)?)
+                .map_err(|Errno(e)| Fail::Socket(e))?;
+            self.bound_set = true;
+        }
+        self.read_until(conn, inbox, n)
+            .map_err(|e| exchange_fail(e, deadline))
+    }
 }
 
 fn left(deadline: u64) -> Result<u64, Fail> {
@@ -291,6 +344,9 @@ fn exchange_fail(Errno(e): Errno, deadline: u64) -> Fail {
 /// read: how many lines carry the serial matters as much as the first one
 /// (a key description can forge a line).
 fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<KeysScan> {
+    // Only the keys this process possesses: what a line could be forged
+    // in shrinks too, but the count below still decides.
+    let _fsuid = sys::NoKeysFsuid::enter();
     let f = Fd::open_read(c"/proc/keys").ok()?;
     let mut chunk = [0u8; 8192];
     let mut scan = KeysLine::new(auth);
@@ -349,9 +405,10 @@ fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
     let mut child = Child::None;
     loop {
         if let Some(p) = &sock {
-            match sys::connect_stream(p.bytes()) {
+            match sys::connect_stream(p.bytes(), left(deadline)?) {
                 Ok(fd) => return Ok(fd),
                 Err(Errno(sys::ENOENT | sys::ECONNREFUSED)) => {}
+                Err(Errno(sys::EAGAIN)) => return Err(Fail::TimedOut),
                 Err(Errno(e)) => return Err(Fail::Connect(e)),
             }
         }

@@ -71,6 +71,7 @@ extern "C" {
     fn prctl(op: c_int, ...) -> c_int;
     fn setrlimit(resource: c_int, limit: *const Rlimit) -> c_int;
     fn getpid() -> c_int;
+    fn setfsuid(uid: c_uint) -> c_int;
     fn signal(sig: c_int, handler: usize) -> usize;
     fn __errno_location() -> *mut c_int;
     fn _exit(code: c_int) -> !;
@@ -177,6 +178,37 @@ pub fn harden() {
         );
         setrlimit(RLIMIT_CORE, &zero);
         signal(SIGPIPE, SIG_IGN);
+    }
+}
+
+/// A uid no account has: `(uid_t)-2`, the highest valid one (-1 means
+/// "no change" to the set*id calls).
+const NO_KEYS_UID: c_uint = 0xffff_fffe;
+
+/// While alive, this process's filesystem uid is one that owns no keys;
+/// dropping it restores the previous one. The kernel lists in /proc/keys
+/// the keys their owner's uid, or possession, lets the reader view
+/// (key permissions are checked against the fsuid): as root that is every
+/// root-owned key, often dozens of finished requests' keys waiting for the
+/// key garbage collector, each formatted for nothing. With this fsuid the
+/// file holds the keys this process possesses, the authorization key
+/// among them. If the kernel refuses the change, root's view stays, which
+/// is slower, not wrong.
+pub struct NoKeysFsuid(c_uint);
+
+impl NoKeysFsuid {
+    pub fn enter() -> NoKeysFsuid {
+        // SAFETY: integer argument; setfsuid cannot fail in a way that
+        // affects memory (it returns the previous fsuid).
+        let previous = unsafe { setfsuid(NO_KEYS_UID) };
+        NoKeysFsuid(previous as c_uint)
+    }
+}
+
+impl Drop for NoKeysFsuid {
+    fn drop(&mut self) {
+        // SAFETY: integer argument.
+        unsafe { setfsuid(self.0) };
     }
 }
 
@@ -378,18 +410,6 @@ impl Fd {
         }
     }
 
-    /// Reads exactly `buf.len()` bytes; EIO at an early end.
-    pub fn read_exact(&self, buf: &mut [u8]) -> Result<(), Errno> {
-        let mut done = 0;
-        while done < buf.len() {
-            match self.read(&mut buf[done..])? {
-                0 => return Err(Errno(EIO)),
-                n => done += n,
-            }
-        }
-        Ok(())
-    }
-
     pub fn write_all(&self, mut buf: &[u8]) -> Result<(), Errno> {
         while !buf.is_empty() {
             // SAFETY: write reads at most buf.len() bytes from buf.
@@ -406,11 +426,20 @@ impl Fd {
 
     /// Send and receive timeouts (0: none).
     pub fn set_timeouts(&self, us: u64) -> Result<(), Errno> {
+        self.set_timeout_opts(&[SO_RCVTIMEO, SO_SNDTIMEO], us)
+    }
+
+    /// The receive timeout alone (nothing more is sent).
+    pub fn set_receive_timeout(&self, us: u64) -> Result<(), Errno> {
+        self.set_timeout_opts(&[SO_RCVTIMEO], us)
+    }
+
+    fn set_timeout_opts(&self, opts: &[c_int], us: u64) -> Result<(), Errno> {
         let tv = Timeval {
             sec: i64::try_from(us / 1_000_000).unwrap_or(i64::MAX),
             usec: i64::try_from(us % 1_000_000).unwrap_or(0),
         };
-        for opt in [SO_RCVTIMEO, SO_SNDTIMEO] {
+        for &opt in opts {
             // SAFETY: `tv` is a valid timeval of the size we pass.
             let r = unsafe {
                 setsockopt(
@@ -452,10 +481,14 @@ pub fn mkdir_private(path: &CPath) -> Result<(), Errno> {
 }
 
 /// A connected unix stream socket.
-pub fn connect_stream(path: &[u8]) -> Result<Fd, Errno> {
+/// A stream connection to a unix socket, with `timeout_us` for sends and
+/// receives already set: it bounds the connect too (a listener whose
+/// backlog is full makes connect wait for room).
+pub fn connect_stream(path: &[u8], timeout_us: u64) -> Result<Fd, Errno> {
     let addr = sockaddr(path)?;
     // SAFETY: integer arguments.
     let s = fd(unsafe { socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0) })?;
+    s.set_timeouts(timeout_us)?;
     // SAFETY: `addr` is a valid sockaddr_un of the size we pass.
     let r = unsafe {
         connect(

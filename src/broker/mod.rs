@@ -408,9 +408,10 @@ fn receive(server: &Server, mut s: UnixStream) -> Option<Job> {
     if getsockopt(&s, PeerCredentials).map(|c| c.uid()) != Ok(0) {
         return None;
     }
-    let bound = server.config.tpm_timeout;
-    let _ = s.set_write_timeout(Some(bound));
-    let _ = s.set_read_timeout(Some(bound));
+    // A read timeout only: what the broker writes on a connection (the
+    // hello, then one answer, under 2 kB together) always fits in an empty
+    // socket buffer, so a write cannot block.
+    let _ = s.set_read_timeout(Some(server.config.tpm_timeout));
     s.write_all(&server.hello).ok()?;
     let mut buf = Vec::with_capacity(1024);
     read_upcall(&mut s, &mut buf)?;

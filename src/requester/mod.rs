@@ -224,9 +224,22 @@ pub fn identify(
     }
     let tid = rec.tid;
     let dir = proc_root.join(tid.to_string());
+    // Kept open for the second look: the file belongs to this thread, not
+    // to its tid, so after the thread's end it reads ESRCH even if the tid
+    // has been reused; and a pread regenerates it.
+    let syscall_path = dir.join("syscall");
+    let read_err = |source| RequesterError::Read {
+        path: syscall_path.clone(),
+        source,
+    };
+    let syscall_file = std::fs::File::open(&syscall_path).map_err(read_err)?;
     let in_request_key = || -> Result<(), RequesterError> {
-        let syscall = read(&dir.join("syscall"))?;
-        if parse_syscall(&syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
+        // One line, the syscall number first: one read holds it.
+        let mut buf = [0u8; 256];
+        let n =
+            std::os::unix::fs::FileExt::read_at(&syscall_file, &mut buf, 0).map_err(read_err)?;
+        let syscall = &buf[..n];
+        if parse_syscall(syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
             return Err(RequesterError::NotInRequestKey {
                 tid,
                 syscall: String::from_utf8_lossy(&syscall[..syscall.len().min(16)]).into_owned(),
@@ -234,7 +247,6 @@ pub fn identify(
         }
         Ok(())
     };
-    in_request_key()?;
     let exe_link = dir.join("exe");
     let exe = std::fs::read_link(&exe_link).map_err(|source| RequesterError::Read {
         path: exe_link.clone(),
@@ -269,8 +281,8 @@ pub fn identify(
     } else {
         Vec::new()
     };
-    // Re-check that the thread is still the blocked requester: if the tid
-    // had been reused in between, it would not be in request_key now.
+    // Re-check that the thread is still the blocked requester (and so has
+    // not exec'd or ended in between).
     in_request_key()?;
     Ok(Requester {
         tid,

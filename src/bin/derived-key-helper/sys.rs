@@ -47,7 +47,6 @@ extern "C" {
     fn syscall(n: c_long, ...) -> c_long;
     fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
-    fn open(path: *const c_char, flags: c_int, ...) -> c_int;
     fn mkdir(path: *const c_char, mode: c_uint) -> c_int;
     fn close(fd: c_int) -> c_int;
     fn socket(domain: c_int, ty: c_int, proto: c_int) -> c_int;
@@ -179,6 +178,25 @@ pub fn harden() {
         setrlimit(RLIMIT_CORE, &zero);
         signal(SIGPIPE, SIG_IGN);
     }
+}
+
+/// openat(2) itself: musl's open() follows an O_CLOEXEC open with an
+/// fcntl(F_SETFD) for kernels before 2.6.23, one more syscall on every
+/// request for nothing.
+fn open_at(path: *const c_char, flags: c_int, mode: c_uint) -> Result<Fd, Errno> {
+    // SAFETY: `path` is NUL-terminated (a CStr's or a CPath's pointer, alive
+    // for the call); the mode is read only with O_CREAT.
+    let n = unsafe {
+        syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD as c_long,
+            path,
+            flags as c_long,
+            mode as c_long,
+        )
+    };
+    let n = check(n)?;
+    c_int::try_from(n).map(Fd).map_err(|_| Errno(EIO))
 }
 
 /// A uid no account has: `(uid_t)-2`, the highest valid one (-1 means
@@ -378,23 +396,19 @@ fn fd(ret: c_int) -> Result<Fd, Errno> {
 
 impl Fd {
     pub fn open_read(path: &CStr) -> Result<Fd, Errno> {
-        // SAFETY: NUL-terminated path.
-        fd(unsafe { open(path.as_ptr(), O_RDONLY | O_CLOEXEC) })
+        open_at(path.as_ptr(), O_RDONLY | O_CLOEXEC, 0)
     }
 
     pub fn open_path(path: &CPath, write: bool) -> Result<Fd, Errno> {
         let flags = if write { O_WRONLY } else { O_RDONLY };
-        // SAFETY: NUL-terminated path.
-        fd(unsafe { open(path.ptr(), flags | O_CLOEXEC) })
+        open_at(path.ptr(), flags | O_CLOEXEC, 0)
     }
 
     /// For appending (audit counter), created root-only if missing;
     /// never through a symlink.
     pub fn open_append(path: &CPath) -> Result<Fd, Errno> {
         let flags = O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC;
-        // SAFETY: NUL-terminated path; with O_CREAT, open reads one more
-        // (variadic) argument, the mode, which we pass.
-        fd(unsafe { open(path.ptr(), flags, 0o600 as c_uint) })
+        open_at(path.ptr(), flags, 0o600)
     }
 
     /// One read; 0 at end of file. Retries on EINTR.

@@ -31,6 +31,19 @@ pub fn raw_request(key_type: &str, desc: &str, callout: &str) -> Result<Duration
     Ok(took)
 }
 
+/// Empties this process's keyring: a refused request leaves a negative
+/// key there for the configured time.
+pub fn clear_process_keyring() {
+    // SAFETY: integer arguments only.
+    unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_CLEAR,
+            libc::KEY_SPEC_PROCESS_KEYRING,
+        )
+    };
+}
+
 /// One row of a latency table.
 pub struct Row {
     pub name: String,

@@ -95,20 +95,45 @@ fn main() {
 
     // The handler reads all of /proc/keys (the kernel checks possession of
     // every key it lists); the broker checks the requester in /proc.
-    rows.push(row("handler: read /proc/keys", n, |_| {
+    rows.push(row("handler: read /proc/keys as root", n, |_| {
         drop(std::fs::read("/proc/keys").unwrap());
+    }));
+    // As the handler reads it: with an fsuid that owns no keys, so only
+    // possessed keys are listed (and formatted).
+    rows.push(row("handler: read /proc/keys, fsuid (uid_t)-2", n, |_| {
+        let before = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX - 1));
+        drop(std::fs::read("/proc/keys").unwrap());
+        nix::unistd::setfsuid(before);
     }));
     let mut child = std::process::Command::new("sleep")
         .arg("60")
         .spawn()
         .unwrap();
     let dir = Path::new("/proc").join(child.id().to_string());
+    // What requester::identify reads: the thread's syscall (the file kept
+    // open and read again), its executable, and for a `path` request the
+    // namespaces and the executable's identity too (policy::needs).
+    let syscall_twice_and_exe = |dir: &Path| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(dir.join("syscall")).unwrap();
+        let mut buf = [0u8; 256];
+        let _ = f.read_at(&mut buf, 0).unwrap();
+        let exe = std::fs::read_link(dir.join("exe")).unwrap();
+        let _ = f.read_at(&mut buf, 0).unwrap();
+        exe
+    };
     rows.push(row(
-        "broker: requester reads in /proc (syscall x2, exe, ns, status)",
+        "broker: requester reads in /proc, machine or user (syscall x2, exe)",
         n,
         |_| {
-            let _ = std::fs::read(dir.join("syscall")).unwrap();
-            let exe = std::fs::read_link(dir.join("exe")).unwrap();
+            let _ = syscall_twice_and_exe(&dir);
+        },
+    ));
+    rows.push(row(
+        "broker: requester reads in /proc, path (+ namespaces, exe identity)",
+        n,
+        |_| {
+            let exe = syscall_twice_and_exe(&dir);
             let _ = std::fs::metadata(dir.join("exe")).unwrap();
             let _ = std::fs::metadata(exe).unwrap();
             for ns in ["self/ns/mnt", "self/ns/user"] {
@@ -117,8 +142,6 @@ fn main() {
             for ns in ["ns/mnt", "ns/user"] {
                 let _ = std::fs::metadata(dir.join(ns)).unwrap();
             }
-            let _ = std::fs::read(dir.join("status")).unwrap();
-            let _ = std::fs::read(dir.join("syscall")).unwrap();
         },
     ));
     let _ = child.kill();

@@ -382,9 +382,14 @@ impl Server {
 /// Reads one upcall, however the kernel splits it: as much as has
 /// arrived at each read (usually all of it at once), up to the largest
 /// upcall. Nothing else comes on the connection, so bytes past the upcall
-/// make it invalid.
-fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
+/// make it invalid. The first read does not wait: the handler sends the
+/// upcall right after connecting, so it is usually there already, and
+/// the read timeout (`bound`) is set only when a read has to wait.
+fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>, bound: Duration) -> Option<()> {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
     let mut chunk = [0u8; 4096];
+    let mut timeout_set = false;
     loop {
         match Upcall::progress(buf) {
             Progress::Complete(n) if n == buf.len() => return Some(()),
@@ -392,10 +397,23 @@ fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>) -> Option<()> {
             Progress::Need(_) => {}
         }
         let room = (wire::MAX_UPCALL + 1).saturating_sub(buf.len());
-        let n = s
-            .read(&mut chunk[..room.clamp(1, 4096)])
-            .ok()
-            .filter(|&n| n > 0)?;
+        let into = &mut chunk[..room.clamp(1, 4096)];
+        let n = if timeout_set {
+            s.read(into).ok()?
+        } else {
+            match recv(s.as_raw_fd(), into, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    s.set_read_timeout(Some(bound)).ok()?;
+                    timeout_set = true;
+                    continue;
+                }
+                Err(_) => return None,
+            }
+        };
+        if n == 0 {
+            return None;
+        }
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -408,13 +426,12 @@ fn receive(server: &Server, mut s: UnixStream) -> Option<Job> {
     if getsockopt(&s, PeerCredentials).map(|c| c.uid()) != Ok(0) {
         return None;
     }
-    // A read timeout only: what the broker writes on a connection (the
-    // hello, then one answer, under 2 kB together) always fits in an empty
-    // socket buffer, so a write cannot block.
-    let _ = s.set_read_timeout(Some(server.config.tpm_timeout));
+    // No write timeout: what the broker writes on a connection (the hello,
+    // then one answer, under 2 kB together) always fits in an empty socket
+    // buffer, so a write cannot block.
     s.write_all(&server.hello).ok()?;
     let mut buf = Vec::with_capacity(1024);
-    read_upcall(&mut s, &mut buf)?;
+    read_upcall(&mut s, &mut buf, server.config.tpm_timeout)?;
     let uid = Upcall::decode(&buf)?.uid;
     Some(Job {
         stream: s,
@@ -555,8 +572,15 @@ fn worker(server: &Server, listener: &UnixListener) {
     let Ok(waiter) = Waiter::new(listener, &server.more) else {
         return;
     };
+    // Whether the listener may have connections: at first, and after each
+    // wait. After serving a job with none queued, the wait itself finds
+    // out (it returns at once for a waiting connection): one accept
+    // answered EAGAIN less per request.
+    let mut look = true;
     loop {
-        take_arrivals(server, listener);
+        if look || relock(&server.queues).queued > 0 {
+            take_arrivals(server, listener);
+        }
         let (job, left) = {
             let mut q = relock(&server.queues);
             let job = q.pop();
@@ -566,11 +590,17 @@ fn worker(server: &Server, listener: &UnixListener) {
             let _ = server.more.write(1);
         }
         match job {
-            Some(job) => run(server, job),
+            Some(job) => {
+                run(server, job);
+                look = false;
+            }
             // Stopping: what is still queued belongs to uids with requests
             // running, whose workers take it when they finish.
             None if server.stop.load(Ordering::SeqCst) => return,
-            None => waiter.wait(&server.more),
+            None => {
+                waiter.wait(&server.more);
+                look = true;
+            }
         }
     }
 }

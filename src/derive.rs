@@ -441,19 +441,28 @@ fn invert_blinded(k: &Scalar) -> Option<Scalar> {
     if getrandom::getrandom(&mut raw).is_err() {
         return k.invert().into();
     }
-    let b = <Scalar as Reduce<U256>>::reduce_bytes(&raw.into());
+    let mut b = <Scalar as Reduce<U256>>::reduce_bytes(&raw.into());
     raw.zeroize();
     if bool::from(b.is_zero()) {
         return k.invert().into();
     }
-    let mut kb = U256::from(*k * b);
+    // k·b and b together give k: every copy is wiped.
+    let mut kb_scalar = *k * b;
+    let mut kb = U256::from(kb_scalar);
+    kb_scalar.zeroize();
     let inverse = inverse_vartime(&kb, &NistP256::ORDER);
     kb.zeroize();
-    let mut inverse = inverse?;
+    let Some(mut inverse) = inverse else {
+        b.zeroize();
+        return None;
+    };
     // Below n already: the reduction is the identity.
-    let scalar = <Scalar as Reduce<U256>>::reduce(inverse);
+    let mut kb_inv = <Scalar as Reduce<U256>>::reduce(inverse);
     inverse.zeroize();
-    Some(scalar * b)
+    let k_inv = kb_inv * b;
+    kb_inv.zeroize();
+    b.zeroize();
+    Some(k_inv)
 }
 
 /// a⁻¹ mod m for an odd prime m and 0 < a < m, in variable time: the
@@ -540,14 +549,22 @@ pub fn mul_generator(k: &Scalar) -> ProjectivePoint {
         rows
     });
     let mut words = U256::from(*k).to_words();
+    // Limbs are 64 bits on 64-bit targets and 32 on 32-bit ones.
+    let word_bits = p256::elliptic_curve::bigint::Limb::BITS;
     let mut acc = ProjectivePoint::IDENTITY;
     for (i, row) in table.iter().enumerate() {
         // Window i is bits 6i..6i+6, counted from the least significant;
         // which words and shifts depends on i alone, not on k.
-        let (word, shift) = (i * WINDOW_BITS / 64, i * WINDOW_BITS % 64);
-        let mut bits = words[word] >> shift;
-        if shift + WINDOW_BITS > 64 && word + 1 < words.len() {
-            bits |= words[word + 1] << (64 - shift);
+        let (word, shift) = (i * WINDOW_BITS / word_bits, i * WINDOW_BITS % word_bits);
+        // A Word is u64 or u32 by target; widened either way.
+        #[allow(clippy::useless_conversion)]
+        let (low, high) = (
+            u64::from(words[word]),
+            words.get(word + 1).map_or(0, |w| u64::from(*w)),
+        );
+        let mut bits = low >> shift;
+        if shift + WINDOW_BITS > word_bits {
+            bits |= high << (word_bits - shift);
         }
         let digit = (bits as u8) & (ENTRIES as u8 - 1);
         let mut p = AffinePoint::IDENTITY;

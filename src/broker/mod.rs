@@ -269,6 +269,8 @@ struct Server {
     /// One count per job queued for a worker that is still waiting
     /// (a semaphore: each count wakes one worker).
     more: EventFd,
+    /// Signalled when the last waiting worker takes work (`greeter`).
+    all_busy: Condvar,
     /// Digests of executables for `csum`, and per-uid hashing turns.
     hasher: crate::requester::csum::Hasher,
     /// PRKs of recent requests (`tpm.hot_key_s`).
@@ -304,6 +306,7 @@ impl Server {
         self.stop.store(true, Ordering::SeqCst);
         let _ = std::fs::remove_file(&self.socket);
         let _ = nix::sys::socket::shutdown(self.listener, nix::sys::socket::Shutdown::Both);
+        self.all_busy.notify_all();
     }
 
     fn micros(&self) -> u64 {
@@ -567,7 +570,8 @@ const WAIT_MS: u16 = 200;
 /// more wake-ups on every request's path (~0.1 ms on a VM whose idle CPUs
 /// halt). Idle workers wait on their own epoll sets, exclusively, so that
 /// a connection wakes one of them; a worker that queued more jobs than it
-/// can serve wakes as many others through `server.more`.
+/// can serve wakes as many waiting others through `server.more`, counted
+/// in the queues so that a long busy spell leaves no wake-ups behind.
 fn worker(server: &Server, listener: &UnixListener) {
     let Ok(waiter) = Waiter::new(listener, &server.more) else {
         return;
@@ -581,12 +585,12 @@ fn worker(server: &Server, listener: &UnixListener) {
         if look || relock(&server.queues).queued > 0 {
             take_arrivals(server, listener);
         }
-        let (job, left) = {
+        let (job, wakes) = {
             let mut q = relock(&server.queues);
             let job = q.pop();
-            (job, q.eligible())
+            (job, q.wakes_needed())
         };
-        for _ in 0..left.min(WORKERS) {
+        for _ in 0..wakes {
             let _ = server.more.write(1);
         }
         match job {
@@ -598,9 +602,56 @@ fn worker(server: &Server, listener: &UnixListener) {
             // running, whose workers take it when they finish.
             None if server.stop.load(Ordering::SeqCst) => return,
             None => {
-                waiter.wait(&server.more);
+                relock(&server.queues).waiting();
+                let woken = waiter.wait(&server.more);
+                let mut q = relock(&server.queues);
+                q.awake(woken);
+                if q.idle() == 0 {
+                    server.all_busy.notify_one();
+                }
+                drop(q);
                 look = true;
             }
+        }
+    }
+}
+
+/// While every worker is busy, greets new connections: it sends the hello
+/// (which tells the handler the configured bound and log target) and
+/// queues the request, as a worker would. Without it, a handler whose
+/// connection waits in the backlog for a free worker would wait by its
+/// default bound, not the configured one, and log its time-out to the
+/// default target.
+fn greeter(server: &Server, listener: &UnixListener) {
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+    let Ok(epoll) = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC) else {
+        return;
+    };
+    if epoll
+        .add(listener, EpollEvent::new(EpollFlags::EPOLLIN, 0))
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        {
+            let mut q = relock(&server.queues);
+            while q.idle() > 0 && !server.stop.load(Ordering::SeqCst) {
+                q = server
+                    .all_busy
+                    .wait_timeout(q, Duration::from_millis(u64::from(WAIT_MS)))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+        }
+        if server.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Every worker busy: a connection now is ours to greet. A short
+        // wait, so that a worker freeing up takes over soon.
+        let mut events = [EpollEvent::empty()];
+        if let Ok(1) = epoll.wait(&mut events, 20u16) {
+            take_arrivals(server, listener);
         }
     }
 }
@@ -618,15 +669,14 @@ impl Waiter {
         Ok(Waiter(epoll))
     }
 
-    fn wait(&self, more: &EventFd) {
+    /// Whether a wake-up sent through `more` woke it (and it took it).
+    fn wait(&self, more: &EventFd) -> bool {
         let mut events = [nix::sys::epoll::EpollEvent::empty()];
-        if let Ok(1) = self.0.wait(&mut events, WAIT_MS) {
-            if events[0].data() == 1 {
-                // One wake-up consumed (a semaphore eventfd; another
-                // worker may have taken it first).
-                let _ = more.read();
-            }
-        }
+        // One wake-up taken from the semaphore, unless another worker
+        // took it first.
+        matches!(self.0.wait(&mut events, WAIT_MS), Ok(1))
+            && events[0].data() == 1
+            && more.read().is_ok()
     }
 }
 
@@ -819,6 +869,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         hello: encode_hello(&config),
         queues: Mutex::new(Queues::default()),
         more,
+        all_busy: Condvar::new(),
         hasher: crate::requester::csum::Hasher::default(),
         hot: hot::HotKeys::new(config.hot_key),
         owner_auth,
@@ -855,7 +906,12 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
                     .is_ok()
             })
             .count();
-        if spawned == 0 {
+        if spawned == 0
+            || std::thread::Builder::new()
+                .name("greeter".into())
+                .spawn_scoped(scope, || greeter(&server, &listener))
+                .is_err()
+        {
             server.stop.store(true, Ordering::SeqCst);
         }
         // Our own watchdog: a TPM that hangs mid-command must not keep a

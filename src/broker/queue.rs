@@ -29,6 +29,11 @@ pub(super) struct Queues {
     pub queued: usize,
     /// Where the round robin goes on.
     next_uid: u32,
+    /// Workers waiting for work, and wake-ups sent to them that no woken
+    /// worker has taken yet: together they keep the wake-ups to what the
+    /// waiting jobs need, however long all workers stay busy.
+    idle: usize,
+    signalled: usize,
 }
 
 impl Queues {
@@ -74,6 +79,35 @@ impl Queues {
                 q.len().min(PER_UID.saturating_sub(running))
             })
             .sum()
+    }
+
+    /// Workers waiting for work now.
+    pub fn idle(&self) -> usize {
+        self.idle
+    }
+
+    /// A worker is about to wait for work.
+    pub fn waiting(&mut self) {
+        self.idle += 1;
+    }
+
+    /// A worker stopped waiting; `woken` if a wake-up of ours woke it.
+    pub fn awake(&mut self, woken: bool) {
+        self.idle = self.idle.saturating_sub(1);
+        if woken {
+            self.signalled = self.signalled.saturating_sub(1);
+        }
+    }
+
+    /// How many waiting workers to wake now: one per job that may run and
+    /// that no wake-up already sent is for, at most one per waiting worker.
+    pub fn wakes_needed(&mut self) -> usize {
+        let n = self
+            .eligible()
+            .min(self.idle)
+            .saturating_sub(self.signalled);
+        self.signalled += n;
+        n
     }
 
     pub fn done(&mut self, uid: u32) {
@@ -134,6 +168,35 @@ mod tests {
         assert_eq!(q.eligible(), 0, "uid 1000 has its share running");
         q.done(1000);
         assert_eq!(q.eligible(), 1);
+    }
+
+    #[test]
+    fn wake_ups_follow_the_waiting_workers_not_the_load() {
+        let mut q = Queues::default();
+        // A long burst with every worker busy: jobs become eligible again
+        // and again, but nobody waits, so nobody is woken.
+        for round in 0..1000u32 {
+            q.push(job(round % 10)).map_err(|_| ()).unwrap();
+            assert_eq!(q.wakes_needed(), 0);
+            let j = q.pop().unwrap();
+            q.done(j.uid);
+        }
+        // Three workers wait; five jobs may run: three wake-ups, once.
+        for uid in 0..5 {
+            q.push(job(uid)).map_err(|_| ()).unwrap();
+        }
+        for _ in 0..3 {
+            q.waiting();
+        }
+        assert_eq!(q.wakes_needed(), 3);
+        assert_eq!(q.wakes_needed(), 0, "already on their way");
+        // Each woken worker takes its wake-up; none is left over.
+        for _ in 0..3 {
+            q.awake(true);
+        }
+        assert_eq!(q.wakes_needed(), 0, "nobody waits");
+        q.waiting();
+        assert_eq!(q.wakes_needed(), 1);
     }
 
     #[test]

@@ -247,6 +247,7 @@ pub fn identify(
         }
         Ok(())
     };
+    in_request_key()?;
     let exe_link = dir.join("exe");
     let exe = std::fs::read_link(&exe_link).map_err(|source| RequesterError::Read {
         path: exe_link.clone(),

@@ -61,8 +61,9 @@ fn measure(name: &str, n: usize, mut f: impl FnMut(usize) -> Result<Duration, i3
 }
 
 /// The rows whose ratios are the goals, measured side by side: one request
-/// of each in turn, n times over, so that the host's drift (this VM's
-/// latency moves by 20 to 40% within an hour) weighs on all of them alike.
+/// of each in turn, n times over, in a rotating order, so that the host's
+/// drift (this VM's latency moves by 20 to 40% within an hour) weighs on
+/// all of them alike.
 type Probe<'a> = Box<dyn FnMut(usize) -> Result<Duration, i32> + 'a>;
 
 fn side_by_side(n: usize, mut probes: Vec<(&str, Probe<'_>)>) -> Vec<Row> {
@@ -72,9 +73,14 @@ fn side_by_side(n: usize, mut probes: Vec<(&str, Probe<'_>)>) -> Vec<Row> {
         }
     }
     let mut rows: Vec<Row> = probes.iter().map(|(name, _)| Row::new(name)).collect();
+    let count = probes.len();
     for i in 0..n {
-        for (row, (_, f)) in rows.iter_mut().zip(probes.iter_mut()) {
-            row.add(f(i));
+        // Each round starts at the next row, so that no row always follows
+        // the same other one (the key garbage collection a refused
+        // request's clean-up starts, a TPM request's caches).
+        for j in 0..count {
+            let at = (i + j) % count;
+            rows[at].add((probes[at].1)(i));
         }
     }
     rows

@@ -652,6 +652,12 @@ fn greeter(server: &Server, listener: &UnixListener) {
         let mut events = [EpollEvent::empty()];
         if let Ok(1) = epoll.wait(&mut events, 20u16) {
             take_arrivals(server, listener);
+            // A worker may have started waiting meanwhile, and missed
+            // what was just queued.
+            let wakes = relock(&server.queues).wakes_needed();
+            for _ in 0..wakes {
+                let _ = server.more.write(1);
+            }
         }
     }
 }

@@ -80,7 +80,11 @@ fn side_by_side(n: usize, mut probes: Vec<(&str, Probe<'_>)>) -> Vec<Row> {
         // request's clean-up starts, a TPM request's caches).
         for j in 0..count {
             let at = (i + j) % count;
-            rows[at].add((probes[at].1)(i));
+            let got = (probes[at].1)(i);
+            if let Err(e) = got {
+                eprintln!("{}: request {i}: errno {e}", probes[at].0);
+            }
+            rows[at].add(got);
         }
     }
     rows

@@ -32,6 +32,11 @@ fn huge_executable(dir: &Path) -> String {
 /// huge executable again and again until `stop` exists; each prints how
 /// long each request took and how it ended.
 fn flood(env: &KernelEnv, big: &str, n: usize, stop: &Path) -> Vec<Child> {
+    flood_as(env, FLOODER, big, n, stop)
+}
+
+/// [`flood`] by `uid`.
+fn flood_as(env: &KernelEnv, uid: u32, big: &str, n: usize, stop: &Path) -> Vec<Child> {
     let script = r#"
         big=$1; desc=$2; stop=$3; i=0
         while [ ! -e "$stop" ] && [ $i -lt 200 ]; do
@@ -48,8 +53,8 @@ fn flood(env: &KernelEnv, big: &str, n: usize, stop: &Path) -> Vec<Child> {
         .map(|_| {
             Command::new("setpriv")
                 .args([
-                    &format!("--reuid={FLOODER}"),
-                    &format!("--regid={FLOODER}"),
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
                     "--clear-groups",
                     "bash",
                     "-c",
@@ -156,6 +161,37 @@ fn a_csum_flood_by_one_uid_leaves_others_answered_in_time() {
             "{l}"
         );
     }
+}
+
+/// Every worker busy for longer than the handler's own default bound
+/// (5 s), by four uids hashing a huge executable twice each: a request
+/// that arrives meanwhile is greeted at once (the hello carries the
+/// configured bound, here 8 s), waits for a worker and is answered.
+/// Without the greeter its handler gave up at its default 5 s.
+#[test]
+fn with_every_worker_busy_a_new_request_keeps_the_configured_bound() {
+    let env = KernelEnv::new("[bindings]\ncsum_max_mib = 1048576\n");
+    let text = std::fs::read_to_string(&env.conf).unwrap();
+    env.write_conf(&text.replace("timeout_ms = 3000", "timeout_ms = 8000"));
+    let big = huge_executable(env.dir.path());
+    assert!(timed(&env, 0, "warm", "32 user").1);
+    let stop = env.dir.path().join("stop-flood");
+    let flooders: Vec<Child> = (4350..4354)
+        .flat_map(|uid| flood_as(&env, uid, &big, 2, &stop))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500)); // all eight in flight
+    let (took, ok) = timed(&env, 0, "busy", "32 user");
+    std::fs::write(&stop, b"").unwrap();
+    for mut f in flooders {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    assert!(ok, "the request failed after {took:?}");
+    // It did wait for a worker: the test saw every worker busy.
+    assert!(
+        took > Duration::from_secs(5),
+        "answered after {took:?}: not every worker was busy"
+    );
 }
 
 #[test]

@@ -574,6 +574,10 @@ const WAIT_MS: u16 = 200;
 /// in the queues so that a long busy spell leaves no wake-ups behind.
 fn worker(server: &Server, listener: &UnixListener) {
     let Ok(waiter) = Waiter::new(listener, &server.more) else {
+        // No way to wait (no file descriptors left?): rather than a broker
+        // short of workers, or with none, let the next request start a
+        // fresh one.
+        server.begin_stop();
         return;
     };
     // Whether the listener may have connections: at first, and after each
@@ -970,11 +974,14 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
                 Ok(_) | Err(_) => break,
             }
         }
-        // Stop accepting, let requests in progress finish (the scope joins
-        // the workers), then free the TPM slot.
+        // Stop accepting and let requests in progress and queued finish:
+        // the scope joins the workers.
         server.begin_stop();
-        server.shutdown();
     });
+    // Only then free the TPM slot: a job served after it would have
+    // loaded the primary again, left behind on a TPM without a resource
+    // manager.
+    server.shutdown();
     Ok(())
 }
 

@@ -153,6 +153,10 @@ fn read(path: &Path) -> Result<Vec<u8>, RequesterError> {
     Ok(out)
 }
 
+/// How often a requester shown as "running" is looked at again (200 µs
+/// apart) before it is refused as not in request_key.
+const RUNNING_RETRIES: usize = 10;
+
 /// Which facts beyond the thread, its executable's path and its uid and
 /// gid a request needs ([`crate::policy::needs`] decides). Each costs
 /// syscalls on the request's path, so only these are read.
@@ -234,10 +238,22 @@ pub fn identify(
     };
     let syscall_file = std::fs::File::open(&syscall_path).map_err(read_err)?;
     let in_request_key = || -> Result<(), RequesterError> {
-        // One line, the syscall number first: one read holds it.
+        // One line, the syscall number first: one read holds it. The
+        // kernel says "running" when the thread is on a CPU, or was
+        // switched while it looked (on a loaded machine a requester can
+        // still be on its way to sleep when we look): look again, briefly.
         let mut buf = [0u8; 256];
-        let n =
-            std::os::unix::fs::FileExt::read_at(&syscall_file, &mut buf, 0).map_err(read_err)?;
+        let mut n = 0;
+        for attempt in 0..RUNNING_RETRIES {
+            n = std::os::unix::fs::FileExt::read_at(&syscall_file, &mut buf, 0)
+                .map_err(read_err)?;
+            if !buf[..n].starts_with(b"running") {
+                break;
+            }
+            if attempt + 1 < RUNNING_RETRIES {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         let syscall = &buf[..n];
         if parse_syscall(syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
             return Err(RequesterError::NotInRequestKey {

@@ -548,24 +548,16 @@ pub fn mul_generator(k: &Scalar) -> ProjectivePoint {
         }
         rows
     });
-    let mut words = U256::from(*k).to_words();
-    // Limbs are 64 bits on 64-bit targets and 32 on 32-bit ones.
-    let word_bits = p256::elliptic_curve::bigint::Limb::BITS;
+    // Little-endian bytes: window i is bits 6i..6i+6 from the least
+    // significant, within one byte or across two; which bytes and shifts
+    // depends on i alone, not on k.
+    let mut bytes = k.to_bytes();
+    bytes.reverse();
     let mut acc = ProjectivePoint::IDENTITY;
     for (i, row) in table.iter().enumerate() {
-        // Window i is bits 6i..6i+6, counted from the least significant;
-        // which words and shifts depends on i alone, not on k.
-        let (word, shift) = (i * WINDOW_BITS / word_bits, i * WINDOW_BITS % word_bits);
-        // A Word is u64 or u32 by target; widened either way.
-        #[allow(clippy::useless_conversion)]
-        let (low, high) = (
-            u64::from(words[word]),
-            words.get(word + 1).map_or(0, |w| u64::from(*w)),
-        );
-        let mut bits = low >> shift;
-        if shift + WINDOW_BITS > word_bits {
-            bits |= high << (word_bits - shift);
-        }
+        let (at, shift) = (i * WINDOW_BITS / 8, i * WINDOW_BITS % 8);
+        let next = bytes.get(at + 1).copied().unwrap_or(0);
+        let bits = (u16::from(bytes[at]) | u16::from(next) << 8) >> shift;
         let digit = (bits as u8) & (ENTRIES as u8 - 1);
         let mut p = AffinePoint::IDENTITY;
         for (j, entry) in (0u8..).zip(row.iter()) {
@@ -573,7 +565,7 @@ pub fn mul_generator(k: &Scalar) -> ProjectivePoint {
         }
         acc += p;
     }
-    words.zeroize();
+    bytes.zeroize();
     acc
 }
 

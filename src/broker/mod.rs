@@ -309,6 +309,13 @@ impl Server {
         self.all_busy.notify_all();
     }
 
+    /// Wakes `n` waiting workers, one count of the semaphore each.
+    fn wake(&self, n: usize) {
+        for _ in 0..n {
+            let _ = self.more.write(1);
+        }
+    }
+
     fn micros(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_micros())
             .unwrap_or(u64::MAX)
@@ -594,9 +601,7 @@ fn worker(server: &Server, listener: &UnixListener) {
             let job = q.pop();
             (job, q.wakes_needed())
         };
-        for _ in 0..wakes {
-            let _ = server.more.write(1);
-        }
+        server.wake(wakes);
         match job {
             Some(job) => {
                 run(server, job);
@@ -659,9 +664,7 @@ fn greeter(server: &Server, listener: &UnixListener) {
             // A worker may have started waiting meanwhile, and missed
             // what was just queued.
             let wakes = relock(&server.queues).wakes_needed();
-            for _ in 0..wakes {
-                let _ = server.more.write(1);
-            }
+            server.wake(wakes);
         }
     }
 }

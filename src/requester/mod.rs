@@ -471,6 +471,25 @@ mod tests {
         assert!(matches!(e, RequesterError::WrongTarget { .. }), "{e:?}");
     }
 
+    /// A thread the kernel keeps showing as "running" is looked at again,
+    /// then refused as not in request_key (EACCES), not taken for one.
+    #[test]
+    fn a_thread_that_stays_running_is_refused() {
+        let keys = "00000001 I--Q--- 1 perm 3f010000 0 0 .request_ key:00000002 pid:4242 ci:1\n";
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("4242")).unwrap();
+        std::fs::write(dir.path().join("4242/syscall"), "running\n").unwrap();
+        let started = std::time::Instant::now();
+        let e = identify(dir.path(), keys.as_bytes(), 1, 1, 2, Needs::ALL).unwrap_err();
+        assert!(matches!(e, RequesterError::NotInRequestKey { .. }), "{e:?}");
+        assert_eq!(e.errno(), libc::EACCES);
+        assert!(
+            started.elapsed()
+                >= std::time::Duration::from_micros(200 * (RUNNING_RETRIES as u64 - 1)),
+            "looked again before refusing"
+        );
+    }
+
     #[test]
     fn requester_proc_entries_gone_is_an_error() {
         // A tid that does not exist (its /proc directory is gone).

@@ -494,7 +494,6 @@ pub fn mkdir_private(path: &CPath) -> Result<(), Errno> {
     Ok(())
 }
 
-/// A connected unix stream socket.
 /// A stream connection to a unix socket, with `timeout_us` for sends and
 /// receives already set: it bounds the connect too (a listener whose
 /// backlog is full makes connect wait for room).

@@ -7,7 +7,8 @@
 //! are measured side by side, one request of each in turn. Run as root:
 //! `cargo bench --bench requests`.
 //! Options (environment): DK_BENCH_N (requests per row, default 300),
-//! DK_BENCH_INCUMBENT_N (default 30).
+//! DK_BENCH_INCUMBENT_N (default 30), DK_BENCH_GOALS=1 (only the rows
+//! measured side by side, and their ratios: a quick check of the goal).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
@@ -254,6 +255,28 @@ fn parallel(env: &KernelEnv, clients: usize, per_client: usize) -> Row {
     row
 }
 
+/// The goals' ratios, from the rows measured side by side.
+fn print_ratios(rows: &[Row]) {
+    let p50 = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.pct(0.5));
+    let Some(s) = p50(STATIC_FLOOR) else {
+        return;
+    };
+    let ratio = |name: &str| p50(name).map_or(f64::NAN, |v| v / s);
+    println!("side by side (one request of each in turn):");
+    println!(
+        "hot-key sign p50 / static floor p50: {:.2}x (goal <= 1.3x)",
+        ratio(SIGN_HOT)
+    );
+    println!(
+        "sign p50 / static floor p50: {:.2}x (every request on the TPM: hot_key_s = 0)",
+        ratio(SIGN_P256)
+    );
+    println!(
+        "refused at parsing p50 / static floor p50: {:.2}x",
+        ratio(REFUSED)
+    );
+}
+
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("requests bench: run as root (it installs a request-key rule)");
@@ -342,6 +365,15 @@ fn main() {
     }
     let paired = side_by_side(n, probes);
     drop(hot_env);
+    if std::env::var_os("DK_BENCH_GOALS").is_some_and(|v| v == "1") {
+        for rule in rules {
+            let _ = std::fs::remove_file(rule);
+        }
+        println!("\nmachine: {}", measure::machine());
+        measure::print_table(&paired);
+        print_ratios(&paired);
+        return;
+    }
     let mut rows = vec![
         measure("floor: do-nothing Rust handler", n, |i| {
             raw_request(&format!("{floor_prefix}:x#i{i}"), "1 user")
@@ -402,12 +434,7 @@ fn main() {
     let floor = rows[0].pct(0.5);
     let sign = p50(SIGN_P256);
     let sign_ed = p50(SIGN_ED25519);
-    let hot = p50(SIGN_HOT);
     let inc = p50(INCUMBENT);
-    let static_p50 = rows
-        .iter()
-        .find(|r| r.name == STATIC_FLOOR)
-        .map(|r| r.pct(0.5));
     println!("\nmachine: {}", measure::machine());
     measure::print_table(&rows);
     println!(
@@ -419,21 +446,7 @@ fn main() {
         sign_ed / floor,
         sign_ed / sign
     );
-    if let Some(s) = static_p50 {
-        println!("side by side (the last four rows, one request of each in turn):");
-        println!(
-            "hot-key sign p50 / static floor p50: {:.2}x (goal <= 1.3x)",
-            hot / s
-        );
-        println!(
-            "sign p50 / static floor p50: {:.2}x (every request on the TPM: hot_key_s = 0)",
-            sign / s
-        );
-        println!(
-            "refused at parsing p50 / static floor p50: {:.2}x",
-            p50(REFUSED) / s
-        );
-    }
+    print_ratios(&rows);
     println!("incumbent p50 / sign p50: {:.1}x (goal >= 20x)", inc / sign);
     println!(
         "8 clients: p99 {:.2} ms (goal <= 25), errors {}",

@@ -583,7 +583,7 @@ pub fn mul_generator(k: &Scalar) -> ProjectivePoint {
 }
 
 /// Builds the k×G table now (a resident process calls this at start, so
-/// that its first signature does not wait ~25 ms for it).
+/// that its first signature does not wait ~12 ms for it).
 pub fn warm_up() {
     let _ = mul_generator(&Scalar::ONE);
 }

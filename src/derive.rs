@@ -737,8 +737,9 @@ mod tests {
         let mut edge = vec![Scalar::ZERO, Scalar::ONE, -Scalar::ONE, Scalar::from(16u64)];
         // A window's last and a next window's first digit, and windows
         // that straddle two 64-bit words (bits 60..66, 126..132, 186..192).
-        // Signed digits: 32 stays, 33 becomes -31 and carries, and a carry
-        // into a window that is 32 or 63 already.
+        // Signed digits: 32 stays, 33 becomes -31 and carries; a carry into
+        // 31 makes 32 (no carry), into 32 makes 33 (-31, a carry again),
+        // into 63 makes 64 (0, a carry again).
         for v in [
             63u64,
             64,
@@ -751,6 +752,8 @@ mod tests {
             32,
             33,
             32 * 64 + 32,
+            31 * 64 + 33,
+            32 * 64 + 33,
             63 * 64 + 33,
         ] {
             edge.push(Scalar::from(v));

@@ -93,18 +93,26 @@ fn main() {
         },
     ));
 
-    // The handler reads all of /proc/keys (the kernel checks possession of
-    // every key it lists); the broker checks the requester in /proc.
-    rows.push(row("handler: read /proc/keys as root", n, |_| {
+    // /proc/keys read plainly (the kernel checks possession and permission
+    // of every key in the system), as the handler read it before release
+    // 0.3 (with an fsuid that owns no keys), and as the broker reads it
+    // now: through root's view, which skips other owners' keys.
+    rows.push(row("/proc/keys: plain read as root", n, |_| {
         drop(std::fs::read("/proc/keys").unwrap());
     }));
-    // As the handler reads it: with an fsuid that owns no keys, so only
-    // possessed keys are listed (and formatted).
-    rows.push(row("handler: read /proc/keys, fsuid (uid_t)-2", n, |_| {
+    rows.push(row("/proc/keys: plain read, fsuid (uid_t)-2", n, |_| {
         let before = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(u32::MAX - 1));
         drop(std::fs::read("/proc/keys").unwrap());
         nix::unistd::setfsuid(before);
     }));
+    let view = derived_keys::requester::keys::KeysView::forking();
+    rows.push(row(
+        "/proc/keys: broker's view for uid 0 (a scan)",
+        n,
+        |_| {
+            drop(view.auth_line(0, 1).unwrap());
+        },
+    ));
     let mut child = std::process::Command::new("sleep")
         .arg("60")
         .spawn()

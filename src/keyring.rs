@@ -13,6 +13,8 @@ use crate::sys;
 
 /// KEY_SPEC_PROCESS_KEYRING.
 pub const PROCESS_KEYRING: i32 = -2;
+/// KEY_SPEC_SESSION_KEYRING.
+pub const SESSION_KEYRING: i32 = -3;
 
 /// The keyring boundary's errors; `op` names the keyctl operation.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,35 @@ pub fn detach() -> Result<(), KeyringError> {
         }
     }
     Ok(())
+}
+
+/// The caller's session keyring, made linkable for its owner's other
+/// processes: the serial, after adding write permission for the owner's
+/// uid (possessor: all; owner: view, read, write, link). The broker's
+/// handlers, root like it, link their authorization key into it for the
+/// length of a request, so that the broker's views of /proc/keys (whose
+/// credentials hold this session keyring) possess it and list its line
+/// ([`crate::requester::keys`]). Other users cannot link into it: they
+/// are not its owner, and it grants nothing to others.
+pub fn session_for_handlers() -> Result<i32, KeyringError> {
+    use linux_keyutils::{Key, KeyPermissionsBuilder, KeySerialId, Permission};
+    let id = sys::keyctl_session_id().map_err(|source| KeyringError::Keyctl {
+        op: "get_keyring_id",
+        key: SESSION_KEYRING,
+        source,
+    })?;
+    let perms = KeyPermissionsBuilder::builder()
+        .posessor(Permission::ALL)
+        .user(Permission::VIEW | Permission::READ | Permission::WRITE | Permission::LINK)
+        .build();
+    Key::from_id(KeySerialId::new(id))
+        .set_perms(perms)
+        .map_err(|source| KeyringError::Keyutils {
+            op: "setperm",
+            key: id,
+            source,
+        })?;
+    Ok(id)
 }
 
 /// request_key(2) into `dest` (a keyring serial or special id).

@@ -1,7 +1,8 @@
 //! The only module with `unsafe`: raw system calls that no safe wrapper in
 //! our dependencies covers (memfd_secret, mmap/mlock for secret memory,
 //! keyctl reject with an errno, request_key for any key type, bringing up
-//! the loopback interface of a fresh network namespace).
+//! the loopback interface of a fresh network namespace, /proc/keys opened
+//! from a user namespace of its own).
 //!
 //! Every block states why it is sound. Everything here returns
 //! `io::Error` from errno; callers wrap it in their boundary's error type.
@@ -247,6 +248,23 @@ pub fn keyctl_new_session() -> io::Result<i32> {
     i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
 }
 
+/// KEYCTL_GET_KEYRING_ID of the session keyring, without making one.
+pub fn keyctl_session_id() -> io::Result<i32> {
+    // SAFETY: integer arguments only.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            libc::KEYCTL_GET_KEYRING_ID as libc::c_long,
+            libc::KEY_SPEC_SESSION_KEYRING as libc::c_long,
+            0 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    i32::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::ERANGE))
+}
+
 /// KEYCTL_ASSUME_AUTHORITY with 0: gives up any instantiation authority
 /// inherited from the handler.
 pub fn keyctl_drop_authority() -> io::Result<()> {
@@ -295,6 +313,343 @@ pub fn loopback_up() -> io::Result<()> {
         return Err(err);
     }
     Ok(())
+}
+
+/// How long [`proc_keys_of_uid`] waits for its child at each step.
+const VIEW_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why [`proc_keys_of_uid`] failed: the child's step, or ours.
+#[derive(Debug)]
+pub enum ViewError {
+    /// This kernel or its configuration gives no user namespace
+    /// (`user.max_user_namespaces` = 0, or user namespaces not built in).
+    NoUserNamespace,
+    /// Anything else, with the errno or the child's report.
+    Failed(io::Error),
+}
+
+/// A uid no account has: `(uid_t)-2`, the highest valid one (-1 means
+/// "no change" to the set*id calls).
+pub const NO_KEYS_UID: u32 = 0xffff_fffe;
+
+/// /proc/keys opened by a short-lived child of ours with filesystem uid
+/// [`NO_KEYS_UID`], from a user namespace of its own in which only `uid`
+/// is mapped. The kernel lists in /proc/keys only keys whose owner is
+/// mapped in the opener's user namespace, and checks view permission with
+/// the opener's credentials: reads of this file (pread from offset 0
+/// starts over) list the keys of `uid` that those credentials possess
+/// (through our session keyring) or that anyone may view, and skip every
+/// other owner's key at the cost of a comparison, instead of checking
+/// possession and permission of each.
+///
+/// The child only makes system calls: it may be forked from a threaded
+/// process (the broker forks it from its [`ViewMaker`], which has one
+/// thread, but tests do not), where anything else, an allocation
+/// included, could wait forever on a lock another thread held. It stops on its own if we go
+/// away: every wait of its is a read on a socket whose other end we hold.
+pub fn proc_keys_of_uid(uid: u32) -> Result<std::os::fd::OwnedFd, ViewError> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let failed = |e: io::Error| ViewError::Failed(e);
+    let mut pair = [0 as libc::c_int; 2];
+    // SAFETY: `pair` has room for the two descriptors the kernel writes.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    // SAFETY: two fresh descriptors that nothing else owns.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    nix::sys::socket::setsockopt(
+        &ours,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(VIEW_CHILD_TIMEOUT.as_secs() as _, 0),
+    )
+    .map_err(|e| failed(e.into()))?;
+
+    // Everything the child touches is made here, before the fork.
+    #[repr(C)]
+    struct FdMessage {
+        head: libc::cmsghdr,
+        fd: libc::c_int,
+    }
+    // SAFETY: cmsghdr is plain old data; all-zero is a valid value.
+    let mut control: FdMessage = unsafe { std::mem::zeroed() };
+    control.head.cmsg_level = libc::SOL_SOCKET;
+    control.head.cmsg_type = libc::SCM_RIGHTS;
+    let fd_len = std::mem::size_of::<libc::c_int>() as u32;
+    // SAFETY: CMSG_LEN and CMSG_SPACE are arithmetic on their argument.
+    let (cmsg_len, cmsg_space) = unsafe { (libc::CMSG_LEN(fd_len), libc::CMSG_SPACE(fd_len)) };
+    control.head.cmsg_len = cmsg_len as _;
+    let mut byte = *b"f";
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let control: *mut FdMessage = std::ptr::addr_of_mut!(control);
+    msg.msg_control = control.cast();
+    msg.msg_controllen = cmsg_space as _;
+    assert!(msg.msg_controllen as usize <= std::mem::size_of::<FdMessage>());
+    let (ours_fd, theirs_fd) = (ours.as_raw_fd(), theirs.as_raw_fd());
+    let path = c"/proc/keys";
+
+    // SAFETY: the child runs only the system calls below on memory made
+    // before the fork, and leaves with _exit; the parent goes on as usual.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(failed(io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: plain system calls on descriptors and buffers that were
+        // made before the fork and are valid in this copy of the memory.
+        unsafe {
+            libc::close(ours_fd);
+            // Nothing else of the parent's: our socket becomes fd 3.
+            if theirs_fd != 3 && libc::dup2(theirs_fd, 3) != 3 {
+                libc::_exit(11);
+            }
+            let theirs_fd = 3;
+            libc::syscall(
+                libc::SYS_close_range,
+                4 as libc::c_uint,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
+            let mut go = 0u8;
+            libc::setfsuid(NO_KEYS_UID);
+            if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                // No user namespaces on this kernel, or none allowed; a
+                // limit reached (ENOSPC, ENOMEM) is only this time.
+                let e = *libc::__errno_location();
+                libc::_exit(if matches!(e, libc::EINVAL | libc::EPERM | libc::ENOSYS) {
+                    10
+                } else {
+                    14
+                });
+            }
+            if libc::write(theirs_fd, b"u".as_ptr().cast(), 1) != 1
+                || libc::read(theirs_fd, std::ptr::addr_of_mut!(go).cast(), 1) != 1
+            {
+                libc::_exit(11);
+            }
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                libc::_exit(12);
+            }
+            (*control).fd = fd;
+            if libc::sendmsg(theirs_fd, &msg, 0) != 1 {
+                libc::_exit(13);
+            }
+            libc::_exit(0);
+        }
+    }
+    drop(theirs);
+    let child = nix::unistd::Pid::from_raw(pid);
+    let got = receive_view(&ours, pid, uid);
+    if got.is_err() {
+        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+    }
+    let status = nix::sys::wait::waitpid(child, None);
+    match (got, status) {
+        (Ok(fd), _) => Ok(fd),
+        (Err(_), Ok(nix::sys::wait::WaitStatus::Exited(_, 10))) => Err(ViewError::NoUserNamespace),
+        (Err(e), _) => Err(failed(e)),
+    }
+}
+
+/// A process of ours that makes views of /proc/keys ([`proc_keys_of_uid`])
+/// on request. It is forked while the broker is still one thread, before
+/// the broker opens its TPM, reads a password or takes a lock: so the
+/// children that make views, forked from it, hold none of those. (A
+/// child of a worker thread would hold a copy of every descriptor the
+/// broker has open at that moment, the TPM's connection included, until
+/// it exits.) It leaves when its socket closes: when the broker does.
+pub struct ViewMaker {
+    sock: std::sync::Mutex<std::os::fd::OwnedFd>,
+    pid: nix::unistd::Pid,
+}
+
+/// How long the broker waits for the maker: longer than the maker's own
+/// worst case (its two waits for a child, a fork, a uid map).
+const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What the maker answers: a view follows, or why none does.
+const MADE: u8 = 0;
+const MADE_NO_NAMESPACE: u8 = 1;
+const MADE_FAILED: u8 = 2;
+
+impl ViewMaker {
+    /// Forks the maker. Call only while this process has one thread.
+    pub fn start() -> io::Result<ViewMaker> {
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: the caller runs us while the process has one thread, so
+        // the child may run any code: no lock is held by a thread that
+        // does not exist in it.
+        match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+            nix::unistd::ForkResult::Child => {
+                drop(ours);
+                serve_views(&theirs);
+                // SAFETY: leaves at once, running no destructors of state
+                // copied from the parent.
+                unsafe { libc::_exit(0) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                drop(theirs);
+                nix::sys::socket::setsockopt(
+                    &ours,
+                    nix::sys::socket::sockopt::ReceiveTimeout,
+                    &nix::sys::time::TimeVal::new(MAKER_TIMEOUT.as_secs() as i64, 0),
+                )
+                .map_err(io::Error::from)?;
+                Ok(ViewMaker {
+                    sock: std::sync::Mutex::new(ours),
+                    pid: child,
+                })
+            }
+        }
+    }
+
+    /// A view of /proc/keys for `uid`, made by the maker. Every answer
+    /// names the uid it is for; after any error (a timeout included) the
+    /// caller must not use this maker again: a late answer would be taken
+    /// for the next question's.
+    pub fn make(&self, uid: u32) -> Result<std::os::fd::OwnedFd, ViewError> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let failed = |e: io::Error| ViewError::Failed(e);
+        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        std::fs::File::from(sock.try_clone().map_err(failed)?)
+            .write_all(&uid.to_le_bytes())
+            .map_err(failed)?;
+        let (answer, fd) = receive_fd::<5>(sock.as_raw_fd()).map_err(failed)?;
+        if answer[1..] != uid.to_le_bytes() {
+            return Err(failed(io::Error::from_raw_os_error(libc::EPROTO)));
+        }
+        match (answer[0], fd) {
+            (MADE, Some(fd)) => Ok(fd),
+            (MADE_NO_NAMESPACE, _) => Err(ViewError::NoUserNamespace),
+            _ => Err(failed(io::Error::from_raw_os_error(libc::EPROTO))),
+        }
+    }
+}
+
+impl Drop for ViewMaker {
+    fn drop(&mut self) {
+        // Its socket closes with us; it sees the end and exits.
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::wait::waitpid(self.pid, None);
+    }
+}
+
+/// The maker's loop: a uid in, a view (or why not) out, until the end.
+fn serve_views(sock: &std::os::fd::OwnedFd) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let Ok(mut reader) = sock.try_clone().map(std::fs::File::from) else {
+        return;
+    };
+    let mut uid = [0u8; 4];
+    while reader.read_exact(&mut uid).is_ok() {
+        let (status, fd) = match proc_keys_of_uid(u32::from_le_bytes(uid)) {
+            Ok(fd) => (MADE, Some(fd)),
+            Err(ViewError::NoUserNamespace) => (MADE_NO_NAMESPACE, None),
+            Err(ViewError::Failed(_)) => (MADE_FAILED, None),
+        };
+        let answer = [status, uid[0], uid[1], uid[2], uid[3]];
+        if send_fd(sock.as_raw_fd(), &answer, fd.as_ref()).is_err() {
+            return;
+        }
+    }
+}
+
+/// A short message, with a descriptor attached if there is one.
+fn send_fd(sock: libc::c_int, bytes: &[u8], fd: Option<&std::os::fd::OwnedFd>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let iov = [std::io::IoSlice::new(bytes)];
+    let fds: Vec<libc::c_int> = fd.map(|f| f.as_raw_fd()).into_iter().collect();
+    let cmsgs: Vec<nix::sys::socket::ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![nix::sys::socket::ControlMessage::ScmRights(&fds)]
+    };
+    nix::sys::socket::sendmsg::<()>(
+        sock,
+        &iov,
+        &cmsgs,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map(|_| ())
+    .map_err(io::Error::from)
+}
+
+/// A message of exactly `N` bytes and the descriptor that came with it,
+/// if any.
+fn receive_fd<const N: usize>(
+    sock: libc::c_int,
+) -> io::Result<([u8; N], Option<std::os::fd::OwnedFd>)> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut bytes = [0u8; N];
+    let mut iov = [std::io::IoSliceMut::new(&mut bytes)];
+    let mut space = nix::cmsg_space!(libc::c_int);
+    let msg = nix::sys::socket::recvmsg::<()>(
+        sock,
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    if msg.bytes != N {
+        return Err(io::Error::from_raw_os_error(libc::EPIPE));
+    }
+    let mut got = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+            for fd in fds {
+                // SAFETY: descriptors the kernel just installed for us.
+                let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                if got.is_none() {
+                    got = Some(fd);
+                }
+            }
+        }
+    }
+    Ok((bytes, got))
+}
+
+/// Our side of [`proc_keys_of_uid`]: map `uid` once the child is in its
+/// namespace, then take the descriptor it opened there.
+fn receive_view(
+    ours: &std::os::fd::OwnedFd,
+    pid: libc::pid_t,
+    uid: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let mut sock = std::fs::File::from(ours.try_clone()?);
+    let mut step = [0u8; 1];
+    sock.read_exact(&mut step)?;
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("{uid} {uid} 1\n"))?;
+    sock.write_all(b"g")?;
+    match receive_fd::<1>(ours.as_raw_fd())? {
+        ([b'f'], Some(fd)) => Ok(fd),
+        _ => Err(io::Error::from_raw_os_error(libc::EPROTO)),
+    }
 }
 
 #[cfg(test)]

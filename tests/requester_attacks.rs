@@ -281,12 +281,12 @@ fn a_forged_proc_keys_line_cannot_name_another_requester() {
     assert!(line.contains(" pid=- exe=- "), "no thread named: {line}");
 }
 
-/// The handler reads /proc/keys with a filesystem uid that owns no keys,
-/// so root's keys that its request does not possess are not even listed
-/// (formatting them was half the cost of the read). Lines forged in such
-/// keys, owned by root and viewable only by their owner, are then not
-/// seen at all: the request is served as if they were not there. Before
-/// that, the handler saw them and refused the request as ambiguous.
+/// The broker reads /proc/keys through a view whose filesystem uid owns
+/// no keys: of the requester's keys it lists those its credentials
+/// possess (the authorization key, linked into the broker's keyring for
+/// the request) and those anyone may view. Lines forged in root's own
+/// keys that only their owner may view are then not seen at all: the
+/// request is served as if they were not there.
 #[test]
 fn keys_the_request_does_not_possess_are_not_read() {
     let env = KernelEnv::new("");
@@ -299,6 +299,38 @@ fn keys_the_request_does_not_possess_are_not_read() {
             .arg(&forger)
             .arg(env.desc(&format!("own#p{i}")))
             .args(["32 user", "1", "16", "owner-only"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(outcome(&text), Ok(wanted.clone()), "attempt {i}: {text}");
+        if !text.starts_with("forged 0 ") {
+            planted += 1;
+        }
+    }
+    assert!(
+        planted >= 3,
+        "the lines were planted in time only {planted} times"
+    );
+}
+
+/// The view lists only keys whose owner is the requester's uid (the
+/// others' are skipped at the cost of a comparison, however many there
+/// are): lines forged in another user's keys are not read even where
+/// everyone may view them. The handler's old read saw them, and refused
+/// the request as ambiguous.
+#[test]
+fn world_viewable_keys_of_other_users_are_not_read() {
+    const OTHER: u32 = 4341;
+    let env = KernelEnv::new("");
+    let wanted = env.request("user", "own", "32 user").payload();
+    let forger = compile(&env, "forge_line", &["-pthread"]);
+    let mut planted = 0;
+    for i in 0..10 {
+        let out = Command::new("keyctl")
+            .args(["session", "-"])
+            .arg(&forger)
+            .arg(env.desc(&format!("own#w{i}")))
+            .args(["32 user", "1", "16", &format!("owner={OTHER}")])
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

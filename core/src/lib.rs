@@ -4,7 +4,8 @@
 //!
 //! - [`handler_args`]: the handler's command line, typed.
 //! - [`proc_keys`]: the authorization key's line in /proc/keys (which
-//!   names the requester), found in chunks, forgeries counted.
+//!   names the requester), found in chunks in bounded memory, forgeries
+//!   counted (the broker's scan; kept here, where nothing allocates).
 //! - [`wire`]: the handler–broker protocol.
 //! - [`audit_line`]: the audit line's format and its one escaping.
 //! - [`errno`]: the contract's errnos and their names.

@@ -1,6 +1,9 @@
 //! Finding the authorization key's line in /proc/keys, which names the
 //! requesting thread: fed in chunks, bounded, counting forgeries.
 
+/// Longest authorization key line kept (the kernel's is under 100 bytes).
+pub const MAX_LINE: usize = 512;
+
 /// Scans the whole of /proc/keys, fed in chunks of any size, for the
 /// lines that start with key `auth`'s serial (8 lowercase hex digits and a
 /// space). Key descriptions may contain newlines and /proc/keys prints

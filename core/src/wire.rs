@@ -6,28 +6,24 @@
 //! the broker share one definition of the bytes on the socket.
 //!
 //! One exchange per connection:
-//! - handler → broker, right after connecting: [`Upcall`], the kernel's
-//!   facts, unparsed;
 //! - broker → handler, at accept: [`Hello`] (how long the handler may
-//!   wait, the negative-result timeout, where audit lines go);
+//!   wait, the negative-result timeout, where audit lines go, and the
+//!   keyring to link the authorization key into);
+//! - handler → broker, once it has linked its authorization key there:
+//!   [`Upcall`], the kernel's facts, unparsed;
 //! - broker → handler: an [`Answer`] header, then the payload.
-//!
-//! Neither side waits for the other's first message before sending its
-//! own, so an exchange costs one round trip.
 //!
 //! Every length is checked against the buffer it describes; a malformed
 //! message decodes to `None` and the connection is dropped.
 
 /// Protocol version; both ends are built from one tree.
-pub const VERSION: u8 = 4;
+pub const VERSION: u8 = 5;
 
 /// Largest `KEYCTL_DESCRIBE` answer we accept: type, ids, permissions and
 /// a description of up to 4095 bytes.
 pub const MAX_DESCRIBE: usize = 4200;
 /// Largest callout: the kernel limits it to one page.
 pub const MAX_CALLOUT: usize = 4096;
-/// Largest /proc/keys line we pass on (the authorization key's is short).
-pub const MAX_KEYS_LINE: usize = 512;
 /// Largest description prefix.
 pub const MAX_PREFIX: usize = 64;
 /// Largest result: a 1024-byte symmetric key.
@@ -35,13 +31,12 @@ pub const MAX_PAYLOAD: usize = 1024;
 /// Largest syslog socket path in a hello.
 pub const MAX_LOG_PATH: usize = 108;
 
-const UPCALL_FIXED: usize = 1 + 4 * 5 + 8 + 2 * 4;
+const UPCALL_FIXED: usize = 1 + 4 * 4 + 8 + 2 * 3;
 /// Largest encoded upcall.
-pub const MAX_UPCALL: usize =
-    UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT + MAX_KEYS_LINE;
+pub const MAX_UPCALL: usize = UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT;
 /// Size of the answer header.
 pub const ANSWER_HEADER: usize = 1 + 4 + 2;
-const HELLO_FIXED: usize = 1 + 1 + 4 + 4 + 2;
+const HELLO_FIXED: usize = 1 + 1 + 4 + 4 + 4 + 2;
 /// Largest encoded hello.
 pub const MAX_HELLO: usize = HELLO_FIXED + MAX_LOG_PATH;
 
@@ -62,6 +57,10 @@ pub struct Hello<'a> {
     pub bound_ms: u32,
     /// The timeout to give the kernel for a negative result, in seconds.
     pub negative_s: u32,
+    /// The keyring the handler links its authorization key into while the
+    /// broker reads /proc/keys (the broker's session keyring: its views of
+    /// the file possess what it holds); 0 for none.
+    pub keys_ring: i32,
     /// The syslog socket (for `LogTo::Syslog`).
     pub log_path: &'a [u8],
 }
@@ -74,6 +73,7 @@ impl<'a> Hello<'a> {
         w.u8(self.log as u8)?;
         w.u32(self.bound_ms)?;
         w.u32(self.negative_s)?;
+        w.u32(self.keys_ring as u32)?;
         w.field(self.log_path, MAX_LOG_PATH)?;
         Some(w.pos)
     }
@@ -104,12 +104,14 @@ impl<'a> Hello<'a> {
         };
         let bound_ms = r.u32()?;
         let negative_s = r.u32()?;
+        let keys_ring = r.u32()? as i32;
         let log_path = r.field(MAX_LOG_PATH)?;
         r.end()?;
         Some(Hello {
             log,
             bound_ms,
             negative_s,
+            keys_ring,
             log_path,
         })
     }
@@ -135,12 +137,6 @@ pub struct Upcall<'a> {
     pub describe: &'a [u8],
     /// The callout information (read through the authorization key).
     pub callout: &'a [u8],
-    /// The authorization key's line of /proc/keys (names the requester).
-    pub keys_line: &'a [u8],
-    /// How many lines of the whole of /proc/keys start with the
-    /// authorization key's serial: a description can forge one, so the
-    /// broker trusts `keys_line` only when this is 1.
-    pub auth_lines: u32,
 }
 
 impl<'a> Upcall<'a> {
@@ -151,12 +147,10 @@ impl<'a> Upcall<'a> {
         w.u32(self.uid)?;
         w.u32(self.gid)?;
         w.u32(self.auth as u32)?;
-        w.u32(self.auth_lines)?;
         w.bytes(&self.started_us.to_le_bytes())?;
         w.field(self.prefix, MAX_PREFIX)?;
         w.field(self.describe, MAX_DESCRIBE)?;
         w.field(self.callout, MAX_CALLOUT)?;
-        w.field(self.keys_line, MAX_KEYS_LINE)?;
         Some(w.pos)
     }
 
@@ -167,18 +161,15 @@ impl<'a> Upcall<'a> {
             return None;
         }
         let (key, uid, gid, auth) = (r.u32()? as i32, r.u32()?, r.u32()?, r.u32()? as i32);
-        let auth_lines = r.u32()?;
         let up = Upcall {
             key,
             uid,
             gid,
             auth,
-            auth_lines,
             started_us: r.u64()?,
             prefix: r.field(MAX_PREFIX)?,
             describe: r.field(MAX_DESCRIBE)?,
             callout: r.field(MAX_CALLOUT)?,
-            keys_line: r.field(MAX_KEYS_LINE)?,
         };
         r.end()?;
         Some(up)
@@ -189,11 +180,11 @@ impl<'a> Upcall<'a> {
     /// `Complete(n)`.
     pub fn progress(head: &[u8]) -> Progress {
         let mut r = Reader::new(head);
-        let mut need = 1 + 4 * 5 + 8;
+        let mut need = 1 + 4 * 4 + 8;
         if r.skip(need).is_none() {
             return Progress::Need(need);
         }
-        for max in [MAX_PREFIX, MAX_DESCRIBE, MAX_CALLOUT, MAX_KEYS_LINE] {
+        for max in [MAX_PREFIX, MAX_DESCRIBE, MAX_CALLOUT] {
             need += 2;
             let Some(n) = r.u16() else {
                 return Progress::Need(need);
@@ -358,8 +349,6 @@ mod tests {
             prefix: b"derived",
             describe: b"user;1000;100;3f010000;derived:db",
             callout: b"32 path",
-            keys_line: b"0a0b0c0d I--Q--- 1 perm 3f010000 1000 100 .request_key_auth 12345678: key:12345678 pid:42 ci:7",
-            auth_lines: 1,
         }
     }
 
@@ -380,15 +369,9 @@ mod tests {
         }
         // Trailing bytes are an error, not ignored.
         assert_eq!(Upcall::decode(&buf[..n + 1]), None);
-        // The line count travels as it is, whatever it is.
-        for count in [0, 2, u32::MAX] {
-            let up = Upcall {
-                auth_lines: count,
-                ..sample()
-            };
-            let n = up.encode(&mut buf).unwrap();
-            assert_eq!(Upcall::decode(&buf[..n]).map(|u| u.auth_lines), Some(count));
-        }
+        // An older handler's upcall is refused, not misread.
+        buf[0] = VERSION - 1;
+        assert_eq!(Upcall::decode(&buf[..n]), None);
     }
 
     #[test]
@@ -424,6 +407,7 @@ mod tests {
             log: LogTo::Kmsg,
             bound_ms: 3000,
             negative_s: 2,
+            keys_ring: -0x1234_5678,
             log_path: b"/dev/log",
         };
         let mut buf = [0u8; MAX_HELLO];

@@ -70,6 +70,8 @@ pub enum BrokerError {
     Memory(#[from] SecretAllocError),
     #[error(transparent)]
     Netns(#[from] crate::tpm::netns::NetnsError),
+    #[error("cannot open the broker's session keyring to its handlers")]
+    Keyring(#[source] crate::keyring::KeyringError),
 }
 
 impl BrokerError {
@@ -78,7 +80,7 @@ impl BrokerError {
         match self {
             BrokerError::Config(_) | BrokerError::Netns(_) => libc::ENODEV,
             BrokerError::Tpm(t) => t.errno(),
-            BrokerError::Io { .. } | BrokerError::Memory(_) => libc::EIO,
+            BrokerError::Io { .. } | BrokerError::Memory(_) | BrokerError::Keyring(_) => libc::EIO,
         }
     }
 }
@@ -273,6 +275,8 @@ struct Server {
     all_busy: Condvar,
     /// Digests of executables for `csum`, and per-uid hashing turns.
     hasher: crate::requester::csum::Hasher,
+    /// /proc/keys as each requester's uid sees it.
+    keys: crate::requester::keys::KeysView,
     /// PRKs of recent requests (`tpm.hot_key_s`).
     hot: hot::HotKeys,
     /// The listening socket and its path, to stop accepting at once.
@@ -391,15 +395,12 @@ impl Server {
 
 /// Reads one upcall, however the kernel splits it: as much as has
 /// arrived at each read (usually all of it at once), up to the largest
-/// upcall. Nothing else comes on the connection, so bytes past the upcall
-/// make it invalid. The first read does not wait: the handler sends the
-/// upcall right after connecting, so it is usually there already, and
-/// the read timeout (`bound`) is set only when a read has to wait.
+/// upcall, within `bound`. Nothing else comes on the connection, so bytes
+/// past the upcall make it invalid. (The handler sends it once it has
+/// our hello, so the first read usually waits.)
 fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>, bound: Duration) -> Option<()> {
-    use nix::sys::socket::{recv, MsgFlags};
-    use std::os::fd::AsRawFd;
     let mut chunk = [0u8; 4096];
-    let mut timeout_set = false;
+    s.set_read_timeout(Some(bound)).ok()?;
     loop {
         match Upcall::progress(buf) {
             Progress::Complete(n) if n == buf.len() => return Some(()),
@@ -408,19 +409,7 @@ fn read_upcall(s: &mut UnixStream, buf: &mut Vec<u8>, bound: Duration) -> Option
         }
         let room = (wire::MAX_UPCALL + 1).saturating_sub(buf.len());
         let into = &mut chunk[..room.clamp(1, 4096)];
-        let n = if timeout_set {
-            s.read(into).ok()?
-        } else {
-            match recv(s.as_raw_fd(), into, MsgFlags::MSG_DONTWAIT) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    s.set_read_timeout(Some(bound)).ok()?;
-                    timeout_set = true;
-                    continue;
-                }
-                Err(_) => return None,
-            }
-        };
+        let n = s.read(into).ok()?;
         if n == 0 {
             return None;
         }
@@ -500,6 +489,7 @@ fn serve_one(server: &Server, job: Job) {
         proc_root: Path::new("/proc"),
         prk: &|msg, deadline| server.prk(msg, deadline),
         hasher: &server.hasher,
+        auth_line: &|uid, auth| server.keys.auth_line(uid, auth),
     };
     let result = pipeline::decide(&up, &ctx, deadline, &mut record);
     let result = match result {
@@ -737,7 +727,7 @@ fn finished(server: &Server) {
     server.inflight.fetch_sub(1, Ordering::SeqCst);
 }
 
-fn encode_hello(config: &Config) -> Vec<u8> {
+fn encode_hello(config: &Config, keys_ring: i32) -> Vec<u8> {
     let (log, path): (LogTo, &[u8]) = match &config.log {
         LogTarget::Syslog { socket } => (LogTo::Syslog, socket.as_os_str().as_encoded_bytes()),
         LogTarget::Kmsg => (LogTo::Kmsg, b""),
@@ -747,6 +737,7 @@ fn encode_hello(config: &Config) -> Vec<u8> {
         log,
         bound_ms: u32::try_from(config.tpm_timeout.as_millis()).unwrap_or(u32::MAX),
         negative_s: kernel_timeout(config.negative_timeout_s),
+        keys_ring,
         // A socket path too long for a hello: the handler uses the default.
         log_path: if path.len() <= wire::MAX_LOG_PATH {
             path
@@ -826,11 +817,25 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
 
     leave_requester_context();
     crate::secret::harden();
+    // While we are one thread, and before we hold a TPM connection, a
+    // password or a lock: the process that makes /proc/keys views.
+    let view_maker = match crate::sys::ViewMaker::start() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "derived-keys-broker: no /proc/keys view maker: {e}"
+            );
+            None
+        }
+    };
 
     // Everything that can fail for configuration reasons, before any
     // runtime file exists: a broker that cannot serve never listens.
     let config = Config::load(config_path)?;
     let owner_auth = config.owner_auth()?;
+    // Where handlers put their authorization key for our /proc/keys views.
+    let keys_ring = crate::keyring::session_for_handlers().map_err(BrokerError::Keyring)?;
     // The embedded TPM listens only in its own network namespace; enter it
     // before any thread starts, so that every thread is in it.
     if let Some(ns) = &config.tpm_netns {
@@ -879,11 +884,12 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let idle = config.broker_idle;
     let limit = config.tpm_timeout;
     let server = Server {
-        hello: encode_hello(&config),
+        hello: encode_hello(&config, keys_ring),
         queues: Mutex::new(Queues::default()),
         more,
         all_busy: Condvar::new(),
         hasher: crate::requester::csum::Hasher::default(),
+        keys: crate::requester::keys::KeysView::new(view_maker),
         hot: hot::HotKeys::new(config.hot_key),
         owner_auth,
         config,
@@ -907,10 +913,14 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     server.last.store(server.micros(), Ordering::SeqCst);
 
     std::thread::scope(|scope| {
-        // The signing table builds beside the first request's TPM work.
+        // The signing table, and root's view of /proc/keys (root asks
+        // most), are made beside the first request's TPM work.
         let _ = std::thread::Builder::new()
             .name("warm-up".into())
-            .spawn_scoped(scope, crate::derive::warm_up);
+            .spawn_scoped(scope, || {
+                crate::derive::warm_up();
+                server.keys.prepare(0);
+            });
         let spawned = (0..WORKERS)
             .filter(|_| {
                 std::thread::Builder::new()

@@ -18,6 +18,7 @@ use crate::policy::{self, Facts};
 use crate::request::{
     Algorithm, Binding, Callout, Description, KeyType, Request, RequestError, Want,
 };
+use crate::requester::keys::AuthLine;
 use crate::requester::{self, Requester};
 use crate::secret::SecretBuf;
 use crate::wire::Upcall;
@@ -130,7 +131,13 @@ pub struct Context<'a> {
     pub prk: &'a PrkFn<'a>,
     /// `csum` digests: bounded, cached, one file at a time per uid.
     pub hasher: &'a crate::requester::csum::Hasher,
+    /// The authorization key's /proc/keys line, by the requester's uid
+    /// and the key's serial ([`crate::requester::keys::KeysView`]).
+    pub auth_line: &'a AuthLineFn<'a>,
 }
+
+/// How the pipeline reads the authorization key's line.
+pub type AuthLineFn<'a> = dyn Fn(u32, i32) -> Result<AuthLine, requester::RequesterError> + 'a;
 
 /// A granted request: what to instantiate, and the key's timeout.
 pub struct Grant {
@@ -175,10 +182,11 @@ pub fn decide(
         ));
     }
     let needs = policy::needs(config, &req, up.uid, up.gid);
+    let keys = (ctx.auth_line)(up.uid, up.auth)?;
     let who: Requester = requester::identify(
         ctx.proc_root,
-        up.keys_line,
-        up.auth_lines,
+        &keys.line,
+        keys.count,
         up.auth,
         up.key,
         needs,
@@ -287,22 +295,45 @@ impl Payload {
 mod tests {
     use super::*;
 
-    fn up<'a>(describe: &'a [u8], callout: &'a [u8], keys_line: &'a [u8]) -> Upcall<'a> {
-        Upcall {
-            key: 0x11,
-            uid: 1000,
-            gid: 1000,
-            auth: 0x22,
-            started_us: 0,
-            prefix: b"derived",
-            describe,
-            callout,
-            keys_line,
-            auth_lines: 1,
+    /// An upcall, and what /proc/keys says for its authorization key.
+    struct Asked<'a> {
+        up: Upcall<'a>,
+        line: &'a [u8],
+        lines: u32,
+    }
+
+    fn up<'a>(describe: &'a [u8], callout: &'a [u8], line: &'a [u8]) -> Asked<'a> {
+        Asked {
+            up: Upcall {
+                key: 0x11,
+                uid: 1000,
+                gid: 1000,
+                auth: 0x22,
+                started_us: 0,
+                prefix: b"derived",
+                describe,
+                callout,
+            },
+            line,
+            lines: u32::from(!line.is_empty()),
         }
     }
 
-    fn run(u: &Upcall<'_>) -> (Result<Grant, PipelineError>, Record) {
+    /// A fixed /proc/keys answer, checking what it is asked for.
+    fn keys_say(
+        line: &[u8],
+        lines: u32,
+    ) -> impl Fn(u32, i32) -> Result<AuthLine, requester::RequesterError> + '_ {
+        move |uid, auth| {
+            assert_eq!((uid, auth), (1000, 0x22), "the requester's uid and key");
+            Ok(AuthLine {
+                line: line.to_vec(),
+                count: lines,
+            })
+        }
+    }
+
+    fn run(u: &Asked<'_>) -> (Result<Grant, PipelineError>, Record) {
         let config = Config::parse("", Path::new("/t.conf")).unwrap();
         let no_tpm = |_: &[u8; 32], _: Instant| -> Result<Prk, PrkError> {
             panic!("the TPM must not be reached")
@@ -312,16 +343,20 @@ mod tests {
             proc_root: Path::new("/nonexistent-proc"),
             prk: &no_tpm,
             hasher: &crate::requester::csum::Hasher::default(),
+            auth_line: &keys_say(u.line, u.lines),
         };
         let mut record = Record::default();
         let r = decide(
-            u,
+            &u.up,
             &ctx,
             Instant::now() + std::time::Duration::from_secs(5),
             &mut record,
         );
         (r, record)
     }
+
+    const LINE_4242: &[u8] =
+        b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:4242 ci:7";
 
     fn errno(r: Result<Grant, PipelineError>) -> i32 {
         match r {
@@ -393,7 +428,7 @@ mod tests {
     fn a_serial_on_two_lines_is_refused_and_says_why() {
         let line = b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:1 ci:7";
         let mut u = up(b"user;1000;1000;3f010000;derived:db", b"32 path", line);
-        u.auth_lines = 2;
+        u.lines = 2;
         let (r, rec) = run(&u);
         let e = r.err().unwrap();
         assert_eq!(e.errno(), libc::EACCES);
@@ -414,7 +449,7 @@ mod tests {
     #[test]
     fn a_prefix_that_is_not_text_matches_nothing() {
         let mut u = up(b"user;1000;1000;3f010000;derived:db", b"32 user", b"");
-        u.prefix = b"\xff";
+        u.up.prefix = b"\xff";
         assert_eq!(errno(run(&u).0), libc::EINVAL);
     }
 
@@ -465,14 +500,14 @@ mod tests {
             proc_root: proc_root.path(),
             prk: &prk,
             hasher: &hasher,
+            auth_line: &keys_say(LINE_4242, 1),
         };
-        let line =
-            b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:4242 ci:7";
+        let line = LINE_4242;
         let get = |ty: &str, rest: &str, callout: &str| {
             let describe = format!("{ty};1000;1000;3f010000;derived:{rest}");
             let u = up(describe.as_bytes(), callout.as_bytes(), line);
             let deadline = Instant::now() + std::time::Duration::from_secs(5);
-            let grant = decide(&u, &ctx, deadline, &mut Record::default())
+            let grant = decide(&u.up, &ctx, deadline, &mut Record::default())
                 .unwrap_or_else(|e| panic!("{ty} {callout}: {}", chain(&e)));
             grant.payload.bytes().to_vec()
         };
@@ -551,15 +586,15 @@ mod tests {
             proc_root: proc_root.path(),
             prk: &prk,
             hasher: &hasher,
+            auth_line: &keys_say(LINE_4242, 1),
         };
-        let line =
-            b"00000022 I--Q--- 1 perm 3f010000 1000 1000 .request_ key:00000011 pid:4242 ci:7";
+        let line = LINE_4242;
         let get = |rest: &str, callout: &str| {
             let describe = format!("user;1000;1000;3f010000;derived:{rest}");
             let u = up(describe.as_bytes(), callout.as_bytes(), line);
             let deadline = Instant::now() + std::time::Duration::from_secs(5);
             let mut record = Record::default();
-            let grant = decide(&u, &ctx, deadline, &mut record)
+            let grant = decide(&u.up, &ctx, deadline, &mut record)
                 .unwrap_or_else(|e| panic!("{rest} {callout}: {}", chain(&e)));
             (grant.payload.bytes().to_vec(), grant.timeout_s, record)
         };

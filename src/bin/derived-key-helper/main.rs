@@ -26,7 +26,6 @@ use core::sync::atomic::{AtomicI32, Ordering};
 use derived_keys_core::audit_line::{self, AuditFields};
 use derived_keys_core::errno::{self, exit_errno, EINVAL, EIO, ENODEV, ETIMEDOUT};
 use derived_keys_core::handler_args::{parse_args, Args, Cli};
-use derived_keys_core::proc_keys::{KeysLine, KeysScan};
 use derived_keys_core::runtime::{runtime_path, Fnv, Line, RUN_DIR};
 use derived_keys_core::wire::{self, Answer, Hello, LogTo, Upcall};
 use sys::{CPath, Errno, Fd};
@@ -39,11 +38,19 @@ const DEFAULT_NEGATIVE_S: u32 = 2;
 
 /// The key under construction, for the panic handler.
 static KEY: AtomicI32 = AtomicI32::new(0);
+/// The authorization key and the broker's keyring it is linked into
+/// (0 when not linked), for the panic handler.
+static LINKED_AUTH: AtomicI32 = AtomicI32::new(0);
+static LINKED_RING: AtomicI32 = AtomicI32::new(0);
 
 /// Nothing here should panic; if something does, the requester still gets
 /// an answer (EIO) instead of hanging until ENOKEY.
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    let ring = LINKED_RING.load(Ordering::SeqCst);
+    if ring != 0 {
+        let _ = sys::unlink(LINKED_AUTH.load(Ordering::SeqCst), ring);
+    }
     let key = KEY.load(Ordering::SeqCst);
     if key != 0 {
         let _ = sys::reject(key, DEFAULT_NEGATIVE_S, EIO);
@@ -134,6 +141,7 @@ enum Fail {
     Callout(i32),
     TooLarge,
     Connect(i32),
+    Link(i32),
     NoBrokerExe,
     ConfigPath,
     Spawn(i32),
@@ -162,6 +170,10 @@ impl Fail {
             Fail::Callout(e) => write!(w, "cannot read the callout info: errno {e}"),
             Fail::TooLarge => write!(w, "request too large for the broker protocol"),
             Fail::Connect(e) => write!(w, "cannot connect to the broker: errno {e}"),
+            Fail::Link(e) => write!(
+                w,
+                "cannot link the authorization key into the broker's keyring: errno {e}"
+            ),
             Fail::NoBrokerExe => write!(w, "cannot find the broker executable"),
             Fail::ConfigPath => write!(w, "unusable configuration path"),
             Fail::Spawn(e) => write!(w, "cannot start the broker: errno {e}"),
@@ -203,13 +215,12 @@ fn request(
     let auth = sys::auth_key().map_err(|Errno(e)| Fail::NoAuthKey(e))?;
     let mut callout = [0u8; wire::MAX_CALLOUT];
     let clen = sys::read_key(auth, &mut callout).map_err(|Errno(e)| Fail::Callout(e))?;
-    let mut line = [0u8; wire::MAX_KEYS_LINE];
-    // A missing or ambiguous line is the broker's to refuse (it names the
-    // reason).
-    let scan = auth_line(auth, &mut line).unwrap_or(KeysScan { len: 0, count: 0 });
+    // Who asked is the broker's to find, in /proc/keys (the authorization
+    // key's line names the requesting thread).
 
-    // 2. The broker. The upcall goes out at once (the socket buffers it
-    // until the broker accepts); the hello comes back meanwhile.
+    // 2. The broker: its hello first, which names the keyring to link the
+    // authorization key into, so that the broker's view of /proc/keys
+    // lists it; then the upcall.
     let up = Upcall {
         key: args.key,
         uid: args.uid,
@@ -219,8 +230,6 @@ fn request(
         prefix: args.prefix,
         describe: &describe[..dlen],
         callout: &callout[..clen],
-        keys_line: &line[..scan.len],
-        auth_lines: scan.count,
     };
     let mut msg = [0u8; wire::MAX_UPCALL];
     let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
@@ -229,8 +238,7 @@ fn request(
     let mut got = Received::default();
     let conn = loop {
         let conn = connect_broker(args, deadline)?;
-        let sent = conn.write_all(&msg[..n]);
-        match sent.and_then(|()| got.read_until(&conn, inbox, Hello::FIXED)) {
+        match got.read_until(&conn, inbox, Hello::FIXED) {
             Ok(()) => break conn,
             // Closed before any worker took the connection: that broker
             // was stopping (idle, or a TPM password to re-read). Nothing
@@ -255,6 +263,13 @@ fn request(
     session.log = Some(log);
     session.negative_s = hello.negative_s;
     deadline = start + u64::from(hello.bound_ms) * 1000;
+    // Unlinked when this function returns, before the key is instantiated
+    // (which revokes the authorization key). Without the link the broker's
+    // view would not list the real line, and a line forged in one of the
+    // requester's own keys could stand alone: no link, no request.
+    let _linked = Linked::new(auth, hello.keys_ring)?;
+    conn.write_all(&msg[..n])
+        .map_err(|e| exchange_fail(e, deadline))?;
 
     // 3. Its answer, within the bound: the receive timeout is the
     // broker's bound from here on, set before the first read that waits.
@@ -270,6 +285,32 @@ fn request(
     }
     got.at_least(&conn, inbox, body.end, deadline)?;
     Ok((answer, body))
+}
+
+/// The authorization key linked into the broker's keyring, for as long as
+/// this lives.
+struct Linked {
+    auth: i32,
+    ring: i32,
+}
+
+impl Linked {
+    fn new(auth: i32, ring: i32) -> Result<Linked, Fail> {
+        if ring == 0 {
+            return Err(Fail::Protocol);
+        }
+        sys::link(auth, ring).map_err(|Errno(e)| Fail::Link(e))?;
+        LINKED_AUTH.store(auth, Ordering::SeqCst);
+        LINKED_RING.store(ring, Ordering::SeqCst);
+        Ok(Linked { auth, ring })
+    }
+}
+
+impl Drop for Linked {
+    fn drop(&mut self) {
+        LINKED_RING.store(0, Ordering::SeqCst);
+        let _ = sys::unlink(self.auth, self.ring);
+    }
 }
 
 /// How much of what the broker sent has been read into the inbox.
@@ -336,26 +377,6 @@ fn exchange_fail(Errno(e): Errno, deadline: u64) -> Fail {
         Fail::TimedOut
     } else {
         Fail::Closed(e)
-    }
-}
-
-/// The authorization key's line in /proc/keys, which names the requesting
-/// thread (`pid:`); only a possessor of the key sees it. The whole file is
-/// read: how many lines carry the serial matters as much as the first one
-/// (a key description can forge a line).
-fn auth_line(auth: i32, out: &mut [u8; wire::MAX_KEYS_LINE]) -> Option<KeysScan> {
-    // Only the keys this process possesses: what a line could be forged
-    // in shrinks too, but the count below still decides.
-    let _fsuid = sys::NoKeysFsuid::enter();
-    let f = Fd::open_read(c"/proc/keys").ok()?;
-    let mut chunk = [0u8; 8192];
-    let mut scan = KeysLine::new(auth);
-    loop {
-        let n = f.read(&mut chunk).ok()?;
-        if n == 0 {
-            return Some(scan.finish(out));
-        }
-        scan.feed(&chunk[..n], out);
     }
 }
 

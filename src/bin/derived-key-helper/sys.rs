@@ -70,7 +70,6 @@ extern "C" {
     fn prctl(op: c_int, ...) -> c_int;
     fn setrlimit(resource: c_int, limit: *const Rlimit) -> c_int;
     fn getpid() -> c_int;
-    fn setfsuid(uid: c_uint) -> c_int;
     fn signal(sig: c_int, handler: usize) -> usize;
     fn __errno_location() -> *mut c_int;
     fn _exit(code: c_int) -> !;
@@ -85,6 +84,8 @@ const KEYCTL_READ: c_long = libc::KEYCTL_READ as c_long;
 const KEYCTL_INSTANTIATE: c_long = libc::KEYCTL_INSTANTIATE as c_long;
 const KEYCTL_SET_TIMEOUT: c_long = libc::KEYCTL_SET_TIMEOUT as c_long;
 const KEYCTL_REJECT: c_long = libc::KEYCTL_REJECT as c_long;
+const KEYCTL_LINK: c_long = libc::KEYCTL_LINK as c_long;
+const KEYCTL_UNLINK: c_long = libc::KEYCTL_UNLINK as c_long;
 const O_RDONLY: c_int = libc::O_RDONLY as c_int;
 const O_WRONLY: c_int = libc::O_WRONLY as c_int;
 const O_CLOEXEC: c_int = libc::O_CLOEXEC as c_int;
@@ -197,37 +198,6 @@ fn open_at(path: *const c_char, flags: c_int, mode: c_uint) -> Result<Fd, Errno>
     };
     let n = check(n)?;
     c_int::try_from(n).map(Fd).map_err(|_| Errno(EIO))
-}
-
-/// A uid no account has: `(uid_t)-2`, the highest valid one (-1 means
-/// "no change" to the set*id calls).
-const NO_KEYS_UID: c_uint = 0xffff_fffe;
-
-/// While alive, this process's filesystem uid is one that owns no keys;
-/// dropping it restores the previous one. The kernel lists in /proc/keys
-/// the keys their owner's uid, or possession, lets the reader view
-/// (key permissions are checked against the fsuid): as root that is every
-/// root-owned key, often dozens of finished requests' keys waiting for the
-/// key garbage collector, each formatted for nothing. With this fsuid the
-/// file holds the keys this process possesses, the authorization key
-/// among them. If the kernel refuses the change, root's view stays, which
-/// is slower, not wrong.
-pub struct NoKeysFsuid(c_uint);
-
-impl NoKeysFsuid {
-    pub fn enter() -> NoKeysFsuid {
-        // SAFETY: integer argument; setfsuid cannot fail in a way that
-        // affects memory (it returns the previous fsuid).
-        let previous = unsafe { setfsuid(NO_KEYS_UID) };
-        NoKeysFsuid(previous as c_uint)
-    }
-}
-
-impl Drop for NoKeysFsuid {
-    fn drop(&mut self) {
-        // SAFETY: integer argument.
-        unsafe { setfsuid(self.0) };
-    }
 }
 
 pub fn pid() -> i32 {
@@ -352,6 +322,16 @@ pub fn read_key(key: i32, buf: &mut [u8]) -> Result<usize, Errno> {
         return Err(Errno(E2BIG));
     }
     Ok(n)
+}
+
+/// KEYCTL_LINK: `key` into `keyring`.
+pub fn link(key: i32, keyring: i32) -> Result<(), Errno> {
+    keyctl(KEYCTL_LINK, key.into(), keyring.into(), 0, 0).map(|_| ())
+}
+
+/// KEYCTL_UNLINK: `key` out of `keyring`.
+pub fn unlink(key: i32, keyring: i32) -> Result<(), Errno> {
+    keyctl(KEYCTL_UNLINK, key.into(), keyring.into(), 0, 0).map(|_| ())
 }
 
 pub fn set_timeout(key: i32, seconds: u32) -> Result<(), Errno> {

@@ -1,0 +1,310 @@
+//! The authorization key's line in /proc/keys, read by the broker through
+//! a view of the file that lists only the requester's own keys.
+//!
+//! The kernel publishes the requesting thread only there (`pid:` on the
+//! authorization key's line), and builds the file anew on every read: for
+//! every key in the system it checks possession and permission, whether
+//! the reader may see the key or not. On a host with many users' keys
+//! that costs every request, and grows with what other users keep. It also
+//! lists the keys of anyone who makes theirs world-viewable, and any key
+//! description can forge a line.
+//!
+//! A view is /proc/keys opened from a user namespace in which only the
+//! requester's uid is mapped, with a filesystem uid that owns no keys
+//! ([`crate::sys::proc_keys_of_uid`]): the kernel then skips every key of
+//! another owner at the cost of a comparison, and of the requester's own
+//! keys lists only those the view's credentials possess, or that anyone
+//! may view. The view's credentials hold the broker's session keyring,
+//! and the handler links its authorization key into that keyring for the
+//! length of the request (its hello names it): the one line we want is
+//! listed, and the requester's finished requests' keys, which wait for
+//! the key collector under a stream of requests, are not. Lines are
+//! counted as before: only a serial that starts exactly one line is
+//! trusted, and the only descriptions that can forge one are the
+//! requester's own world-viewable keys (or those root links into the
+//! broker's keyring).
+//!
+//! One view per uid is kept for the broker's lifetime (making one forks a
+//! child: about a millisecond), at most [`MAX_VIEWS`] of them, root's
+//! always. Where the kernel gives no user namespace, or the broker's view
+//! helper failed, the file is opened in this thread for each request
+//! with the same filesystem uid (this thread's credentials hold the same
+//! session keyring): the authorization key's line is there, every key in
+//! the system is checked, and other users' world-viewable keys are listed
+//! too (lines forged in them are counted, and refuse the request).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use derived_keys_core::proc_keys::KeysLine;
+use derived_keys_core::proc_keys::MAX_LINE;
+
+use super::RequesterError;
+use crate::sys::ViewError;
+
+/// Uids with a view kept open. Past this many, the least recently used one
+/// is closed (its next request makes it again).
+pub const MAX_VIEWS: usize = 256;
+
+/// What a scan of /proc/keys found for one authorization key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthLine {
+    /// The first line that starts with the serial (empty if none fit).
+    pub line: Vec<u8>,
+    /// How many lines start with it; anything but 1 is refused.
+    pub count: u32,
+}
+
+struct View {
+    uid: u32,
+    file: Arc<Mutex<File>>,
+    used: u64,
+}
+
+#[derive(Default)]
+struct Views {
+    open: Vec<View>,
+    clock: u64,
+    /// The kernel said no to a user namespace: read the old way.
+    no_namespaces: bool,
+}
+
+/// Who makes views.
+enum Maker {
+    /// The broker's helper, started while it had one thread. Dropped
+    /// after its first error (a late answer could otherwise be taken for
+    /// the next question's); the file is then read plainly.
+    Helper(Mutex<Option<crate::sys::ViewMaker>>),
+    /// This process forks for each view itself: for tests and benchmarks,
+    /// whose other threads hold no descriptor a child must not keep.
+    Fork,
+}
+
+/// The broker's views of /proc/keys, one per requester uid.
+pub struct KeysView {
+    views: Mutex<Views>,
+    maker: Maker,
+}
+
+impl KeysView {
+    /// Views made by `maker`, the broker's helper; none (the file read
+    /// plainly, with the same filesystem uid) where it could not start.
+    pub fn new(maker: Option<crate::sys::ViewMaker>) -> KeysView {
+        KeysView {
+            views: Mutex::default(),
+            maker: Maker::Helper(Mutex::new(maker)),
+        }
+    }
+
+    /// Views made by forking this process (see [`Maker::Fork`]).
+    pub fn forking() -> KeysView {
+        KeysView {
+            views: Mutex::default(),
+            maker: Maker::Fork,
+        }
+    }
+
+    /// The line of authorization key `auth`, whose requester's filesystem
+    /// uid is `uid`, and how many lines claim to be it.
+    pub fn auth_line(&self, uid: u32, auth: i32) -> Result<AuthLine, RequesterError> {
+        match self.view(uid)? {
+            Some(file) => {
+                let file = file.lock().unwrap_or_else(|p| p.into_inner());
+                scan(&file, auth)
+            }
+            None => scan(&open_plain()?, auth),
+        }
+    }
+
+    /// Makes the view of `uid` now, so that its first request does not
+    /// wait for it (the broker does this for root at start).
+    pub fn prepare(&self, uid: u32) {
+        let _ = self.view(uid);
+    }
+
+    /// The view of `uid`, made if need be; None where there is none (the
+    /// caller reads the file the slow way).
+    fn view(&self, uid: u32) -> Result<Option<Arc<Mutex<File>>>, RequesterError> {
+        {
+            let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
+            if v.no_namespaces {
+                return Ok(None);
+            }
+            v.clock += 1;
+            let now = v.clock;
+            if let Some(view) = v.open.iter_mut().find(|view| view.uid == uid) {
+                view.used = now;
+                return Ok(Some(view.file.clone()));
+            }
+        }
+        // Made without the lock held: another uid's request need not wait
+        // for our child. Two requests of a new uid may both make one; the
+        // second is dropped.
+        let made = match &self.maker {
+            Maker::Fork => crate::sys::proc_keys_of_uid(uid),
+            Maker::Helper(helper) => {
+                let mut helper = helper.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(maker) = helper.as_ref() else {
+                    return Ok(None);
+                };
+                let made = maker.make(uid);
+                if matches!(made, Err(ViewError::Failed(_))) {
+                    *helper = None;
+                }
+                made
+            }
+        };
+        let file = match made {
+            Ok(fd) => Arc::new(Mutex::new(File::from(fd))),
+            Err(ViewError::NoUserNamespace) => {
+                let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
+                v.no_namespaces = true;
+                return Ok(None);
+            }
+            // Read the slow way this time; the next request tries again.
+            Err(ViewError::Failed(_)) => return Ok(None),
+        };
+        let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        v.clock += 1;
+        let now = v.clock;
+        if let Some(view) = v.open.iter().find(|view| view.uid == uid) {
+            return Ok(Some(view.file.clone()));
+        }
+        if v.open.len() >= MAX_VIEWS {
+            // Root's view stays: root asks most (machine keys, services).
+            let oldest = (0..v.open.len())
+                .filter(|&i| v.open[i].uid != 0)
+                .min_by_key(|&i| v.open[i].used);
+            if let Some(oldest) = oldest {
+                v.open.swap_remove(oldest);
+            }
+        }
+        v.open.push(View {
+            uid,
+            file: file.clone(),
+            used: now,
+        });
+        Ok(Some(file))
+    }
+
+    /// How many views are open (for tests).
+    pub fn open_views(&self) -> usize {
+        self.views
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .len()
+    }
+}
+
+/// /proc/keys opened in this thread with a filesystem uid that owns no
+/// keys: what this thread possesses, every key in the system checked.
+fn open_plain() -> Result<File, RequesterError> {
+    use nix::unistd::{setfsuid, Uid};
+    let before = setfsuid(Uid::from_raw(crate::sys::NO_KEYS_UID));
+    let file = File::open(super::PROC_KEYS);
+    setfsuid(before);
+    file.map_err(|source| RequesterError::Read {
+        path: super::PROC_KEYS.into(),
+        source,
+    })
+}
+
+/// Reads the whole file from its start, in chunks (another uid's keys are
+/// not listed, but ours may be many and long), counting the lines that
+/// start with `auth`'s serial.
+fn scan(file: &File, auth: i32) -> Result<AuthLine, RequesterError> {
+    let mut chunk = [0u8; 8192];
+    let mut first = [0u8; MAX_LINE];
+    let mut lines = KeysLine::new(auth);
+    let mut at = 0u64;
+    loop {
+        // A read at offset 0 makes the kernel list the keys afresh; the
+        // following ones continue from where the last one stopped.
+        let n = file
+            .read_at(&mut chunk, at)
+            .map_err(|source| RequesterError::Read {
+                path: super::PROC_KEYS.into(),
+                source,
+            })?;
+        if n == 0 {
+            let found = lines.finish(&first);
+            return Ok(AuthLine {
+                line: first[..found.len].to_vec(),
+                count: found.count,
+            });
+        }
+        lines.feed(&chunk[..n], &mut first);
+        at += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_line_of(text: &[u8], auth: i32) -> AuthLine {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("keys");
+        std::fs::write(&p, text).unwrap();
+        scan(&File::open(&p).unwrap(), auth).unwrap()
+    }
+
+    #[test]
+    fn a_scan_counts_every_line_with_the_serial_across_chunks() {
+        // Long other lines, so the serial's lines fall across chunk edges.
+        let filler = format!(
+            "0000000a I--Q--- 1 perm 3f010000 0 0 user {}\n",
+            "x".repeat(9000)
+        );
+        let real = "1a2b3c4d I------ 1 perm 1b010000 0 0 .request_ key:0000000b pid:42 ci:7";
+        let text = format!("{filler}{real}\n{filler}");
+        let got = auth_line_of(text.as_bytes(), 0x1a2b_3c4d);
+        assert_eq!((got.line.as_slice(), got.count), (real.as_bytes(), 1));
+        let forged = format!("{text}f\n{real}\n");
+        assert_eq!(auth_line_of(forged.as_bytes(), 0x1a2b_3c4d).count, 2);
+        assert_eq!(auth_line_of(filler.as_bytes(), 0x1a2b_3c4d).count, 0);
+    }
+
+    /// Through the kernel: a view lists root's keys only (those this
+    /// process possesses, or anyone may view), and it is kept.
+    #[test]
+    fn a_view_lists_the_keys_of_its_uid_only() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let view = KeysView::forking();
+        assert_eq!(view.auth_line(0, 0).unwrap().count, 0);
+        let Some(file) = view.view(0).unwrap() else {
+            // No user namespaces here: nothing more to see.
+            return;
+        };
+        let mut text = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let file = file.lock().unwrap();
+        let mut at = 0;
+        loop {
+            let n = file.read_at(&mut chunk, at).unwrap();
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&chunk[..n]);
+            at += n as u64;
+        }
+        let text = String::from_utf8_lossy(&text);
+        // Every record (a line that starts with a serial) is root's.
+        let records = text.lines().filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|s| s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        });
+        for line in records {
+            let uid = line.split_whitespace().nth(5).unwrap_or("");
+            assert_eq!(uid, "0", "another owner's key in the view: {line}");
+        }
+        drop(file);
+        view.prepare(0);
+        assert_eq!(view.open_views(), 1);
+    }
+}

@@ -740,3 +740,40 @@ fn a_second_rule_against_the_same_tpm_shares_its_keys_and_status_warns() {
     assert!(human.contains("key space:      WARNING"), "{human}");
     assert!(human.contains(&format!("user {prefix}:*")), "{human}");
 }
+
+/// The handler links its authorization key into the keyring the broker's
+/// hello names (the broker's view of /proc/keys lists the key's line only
+/// then). When the link fails, here because that keyring was revoked, the
+/// handler refuses the request itself with EIO: it never sends an upcall
+/// whose real line the broker could not see.
+#[test]
+fn a_request_whose_authorization_key_cannot_be_linked_is_eio() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let env = KernelEnv::new("");
+    assert_eq!(env.request("user", "db", "32 user").payload().len(), 32);
+    // The broker's hello, as a handler gets it.
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let mut s = UnixStream::connect(derived_keys::broker::paths(&config).socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut hello = [0u8; derived_keys_core::wire::MAX_HELLO];
+    let mut have = 0;
+    let len = loop {
+        have += s.read(&mut hello[have..]).unwrap();
+        if have >= derived_keys_core::wire::Hello::FIXED {
+            let n = derived_keys_core::wire::Hello::len(&hello[..have]).unwrap();
+            if have >= n {
+                break n;
+            }
+        }
+    };
+    let ring = derived_keys_core::wire::Hello::decode(&hello[..len])
+        .unwrap()
+        .keys_ring;
+    drop(s);
+    assert_ne!(ring, 0);
+    linux_keyutils::Key::from_id(linux_keyutils::KeySerialId::new(ring))
+        .revoke()
+        .unwrap();
+    assert_eq!(env.request("user", "db#2", "32 user"), Got::Err(EIO));
+}

@@ -108,7 +108,7 @@ impl KeysView {
     /// The line of authorization key `auth`, whose requester's filesystem
     /// uid is `uid`, and how many lines claim to be it.
     pub fn auth_line(&self, uid: u32, auth: i32) -> Result<AuthLine, RequesterError> {
-        match self.view(uid)? {
+        match self.view(uid) {
             Some(file) => {
                 let file = file.lock().unwrap_or_else(|p| p.into_inner());
                 scan(&file, auth)
@@ -120,22 +120,22 @@ impl KeysView {
     /// Makes the view of `uid` now, so that its first request does not
     /// wait for it (the broker does this for root at start).
     pub fn prepare(&self, uid: u32) {
-        let _ = self.view(uid);
+        self.view(uid);
     }
 
     /// The view of `uid`, made if need be; None where there is none (the
     /// caller reads the file the slow way).
-    fn view(&self, uid: u32) -> Result<Option<Arc<Mutex<File>>>, RequesterError> {
+    fn view(&self, uid: u32) -> Option<Arc<Mutex<File>>> {
         {
             let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
             if v.no_namespaces {
-                return Ok(None);
+                return None;
             }
             v.clock += 1;
             let now = v.clock;
             if let Some(view) = v.open.iter_mut().find(|view| view.uid == uid) {
                 view.used = now;
-                return Ok(Some(view.file.clone()));
+                return Some(view.file.clone());
             }
         }
         // Made without the lock held: another uid's request need not wait
@@ -145,9 +145,7 @@ impl KeysView {
             Maker::Fork => crate::sys::proc_keys_of_uid(uid),
             Maker::Helper(helper) => {
                 let mut helper = helper.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(maker) = helper.as_ref() else {
-                    return Ok(None);
-                };
+                let maker = helper.as_ref()?;
                 let made = maker.make(uid);
                 if matches!(made, Err(ViewError::Failed(_))) {
                     *helper = None;
@@ -160,16 +158,17 @@ impl KeysView {
             Err(ViewError::NoUserNamespace) => {
                 let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
                 v.no_namespaces = true;
-                return Ok(None);
+                return None;
             }
-            // Read the slow way this time; the next request tries again.
-            Err(ViewError::Failed(_)) => return Ok(None),
+            // Read the slow way this time (the helper is gone; without
+            // one, the next request tries again).
+            Err(ViewError::Failed(_)) => return None,
         };
         let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
         v.clock += 1;
         let now = v.clock;
         if let Some(view) = v.open.iter().find(|view| view.uid == uid) {
-            return Ok(Some(view.file.clone()));
+            return Some(view.file.clone());
         }
         if v.open.len() >= MAX_VIEWS {
             // Root's view stays: root asks most (machine keys, services).
@@ -185,11 +184,12 @@ impl KeysView {
             file: file.clone(),
             used: now,
         });
-        Ok(Some(file))
+        Some(file)
     }
 
-    /// How many views are open (for tests).
-    pub fn open_views(&self) -> usize {
+    /// How many views are open.
+    #[cfg(test)]
+    fn open_views(&self) -> usize {
         self.views
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -276,7 +276,7 @@ mod tests {
         }
         let view = KeysView::forking();
         assert_eq!(view.auth_line(0, 0).unwrap().count, 0);
-        let Some(file) = view.view(0).unwrap() else {
+        let Some(file) = view.view(0) else {
             // No user namespaces here: nothing more to see.
             return;
         };

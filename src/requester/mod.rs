@@ -33,12 +33,6 @@ pub enum RequesterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot open a view of /proc/keys for uid {uid}")]
-    KeysView {
-        uid: u32,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("no authorization key {auth:#x} in /proc/keys")]
     NoAuthKey { auth: i32 },
     #[error(

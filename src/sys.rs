@@ -315,8 +315,9 @@ pub fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-/// How long [`proc_keys_of_uid`] waits for its child at each step.
-const VIEW_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long [`proc_keys_of_uid`] waits for its child at each step (a few
+/// system calls; the whole takes about a millisecond).
+const VIEW_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(400);
 
 /// Why [`proc_keys_of_uid`] failed: the child's step, or ours.
 #[derive(Debug)]
@@ -368,7 +369,7 @@ pub fn proc_keys_of_uid(uid: u32) -> Result<std::os::fd::OwnedFd, ViewError> {
     nix::sys::socket::setsockopt(
         &ours,
         nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(VIEW_CHILD_TIMEOUT.as_secs() as _, 0),
+        &timeval(VIEW_CHILD_TIMEOUT),
     )
     .map_err(|e| failed(e.into()))?;
 
@@ -479,8 +480,15 @@ pub struct ViewMaker {
 }
 
 /// How long the broker waits for the maker: longer than the maker's own
-/// worst case (its two waits for a child, a fork, a uid map).
-const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// worst case (its two waits for a child, a fork, a uid map), and well
+/// within a request's bound (5 s by default): a maker that stops
+/// answering costs one request a second, and then the broker reads the
+/// file plainly.
+const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn timeval(d: std::time::Duration) -> nix::sys::time::TimeVal {
+    nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _)
+}
 
 /// What the maker answers: a view follows, or why none does.
 const MADE: u8 = 0;
@@ -513,7 +521,7 @@ impl ViewMaker {
                 nix::sys::socket::setsockopt(
                     &ours,
                     nix::sys::socket::sockopt::ReceiveTimeout,
-                    &nix::sys::time::TimeVal::new(MAKER_TIMEOUT.as_secs() as i64, 0),
+                    &timeval(MAKER_TIMEOUT),
                 )
                 .map_err(io::Error::from)?;
                 Ok(ViewMaker {
@@ -550,8 +558,11 @@ impl ViewMaker {
 
 impl Drop for ViewMaker {
     fn drop(&mut self) {
-        // Its socket closes with us; it sees the end and exits.
-        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGTERM);
+        // SIGKILL, not a request to leave: a maker that stopped answering
+        // may be stopped or stuck, and the wait must not be (a stopped
+        // process holds SIGTERM until it is continued; the caller holds
+        // the lock every new uid's view waits on).
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::wait::waitpid(self.pid, None);
     }
 }

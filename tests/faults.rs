@@ -275,3 +275,78 @@ fn connections_dropped_before_the_hello_are_retried() {
     assert!(matches!(got, Got::Key { .. }), "{got:?}");
     assert_eq!(dropped.join().unwrap(), 2);
 }
+
+/// The processes whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": the last ')' ends the comm, which
+        // may hold spaces and parentheses.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if ppid == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// The process that makes the broker's per-uid views of /proc/keys gone
+/// (killed) or stuck (stopped): a uid without a view yet is served all the
+/// same, from a plain read of the file, within the bound, with the key a
+/// broker with its views gives; other uids and root are served on; and
+/// the broker still stops when asked.
+#[test]
+fn a_view_maker_killed_or_stuck_costs_no_request() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    for (signal, uid) in [(Signal::SIGKILL, 4361), (Signal::SIGSTOP, 4363)] {
+        let env = KernelEnv::new("");
+        let root_key = quickly(&env, "db", "32 user").payload();
+        let config = derived_keys::config::Config::load(&env.conf).unwrap();
+        let paths = derived_keys::broker::paths(&config);
+        let broker: i32 = std::fs::read_to_string(&paths.pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The broker's one child: the view maker (views' own children are
+        // the maker's, and gone once they have passed their view on).
+        let makers = children(broker);
+        assert_eq!(makers.len(), 1, "{signal:?}: children {makers:?}");
+        kill(Pid::from_raw(makers[0]), signal).unwrap();
+
+        let t = Instant::now();
+        let first = env.request_as(uid, "user", "own", "32 user");
+        assert!(t.elapsed() < HANG, "{signal:?}: took {:?}", t.elapsed());
+        let first = match first {
+            Got::Key { payload, .. } => payload,
+            other => panic!("{signal:?}: {other:?}"),
+        };
+        let next = env.request_as(uid + 1, "user", "own", "32 user");
+        assert!(matches!(next, Got::Key { .. }), "{signal:?}: {next:?}");
+        assert_eq!(
+            quickly(&env, "db#2", "32 user").payload(),
+            root_key,
+            "{signal:?}"
+        );
+
+        env.stop_broker();
+        assert!(!paths.pid.exists(), "{signal:?}: the broker did not stop");
+        // Its successor, with a maker of its own, derives the same key.
+        let again = env.request_as(uid, "user", "own#2", "32 user").payload();
+        assert_eq!(first, again, "{signal:?}");
+    }
+}

@@ -3,13 +3,31 @@
 //! must re-encode to the same bytes; and the handler's /proc/keys scanner
 //! must cope with any input split anywhere, counting every line with the
 //! serial (a forged one included) wherever the split falls.
+//!
+//! Each input is also tried with its first byte made the current protocol
+//! version, so that a corpus grown under an older version still reaches
+//! past the version check to the fields.
 #![no_main]
 
 use derived_keys_core::proc_keys::KeysLine;
-use derived_keys::wire::{Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_HELLO, MAX_UPCALL};
+use derived_keys::wire::{
+    Answer, Hello, Progress, Upcall, ANSWER_HEADER, MAX_HELLO, MAX_UPCALL, VERSION,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    messages(data);
+    if let Some((_, rest)) = data.split_first() {
+        let mut current = Vec::with_capacity(data.len());
+        current.push(VERSION);
+        current.extend_from_slice(rest);
+        messages(&current);
+    }
+    proc_keys(data);
+});
+
+/// The upcall, hello and answer decoders.
+fn messages(data: &[u8]) {
     if let Some(up) = Upcall::decode(data) {
         let mut buf = vec![0u8; MAX_UPCALL];
         let n = up.encode(&mut buf).expect("a decoded upcall re-encodes");
@@ -32,6 +50,10 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(&a.encode(), head);
         }
     }
+}
+
+/// The handler's /proc/keys scanner and the broker's parser agree.
+fn proc_keys(data: &[u8]) {
     let split = data.first().map_or(0, |&b| usize::from(b)).min(data.len());
     let mut scan = KeysLine::new(0x1234_5678);
     let mut out = [0u8; 64];
@@ -53,4 +75,4 @@ fuzz_target!(|data: &[u8]| {
         derived_keys::requester::count_auth_lines(data, 0x1234_5678),
         lines
     );
-});
+}

@@ -110,7 +110,10 @@ fn main() {
         "/proc/keys: broker's view for uid 0 (a scan)",
         n,
         |_| {
-            drop(view.auth_line(0, 1).unwrap());
+            drop(
+                view.auth_line(0, 1, Instant::now() + std::time::Duration::from_secs(5))
+                    .unwrap(),
+            );
         },
     ));
     let mut child = std::process::Command::new("sleep")

@@ -317,7 +317,7 @@ pub fn loopback_up() -> io::Result<()> {
 
 /// How long [`proc_keys_of_uid`] waits for its child at each step (a few
 /// system calls; the whole takes about a millisecond).
-const VIEW_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(400);
+const VIEW_CHILD_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Why [`proc_keys_of_uid`] failed: the child's step, or ours.
 #[derive(Debug)]
@@ -479,12 +479,12 @@ pub struct ViewMaker {
     pid: nix::unistd::Pid,
 }
 
-/// How long the broker waits for the maker: longer than the maker's own
-/// worst case (its two waits for a child, a fork, a uid map), and well
-/// within a request's bound (5 s by default): a maker that stops
-/// answering costs one request a second, and then the broker reads the
-/// file plainly.
-const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest the broker waits for the maker: longer than the maker's
+/// own worst case (its two waits for a child, a fork, a uid map). A
+/// request waits at most a quarter of its time left
+/// ([`crate::requester::keys`]): a maker that stops answering costs one
+/// request that, and then the broker reads the file plainly.
+pub const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn timeval(d: std::time::Duration) -> nix::sys::time::TimeVal {
     nix::sys::time::TimeVal::new(d.as_secs() as _, d.subsec_micros() as _)
@@ -518,12 +518,6 @@ impl ViewMaker {
             }
             nix::unistd::ForkResult::Parent { child } => {
                 drop(theirs);
-                nix::sys::socket::setsockopt(
-                    &ours,
-                    nix::sys::socket::sockopt::ReceiveTimeout,
-                    &timeval(MAKER_TIMEOUT),
-                )
-                .map_err(io::Error::from)?;
                 Ok(ViewMaker {
                     sock: std::sync::Mutex::new(ours),
                     pid: child,
@@ -532,15 +526,27 @@ impl ViewMaker {
         }
     }
 
-    /// A view of /proc/keys for `uid`, made by the maker. Every answer
-    /// names the uid it is for; after any error (a timeout included) the
-    /// caller must not use this maker again: a late answer would be taken
-    /// for the next question's.
-    pub fn make(&self, uid: u32) -> Result<std::os::fd::OwnedFd, ViewError> {
+    /// A view of /proc/keys for `uid`, made by the maker within `wait`
+    /// (at most [`MAKER_TIMEOUT`]). Every answer names the uid it is for;
+    /// after any error (a timeout included) the caller must not use this
+    /// maker again: a late answer would be taken for the next question's.
+    pub fn make(
+        &self,
+        uid: u32,
+        wait: std::time::Duration,
+    ) -> Result<std::os::fd::OwnedFd, ViewError> {
         use std::io::Write;
         use std::os::fd::AsRawFd;
         let failed = |e: io::Error| ViewError::Failed(e);
         let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
+        // Zero would mean no timeout at all.
+        let wait = wait.clamp(std::time::Duration::from_millis(1), MAKER_TIMEOUT);
+        nix::sys::socket::setsockopt(
+            &*sock,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &timeval(wait),
+        )
+        .map_err(|e| failed(e.into()))?;
         std::fs::File::from(sock.try_clone().map_err(failed)?)
             .write_all(&uid.to_le_bytes())
             .map_err(failed)?;
@@ -558,12 +564,19 @@ impl ViewMaker {
 
 impl Drop for ViewMaker {
     fn drop(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
         // SIGKILL, not a request to leave: a maker that stopped answering
-        // may be stopped or stuck, and the wait must not be (a stopped
-        // process holds SIGTERM until it is continued; the caller holds
-        // the lock every new uid's view waits on).
+        // may be stopped (a stopped process holds SIGTERM until it is
+        // continued) or stuck in the kernel, where even SIGKILL waits for
+        // it to come out. Reaped now if it is gone already, or else by a
+        // thread of its own: the caller must not wait.
         let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.pid, None);
+        let pid = self.pid;
+        if let Ok(WaitStatus::StillAlive) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            let _ = std::thread::Builder::new()
+                .name("reaper".into())
+                .spawn(move || waitpid(pid, None));
+        }
     }
 }
 

@@ -328,9 +328,15 @@ fn a_view_maker_killed_or_stuck_costs_no_request() {
         assert_eq!(makers.len(), 1, "{signal:?}: children {makers:?}");
         kill(Pid::from_raw(makers[0]), signal).unwrap();
 
+        // Within the bound (3 s) with room to spare: the broker waits for
+        // a maker a quarter of the time left at most.
         let t = Instant::now();
         let first = env.request_as(uid, "user", "own", "32 user");
-        assert!(t.elapsed() < HANG, "{signal:?}: took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(2500),
+            "{signal:?}: took {:?}",
+            t.elapsed()
+        );
         let first = match first {
             Got::Key { payload, .. } => payload,
             other => panic!("{signal:?}: {other:?}"),

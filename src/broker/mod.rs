@@ -489,7 +489,7 @@ fn serve_one(server: &Server, job: Job) {
         proc_root: Path::new("/proc"),
         prk: &|msg, deadline| server.prk(msg, deadline),
         hasher: &server.hasher,
-        auth_line: &|uid, auth| server.keys.auth_line(uid, auth),
+        auth_line: &|uid, auth, deadline| server.keys.auth_line(uid, auth, deadline),
     };
     let result = pipeline::decide(&up, &ctx, deadline, &mut record);
     let result = match result {

@@ -137,7 +137,8 @@ pub struct Context<'a> {
 }
 
 /// How the pipeline reads the authorization key's line.
-pub type AuthLineFn<'a> = dyn Fn(u32, i32) -> Result<AuthLine, requester::RequesterError> + 'a;
+pub type AuthLineFn<'a> =
+    dyn Fn(u32, i32, Instant) -> Result<AuthLine, requester::RequesterError> + 'a;
 
 /// A granted request: what to instantiate, and the key's timeout.
 pub struct Grant {
@@ -182,7 +183,7 @@ pub fn decide(
         ));
     }
     let needs = policy::needs(config, &req, up.uid, up.gid);
-    let keys = (ctx.auth_line)(up.uid, up.auth)?;
+    let keys = (ctx.auth_line)(up.uid, up.auth, deadline)?;
     let who: Requester = requester::identify(
         ctx.proc_root,
         &keys.line,
@@ -323,8 +324,8 @@ mod tests {
     fn keys_say(
         line: &[u8],
         lines: u32,
-    ) -> impl Fn(u32, i32) -> Result<AuthLine, requester::RequesterError> + '_ {
-        move |uid, auth| {
+    ) -> impl Fn(u32, i32, Instant) -> Result<AuthLine, requester::RequesterError> + '_ {
+        move |uid, auth, _| {
             assert_eq!((uid, auth), (1000, 0x22), "the requester's uid and key");
             Ok(AuthLine {
                 line: line.to_vec(),

@@ -27,7 +27,9 @@
 //! One view per uid is kept for the broker's lifetime (making one forks a
 //! child: about a millisecond), at most [`MAX_VIEWS`] of them, root's
 //! always. Where the kernel gives no user namespace, or the broker's view
-//! helper failed, the file is opened in this thread for each request
+//! helper failed (or is busy with another uid's view, or the request has
+//! too little time left to wait for it: then for this request only), the
+//! file is opened in this thread for each request
 //! with the same filesystem uid (this thread's credentials hold the same
 //! session keyring): the authorization key's line is there, every key in
 //! the system is checked, and other users' world-viewable keys are listed
@@ -35,13 +37,18 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::{Duration, Instant};
 
 use derived_keys_core::proc_keys::KeysLine;
 use derived_keys_core::proc_keys::MAX_LINE;
 
 use super::RequesterError;
 use crate::sys::ViewError;
+
+/// Below this much time to wait for the helper, a request does not ask it
+/// (a view takes about a millisecond to make).
+const MIN_MAKER_WAIT: Duration = Duration::from_millis(5);
 
 /// Uids with a view kept open. Past this many, the least recently used one
 /// is closed (its next request makes it again).
@@ -106,9 +113,16 @@ impl KeysView {
     }
 
     /// The line of authorization key `auth`, whose requester's filesystem
-    /// uid is `uid`, and how many lines claim to be it.
-    pub fn auth_line(&self, uid: u32, auth: i32) -> Result<AuthLine, RequesterError> {
-        match self.view(uid) {
+    /// uid is `uid`, and how many lines claim to be it; a view made for it
+    /// now waits for the helper only part of the time left until
+    /// `deadline`.
+    pub fn auth_line(
+        &self,
+        uid: u32,
+        auth: i32,
+        deadline: Instant,
+    ) -> Result<AuthLine, RequesterError> {
+        match self.view(uid, deadline) {
             Some(file) => {
                 let file = file.lock().unwrap_or_else(|p| p.into_inner());
                 scan(&file, auth)
@@ -120,12 +134,12 @@ impl KeysView {
     /// Makes the view of `uid` now, so that its first request does not
     /// wait for it (the broker does this for root at start).
     pub fn prepare(&self, uid: u32) {
-        self.view(uid);
+        self.view(uid, Instant::now() + 4 * crate::sys::MAKER_TIMEOUT);
     }
 
     /// The view of `uid`, made if need be; None where there is none (the
     /// caller reads the file the slow way).
-    fn view(&self, uid: u32) -> Option<Arc<Mutex<File>>> {
+    fn view(&self, uid: u32, deadline: Instant) -> Option<Arc<Mutex<File>>> {
         {
             let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
             if v.no_namespaces {
@@ -144,11 +158,28 @@ impl KeysView {
         let made = match &self.maker {
             Maker::Fork => crate::sys::proc_keys_of_uid(uid),
             Maker::Helper(helper) => {
-                let mut helper = helper.lock().unwrap_or_else(|p| p.into_inner());
-                let maker = helper.as_ref()?;
-                let made = maker.make(uid);
+                // A quarter of what is left, at most MAKER_TIMEOUT: the
+                // rest of the request has its bound to keep. Busy making
+                // another uid's view: this request reads the file plainly
+                // rather than wait its turn.
+                let wait = deadline
+                    .saturating_duration_since(Instant::now())
+                    .div_f64(4.0)
+                    .min(crate::sys::MAKER_TIMEOUT);
+                if wait < MIN_MAKER_WAIT {
+                    return None;
+                }
+                let mut helper = match helper.try_lock() {
+                    Ok(h) => h,
+                    Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(TryLockError::WouldBlock) => return None,
+                };
+                let made = helper.as_ref()?.make(uid, wait);
                 if matches!(made, Err(ViewError::Failed(_))) {
-                    *helper = None;
+                    // Killed and reaped after the lock is free.
+                    let gone = helper.take();
+                    drop(helper);
+                    drop(gone);
                 }
                 made
             }
@@ -275,8 +306,9 @@ mod tests {
             return;
         }
         let view = KeysView::forking();
-        assert_eq!(view.auth_line(0, 0).unwrap().count, 0);
-        let Some(file) = view.view(0) else {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        assert_eq!(view.auth_line(0, 0, deadline).unwrap().count, 0);
+        let Some(file) = view.view(0, deadline) else {
             // No user namespaces here: nothing more to see.
             return;
         };

@@ -10,12 +10,19 @@ fi
 # The kernel keeps a uid's user and user-session keyrings, made by its
 # first request, until the host reboots (and every key in the system
 # costs each plain read of /proc/keys). Those of the uids the tests run
-# as, 4200 to 4399, are invalidated when the suite ends, however it ends.
+# as in 4200 to 4399 (none of them an account here) are invalidated when
+# the suite ends, however it ends, unless another run of the suite is
+# still going (each holds a shared lock; the last one out cleans up).
 # Both serials are looked up before either is invalidated: a lookup of one
 # remakes the other if it has gone.
+suite_lock=/run/derived-keys-tests.lock
+exec 9>>"$suite_lock"
+flock -s 9
 forget_test_uids() {
     local u id ids
-    for u in $(awk -F: '{ gsub(/ /, "", $1); if ($1 >= 4200 && $1 <= 4399) print $1 }' /proc/key-users); do
+    flock -xn 9 || return 0
+    for u in $(awk -F: '{ u = $1 + 0 } u >= 4200 && u <= 4399 { print u }' /proc/key-users); do
+        getent passwd "$u" >/dev/null && continue
         local as=(setpriv --reuid "$u" --regid "$u" --clear-groups)
         ids="$("${as[@]}" keyctl id @u) $("${as[@]}" keyctl id @us)" || continue
         for id in $ids; do

@@ -325,6 +325,10 @@ pub enum ViewError {
     /// This kernel or its configuration gives no user namespace
     /// (`user.max_user_namespaces` = 0, or user namespaces not built in).
     NoUserNamespace,
+    /// Not this time: the broker's maker is slower than the request could
+    /// wait (it still owes the answer, and is asked for it next time), or
+    /// its child failed for this uid.
+    Again,
     /// Anything else, with the errno or the child's report.
     Failed(io::Error),
 }
@@ -475,15 +479,23 @@ pub fn proc_keys_of_uid(uid: u32) -> Result<std::os::fd::OwnedFd, ViewError> {
 /// broker has open at that moment, the TPM's connection included, until
 /// it exits.) It leaves when its socket closes: when the broker does.
 pub struct ViewMaker {
-    sock: std::sync::Mutex<std::os::fd::OwnedFd>,
+    state: std::sync::Mutex<MakerState>,
     pid: nix::unistd::Pid,
 }
 
-/// The longest the broker waits for the maker: longer than the maker's
-/// own worst case (its two waits for a child, a fork, a uid map). A
-/// request waits at most a quarter of its time left
-/// ([`crate::requester::keys`]): a maker that stops answering costs one
-/// request that, and then the broker reads the file plainly.
+struct MakerState {
+    sock: std::os::fd::OwnedFd,
+    /// A question whose answer did not come while its request could wait:
+    /// the uid, and when it was asked. The maker answers in order.
+    owed: Option<(u32, std::time::Instant)>,
+}
+
+/// How long the maker may take to answer a question, in all: longer than
+/// its own worst case (its two waits for a child, a fork, a uid map). A
+/// request waits for it at most a quarter of its own time left
+/// ([`crate::requester::keys`]); an answer late for its request is taken
+/// by the next one. A maker later than this is killed, and the broker
+/// reads the file plainly from then on.
 pub const MAKER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn timeval(d: std::time::Duration) -> nix::sys::time::TimeVal {
@@ -519,46 +531,104 @@ impl ViewMaker {
             nix::unistd::ForkResult::Parent { child } => {
                 drop(theirs);
                 Ok(ViewMaker {
-                    sock: std::sync::Mutex::new(ours),
+                    state: std::sync::Mutex::new(MakerState {
+                        sock: ours,
+                        owed: None,
+                    }),
                     pid: child,
                 })
             }
         }
     }
 
-    /// A view of /proc/keys for `uid`, made by the maker within `wait`
-    /// (at most [`MAKER_TIMEOUT`]). Every answer names the uid it is for;
-    /// after any error (a timeout included) the caller must not use this
-    /// maker again: a late answer would be taken for the next question's.
+    /// A view of /proc/keys for `uid`, made by the maker, waiting for it
+    /// at most `wait` (clamped to 1 ms ..= [`MAKER_TIMEOUT`]). Every
+    /// answer names the uid it is for, and the maker answers in order: an
+    /// answer still owed to an earlier question is taken first (and is
+    /// ours if that question was for `uid` too). [`ViewError::Again`]: not
+    /// this time, ask again later. After [`ViewError::Failed`] the caller
+    /// must not use this maker again.
     pub fn make(
         &self,
         uid: u32,
         wait: std::time::Duration,
     ) -> Result<std::os::fd::OwnedFd, ViewError> {
         use std::io::Write;
-        use std::os::fd::AsRawFd;
+        use std::time::{Duration, Instant};
         let failed = |e: io::Error| ViewError::Failed(e);
-        let sock = self.sock.lock().unwrap_or_else(|p| p.into_inner());
-        // Zero would mean no timeout at all.
-        let wait = wait.clamp(std::time::Duration::from_millis(1), MAKER_TIMEOUT);
-        nix::sys::socket::setsockopt(
-            &*sock,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &timeval(wait),
-        )
-        .map_err(|e| failed(e.into()))?;
-        std::fs::File::from(sock.try_clone().map_err(failed)?)
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let until = Instant::now() + wait.clamp(Duration::from_millis(1), MAKER_TIMEOUT);
+        if let Some((owed_uid, asked)) = st.owed {
+            let (answer, fd) = match answer_by(&st.sock, until.min(asked + MAKER_TIMEOUT)) {
+                Ok(got) => got,
+                Err(e) if timed_out(&e) && Instant::now() < asked + MAKER_TIMEOUT => {
+                    return Err(ViewError::Again)
+                }
+                Err(e) => return Err(failed(e)),
+            };
+            st.owed = None;
+            if answer[1..] != owed_uid.to_le_bytes() {
+                return Err(failed(io::Error::from_raw_os_error(libc::EPROTO)));
+            }
+            if owed_uid == uid {
+                return outcome(answer[0], fd);
+            }
+        }
+        let asked = Instant::now();
+        std::fs::File::from(st.sock.try_clone().map_err(failed)?)
             .write_all(&uid.to_le_bytes())
             .map_err(failed)?;
-        let (answer, fd) = receive_fd::<5>(sock.as_raw_fd()).map_err(failed)?;
+        let (answer, fd) = match answer_by(&st.sock, until) {
+            Ok(got) => got,
+            Err(e) if timed_out(&e) && Instant::now() < asked + MAKER_TIMEOUT => {
+                st.owed = Some((uid, asked));
+                return Err(ViewError::Again);
+            }
+            Err(e) => return Err(failed(e)),
+        };
         if answer[1..] != uid.to_le_bytes() {
             return Err(failed(io::Error::from_raw_os_error(libc::EPROTO)));
         }
-        match (answer[0], fd) {
-            (MADE, Some(fd)) => Ok(fd),
-            (MADE_NO_NAMESPACE, _) => Err(ViewError::NoUserNamespace),
-            _ => Err(failed(io::Error::from_raw_os_error(libc::EPROTO))),
-        }
+        outcome(answer[0], fd)
+    }
+}
+
+/// The maker's next answer, waiting until `until` (at least 1 ms).
+fn answer_by(
+    sock: &std::os::fd::OwnedFd,
+    until: std::time::Instant,
+) -> io::Result<([u8; 5], Option<std::os::fd::OwnedFd>)> {
+    use std::os::fd::AsRawFd;
+    let wait = until
+        .saturating_duration_since(std::time::Instant::now())
+        .max(std::time::Duration::from_millis(1));
+    nix::sys::socket::setsockopt(
+        sock,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &timeval(wait),
+    )
+    .map_err(io::Error::from)?;
+    receive_fd::<5>(sock.as_raw_fd())
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAGAIN)
+}
+
+/// What an answer's status byte means.
+fn outcome(
+    status: u8,
+    fd: Option<std::os::fd::OwnedFd>,
+) -> Result<std::os::fd::OwnedFd, ViewError> {
+    match (status, fd) {
+        (MADE, Some(fd)) => Ok(fd),
+        (MADE_NO_NAMESPACE, _) => Err(ViewError::NoUserNamespace),
+        // Its child failed for this uid (a limit reached, a slow step):
+        // the maker itself is fine.
+        (MADE_FAILED, _) => Err(ViewError::Again),
+        _ => Err(ViewError::Failed(io::Error::from_raw_os_error(
+            libc::EPROTO,
+        ))),
     }
 }
 
@@ -592,7 +662,7 @@ fn serve_views(sock: &std::os::fd::OwnedFd) {
         let (status, fd) = match proc_keys_of_uid(u32::from_le_bytes(uid)) {
             Ok(fd) => (MADE, Some(fd)),
             Err(ViewError::NoUserNamespace) => (MADE_NO_NAMESPACE, None),
-            Err(ViewError::Failed(_)) => (MADE_FAILED, None),
+            Err(ViewError::Failed(_) | ViewError::Again) => (MADE_FAILED, None),
         };
         let answer = [status, uid[0], uid[1], uid[2], uid[3]];
         if send_fd(sock.as_raw_fd(), &answer, fd.as_ref()).is_err() {

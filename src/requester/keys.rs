@@ -80,8 +80,8 @@ struct Views {
 /// Who makes views.
 enum Maker {
     /// The broker's helper, started while it had one thread. Dropped
-    /// after its first error (a late answer could otherwise be taken for
-    /// the next question's); the file is then read plainly.
+    /// after its first failure (one later than `MAKER_TIMEOUT` in all, or
+    /// one its answers do not explain); the file is then read plainly.
     Helper(Mutex<Option<crate::sys::ViewMaker>>),
     /// This process forks for each view itself: for tests and benchmarks,
     /// whose other threads hold no descriptor a child must not keep.
@@ -132,7 +132,9 @@ impl KeysView {
     }
 
     /// Makes the view of `uid` now, so that its first request does not
-    /// wait for it (the broker does this for root at start).
+    /// wait for it (the broker does this for root at start). Best effort:
+    /// if a request is making a view meanwhile, root's is made at its
+    /// first request.
     pub fn prepare(&self, uid: u32) {
         self.view(uid, Instant::now() + 4 * crate::sys::MAKER_TIMEOUT);
     }
@@ -159,12 +161,10 @@ impl KeysView {
             Maker::Fork => crate::sys::proc_keys_of_uid(uid),
             Maker::Helper(helper) => {
                 // A quarter of what is left, at most MAKER_TIMEOUT: the
-                // rest of the request has its bound to keep. Busy making
-                // another uid's view: this request reads the file plainly
-                // rather than wait its turn.
-                let wait = deadline
-                    .saturating_duration_since(Instant::now())
-                    .div_f64(4.0)
+                // rest of the request has its bound to keep. The helper
+                // busy with a view (for any uid): this request reads the
+                // file plainly rather than wait its turn.
+                let wait = (deadline.saturating_duration_since(Instant::now()) / 4)
                     .min(crate::sys::MAKER_TIMEOUT);
                 if wait < MIN_MAKER_WAIT {
                     return None;
@@ -191,9 +191,10 @@ impl KeysView {
                 v.no_namespaces = true;
                 return None;
             }
-            // Read the slow way this time (the helper is gone; without
-            // one, the next request tries again).
-            Err(ViewError::Failed(_)) => return None,
+            // Read the slow way this time: the helper is slow (it owes
+            // the answer to whoever asks next), or gone (without one, a
+            // test's fork is tried again by the next request).
+            Err(ViewError::Again | ViewError::Failed(_)) => return None,
         };
         let mut v = self.views.lock().unwrap_or_else(|p| p.into_inner());
         v.clock += 1;

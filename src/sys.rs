@@ -555,41 +555,46 @@ impl ViewMaker {
     ) -> Result<std::os::fd::OwnedFd, ViewError> {
         use std::io::Write;
         use std::time::{Duration, Instant};
-        let failed = |e: io::Error| ViewError::Failed(e);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let until = Instant::now() + wait.clamp(Duration::from_millis(1), MAKER_TIMEOUT);
-        if let Some((owed_uid, asked)) = st.owed {
-            let (answer, fd) = match answer_by(&st.sock, until.min(asked + MAKER_TIMEOUT)) {
-                Ok(got) => got,
-                Err(e) if timed_out(&e) && Instant::now() < asked + MAKER_TIMEOUT => {
-                    return Err(ViewError::Again)
-                }
-                Err(e) => return Err(failed(e)),
-            };
-            st.owed = None;
-            if answer[1..] != owed_uid.to_le_bytes() {
-                return Err(failed(io::Error::from_raw_os_error(libc::EPROTO)));
-            }
-            if owed_uid == uid {
-                return outcome(answer[0], fd);
+        if let Some((owed, asked)) = st.owed.take() {
+            let (status, fd) = st.answer(owed, asked, until)?;
+            if owed == uid {
+                return outcome(status, fd);
             }
         }
         let asked = Instant::now();
-        std::fs::File::from(st.sock.try_clone().map_err(failed)?)
+        std::fs::File::from(st.sock.try_clone().map_err(ViewError::Failed)?)
             .write_all(&uid.to_le_bytes())
-            .map_err(failed)?;
-        let (answer, fd) = match answer_by(&st.sock, until) {
-            Ok(got) => got,
-            Err(e) if timed_out(&e) && Instant::now() < asked + MAKER_TIMEOUT => {
-                st.owed = Some((uid, asked));
-                return Err(ViewError::Again);
+            .map_err(ViewError::Failed)?;
+        let (status, fd) = st.answer(uid, asked, until)?;
+        outcome(status, fd)
+    }
+}
+
+impl MakerState {
+    /// The answer to the question for `uid` asked at `asked`, waited for
+    /// until `until`: its status and descriptor. Not there yet, and the
+    /// maker not yet [`MAKER_TIMEOUT`] late: [`ViewError::Again`], and the
+    /// question stays owed.
+    fn answer(
+        &mut self,
+        uid: u32,
+        asked: std::time::Instant,
+        until: std::time::Instant,
+    ) -> Result<(u8, Option<std::os::fd::OwnedFd>), ViewError> {
+        let late = asked + MAKER_TIMEOUT;
+        match answer_by(&self.sock, until.min(late)) {
+            Ok((answer, fd)) if answer[1..] == uid.to_le_bytes() => Ok((answer[0], fd)),
+            Ok(_) => Err(ViewError::Failed(io::Error::from_raw_os_error(
+                libc::EPROTO,
+            ))),
+            Err(e) if timed_out(&e) && std::time::Instant::now() < late => {
+                self.owed = Some((uid, asked));
+                Err(ViewError::Again)
             }
-            Err(e) => return Err(failed(e)),
-        };
-        if answer[1..] != uid.to_le_bytes() {
-            return Err(failed(io::Error::from_raw_os_error(libc::EPROTO)));
+            Err(e) => Err(ViewError::Failed(e)),
         }
-        outcome(answer[0], fd)
     }
 }
 

@@ -382,3 +382,48 @@ fn a_view_maker_killed_or_stuck_costs_no_request() {
         assert_eq!(first, again, "{signal:?}");
     }
 }
+
+/// A broker whose hello names no keyring for the authorization key: the
+/// handler cannot make its line visible, so it refuses the request itself
+/// (EIO) rather than send an upcall the broker could only misread.
+#[test]
+fn a_hello_without_a_keyring_is_eio() {
+    use derived_keys::wire::{Hello, LogTo, MAX_HELLO};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::DirBuilderExt;
+    let env = KernelEnv::new("");
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let socket = derived_keys::broker::paths(&config).socket;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(derived_keys::broker::RUN_DIR)
+        .unwrap();
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fake = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let hello = Hello {
+                log: LogTo::Stderr,
+                bound_ms: 3000,
+                negative_s: 1,
+                keys_ring: 0,
+                log_path: b"",
+            };
+            let mut buf = [0u8; MAX_HELLO];
+            let n = hello.encode(&mut buf).unwrap();
+            s.write_all(&buf[..n]).unwrap();
+            // What the handler sends after that hello: nothing.
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            std::fs::remove_file(&socket).unwrap();
+            rest.len()
+        }
+    });
+    let got = quickly(&env, "db", "32 user");
+    assert_eq!(got, Got::Err(libc::EIO));
+    assert_eq!(fake.join().unwrap(), 0, "the handler sent an upcall");
+}

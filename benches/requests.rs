@@ -8,7 +8,13 @@
 //! `cargo bench --bench requests`.
 //! Options (environment): DK_BENCH_N (requests per row, default 300),
 //! DK_BENCH_INCUMBENT_N (default 30), DK_BENCH_GOALS=1 (only the rows
-//! measured side by side, and their ratios: a quick check of the goal).
+//! measured side by side, and their ratios: a quick check of the goal),
+//! DK_BENCH_HELPER_B=<path> (one more side-by-side row: the hot-key
+//! signature through another build of derived-key-helper, of the same
+//! protocol version and with the same broker, to compare two handlers in
+//! one run rather than across the host's drift), DK_BENCH_ONLY_HOT=1
+//! (with DK_BENCH_GOALS=1: only the hot-key rows and the static floor,
+//! for profiling that path alone).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
@@ -28,6 +34,7 @@ const SIGN_P256: &str = "derived-keys :sign: (p256 machine)";
 const REFUSED: &str = "derived-keys refused at parsing (EINVAL)";
 const SIGN_HOT: &str = "derived-keys :sign: (p256 machine), hot key";
 const SIGN_ED25519: &str = "derived-keys :sign: (ed25519 machine, 32-byte msg)";
+const SIGN_HOT_B: &str = "derived-keys :sign: (p256 machine), hot key, helper B";
 const STATIC_FLOOR: &str = "floor, static: do-nothing no_std handler (musl)";
 const INCUMBENT: &str = "incumbent: tpm2-tools createprimary+load+sign";
 
@@ -275,6 +282,13 @@ fn print_ratios(rows: &[Row]) {
         "refused at parsing p50 / static floor p50: {:.2}x",
         ratio(REFUSED)
     );
+    if p50(SIGN_HOT_B).is_some() {
+        println!(
+            "hot-key sign through helper B p50 / static floor p50: {:.2}x; this helper / helper B: {:.3}",
+            ratio(SIGN_HOT_B),
+            ratio(SIGN_HOT) / ratio(SIGN_HOT_B)
+        );
+    }
 }
 
 fn main() {
@@ -323,6 +337,8 @@ fn main() {
     // for the TPM.
     let hot_env = KernelEnv::new("hot_key_s = 60\n[log]\ntarget = \"kmsg\"\n");
     let hot_pre = hot_env.prefix.clone();
+    let helper_b = std::env::var_os("DK_BENCH_HELPER_B").map(std::path::PathBuf::from);
+    let b_pre = format!("{hot_pre}b");
     let mut probes: Vec<(&str, Probe<'_>)> = vec![
         (
             SIGN_HOT,
@@ -357,11 +373,32 @@ fn main() {
             }),
         ),
     ];
+    if let Some(b) = &helper_b {
+        let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{b_pre}.conf"));
+        std::fs::write(
+            &rule,
+            format!(
+                "create user {b_pre}:* * {} --config {} --prefix {b_pre} %k %u %g\n",
+                b.display(),
+                hot_env.conf.display()
+            ),
+        )
+        .unwrap();
+        rules.push(rule);
+        probes.push((
+            SIGN_HOT_B,
+            Box::new(|i| raw_request(&format!("{b_pre}:host:sign:{digest}#i{i}"), "p256 machine")),
+        ));
+    }
     if musl.is_some() {
         probes.push((
             STATIC_FLOOR,
             Box::new(|i| raw_request(&format!("{static_prefix}:x#i{i}"), "1 user")),
         ));
+    }
+    if std::env::var_os("DK_BENCH_ONLY_HOT").is_some() {
+        probes
+            .retain(|(name, _)| *name == SIGN_HOT || *name == SIGN_HOT_B || *name == STATIC_FLOOR);
     }
     let paired = side_by_side(n, probes);
     drop(hot_env);

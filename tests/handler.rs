@@ -85,6 +85,32 @@ fn every_malformed_request_is_einval() {
     }
 }
 
+/// The longest description and callout the kernel passes on (4,095 bytes
+/// each) reach the broker whole, which refuses them as malformed: the
+/// handler reads both straight into its message, and a field cut short or
+/// too large for its buffer would be EIO (E2BIG from the kernel).
+#[test]
+fn the_longest_description_and_callout_reach_the_broker() {
+    let env = KernelEnv::new("");
+    let longest_name = "n".repeat(4095 - env.prefix.len() - 1);
+    assert_eq!(env.desc(&longest_name).len(), 4095);
+    let longest_callout = format!("32 user account={}", "a".repeat(4095 - 16));
+    assert_eq!(longest_callout.len(), 4095);
+    for (rest, callout) in [
+        (longest_name.as_str(), "32 user"),
+        ("x", longest_callout.as_str()),
+        (longest_name.as_str(), longest_callout.as_str()),
+    ] {
+        assert_eq!(
+            env.request("user", rest, callout),
+            Got::Err(EINVAL),
+            "{} and {} bytes",
+            rest.len(),
+            callout.len()
+        );
+    }
+}
+
 #[test]
 fn public_key_and_signature_verify_with_openssl() {
     let env = KernelEnv::new("");

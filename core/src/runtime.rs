@@ -32,13 +32,19 @@ pub const RUN_DIR: &str = "/run/derived-keys";
 /// idles out beside it.
 pub fn runtime_path(fingerprint: u64, ext: &str) -> Line {
     let mut name = Line::new();
-    let _ = write!(
-        name,
+    let _ = write_runtime_path(&mut name, fingerprint, ext);
+    name
+}
+
+/// [`runtime_path`] into any writer (the handler formats it straight
+/// into its path buffer).
+pub fn write_runtime_path(w: &mut impl Write, fingerprint: u64, ext: &str) -> core::fmt::Result {
+    write!(
+        w,
         "{RUN_DIR}/broker-{fingerprint:016x}-{}-w{}.{ext}",
         env!("CARGO_PKG_VERSION"),
         crate::wire::VERSION
-    );
-    name
+    )
 }
 
 /// A bounded text buffer (the handler has no allocator); what does not

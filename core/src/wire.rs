@@ -31,7 +31,9 @@ pub const MAX_PAYLOAD: usize = 1024;
 /// Largest syslog socket path in a hello.
 pub const MAX_LOG_PATH: usize = 108;
 
-const UPCALL_FIXED: usize = 1 + 4 * 4 + 8 + 2 * 3;
+/// An upcall's fixed fields ([`UpcallHead`] and the version byte).
+const UPCALL_HEAD: usize = 1 + 4 * 4 + 8;
+const UPCALL_FIXED: usize = UPCALL_HEAD + 2 * 3;
 /// Largest encoded upcall.
 pub const MAX_UPCALL: usize = UPCALL_FIXED + MAX_PREFIX + MAX_DESCRIBE + MAX_CALLOUT;
 /// Size of the answer header.
@@ -141,17 +143,25 @@ pub struct Upcall<'a> {
 
 impl<'a> Upcall<'a> {
     pub fn encode(&self, out: &mut [u8]) -> Option<usize> {
-        let mut w = Writer::new(out);
-        w.u8(VERSION)?;
-        w.u32(self.key as u32)?;
-        w.u32(self.uid)?;
-        w.u32(self.gid)?;
-        w.u32(self.auth as u32)?;
-        w.bytes(&self.started_us.to_le_bytes())?;
-        w.field(self.prefix, MAX_PREFIX)?;
-        w.field(self.describe, MAX_DESCRIBE)?;
-        w.field(self.callout, MAX_CALLOUT)?;
-        Some(w.pos)
+        fn copy(b: &[u8]) -> impl FnOnce(&mut [u8]) -> Result<usize, ()> + '_ {
+            move |room| {
+                room.get_mut(..b.len()).ok_or(())?.copy_from_slice(b);
+                Ok(b.len())
+            }
+        }
+        let head = UpcallHead {
+            key: self.key,
+            uid: self.uid,
+            gid: self.gid,
+            auth: self.auth,
+            started_us: self.started_us,
+        };
+        UpcallBuilder::new(out, self.prefix)?
+            .describe(copy(self.describe))
+            .ok()?
+            .callout(copy(self.callout))
+            .ok()
+            .map(|b| b.finish(&head))
     }
 
     /// Decodes a whole upcall; None if malformed, short or too long.
@@ -180,7 +190,7 @@ impl<'a> Upcall<'a> {
     /// `Complete(n)`.
     pub fn progress(head: &[u8]) -> Progress {
         let mut r = Reader::new(head);
-        let mut need = 1 + 4 * 4 + 8;
+        let mut need = UPCALL_HEAD;
         if r.skip(need).is_none() {
             return Progress::Need(need);
         }
@@ -199,6 +209,106 @@ impl<'a> Upcall<'a> {
             }
         }
         Progress::Complete(need)
+    }
+}
+
+/// An upcall's fixed fields, written last by [`UpcallBuilder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpcallHead {
+    pub key: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub auth: i32,
+    pub started_us: u64,
+}
+
+/// Why a field of an upcall could not be built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldError<E> {
+    /// What fills the field failed.
+    Fill(E),
+    /// The field is longer than the protocol allows.
+    TooLarge,
+}
+
+/// An upcall built in place, its fields filled straight into the message
+/// by whoever reads them (the handler's `KEYCTL_DESCRIBE` and
+/// `KEYCTL_READ`), in their order: prefix, describe, callout. The handler
+/// keeps no second copy of either, so the only memory a request touches
+/// is the message's first bytes: a page fault is a few microseconds on a
+/// VM, and a copy in a buffer of its own is one or two more.
+/// [`Upcall::encode`] builds through it too: one layout.
+pub struct UpcallBuilder<'b> {
+    w: Writer<'b>,
+}
+
+/// An [`UpcallBuilder`] whose describe field is written; the callout
+/// comes next.
+pub struct UpcallWithDescribe<'b> {
+    w: Writer<'b>,
+}
+
+/// An upcall whose fields are all written; its head goes last.
+pub struct UpcallFields<'b> {
+    w: Writer<'b>,
+}
+
+impl<'b> UpcallBuilder<'b> {
+    /// Room for the fixed fields, then the prefix. None if `out` cannot
+    /// hold them or the prefix is too long.
+    pub fn new(out: &'b mut [u8], prefix: &[u8]) -> Option<UpcallBuilder<'b>> {
+        if out.len() < UPCALL_HEAD {
+            return None;
+        }
+        let mut w = Writer {
+            out,
+            pos: UPCALL_HEAD,
+        };
+        w.field(prefix, MAX_PREFIX)?;
+        Some(UpcallBuilder { w })
+    }
+
+    /// The describe field: `fill` gets room for the most it may hold and
+    /// returns how many bytes it wrote.
+    pub fn describe<E>(
+        mut self,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<UpcallWithDescribe<'b>, FieldError<E>> {
+        self.w.field_with(MAX_DESCRIBE, fill)?;
+        Ok(UpcallWithDescribe { w: self.w })
+    }
+}
+
+impl<'b> UpcallWithDescribe<'b> {
+    /// The callout field, as [`UpcallBuilder::describe`].
+    pub fn callout<E>(
+        mut self,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<UpcallFields<'b>, FieldError<E>> {
+        self.w.field_with(MAX_CALLOUT, fill)?;
+        Ok(UpcallFields { w: self.w })
+    }
+}
+
+impl UpcallFields<'_> {
+    /// Writes the fixed fields; the message's length.
+    pub fn finish(self, head: &UpcallHead) -> usize {
+        let end = self.w.pos;
+        let mut w = Writer {
+            out: self.w.out,
+            pos: 0,
+        };
+        // Room for these was checked in `new`.
+        let fixed = (|| {
+            w.u8(VERSION)?;
+            w.u32(head.key as u32)?;
+            w.u32(head.uid)?;
+            w.u32(head.gid)?;
+            w.u32(head.auth as u32)?;
+            w.bytes(&head.started_us.to_le_bytes())
+        })();
+        debug_assert!(fixed.is_some() && w.pos == UPCALL_HEAD);
+        end
     }
 }
 
@@ -279,6 +389,29 @@ impl<'b> Writer<'b> {
         }
         self.bytes(&u16::try_from(b.len()).ok()?.to_le_bytes())?;
         self.bytes(b)
+    }
+
+    /// A field of at most `max` bytes that `fill` writes in place.
+    fn field_with<E>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize, E>,
+    ) -> Result<(), FieldError<E>> {
+        let start = self.pos.checked_add(2).ok_or(FieldError::TooLarge)?;
+        let room_end = self.out.len().min(start.saturating_add(max));
+        let room = self
+            .out
+            .get_mut(start..room_end)
+            .ok_or(FieldError::TooLarge)?;
+        let room_len = room.len();
+        let n = fill(room).map_err(FieldError::Fill)?;
+        if n > room_len {
+            return Err(FieldError::TooLarge);
+        }
+        let len = u16::try_from(n).map_err(|_| FieldError::TooLarge)?;
+        self.out[self.pos..start].copy_from_slice(&len.to_le_bytes());
+        self.pos = start + n;
+        Ok(())
     }
 }
 
@@ -391,6 +524,74 @@ mod tests {
         assert_eq!(Upcall::decode(&forged), None);
         // Too small an output buffer.
         assert_eq!(sample().encode(&mut [0u8; 20]), None);
+    }
+
+    #[test]
+    fn an_upcall_built_in_place_is_the_encoded_one() {
+        let up = sample();
+        let mut want = [0u8; MAX_UPCALL];
+        let n = up.encode(&mut want).unwrap();
+        // The fills see the most their field may hold, write in place and
+        // say how much they wrote, as the handler's keyctl reads do.
+        let mut buf = [0xee_u8; MAX_UPCALL];
+        let mut rooms = (0, 0);
+        fn fill<'s>(
+            b: &'static [u8],
+            seen: &'s mut usize,
+        ) -> impl FnOnce(&mut [u8]) -> Result<usize, i32> + 's {
+            move |room| {
+                *seen = room.len();
+                room[..b.len()].copy_from_slice(b);
+                // What the kernel's describe leaves after the text.
+                room[b.len()] = 0;
+                Ok(b.len())
+            }
+        }
+        let head = UpcallHead {
+            key: up.key,
+            uid: up.uid,
+            gid: up.gid,
+            auth: up.auth,
+            started_us: up.started_us,
+        };
+        let got = UpcallBuilder::new(&mut buf, up.prefix)
+            .unwrap()
+            .describe(fill(up.describe, &mut rooms.0))
+            .unwrap()
+            .callout(fill(up.callout, &mut rooms.1))
+            .unwrap()
+            .finish(&head);
+        assert_eq!(rooms, (MAX_DESCRIBE, MAX_CALLOUT));
+        assert_eq!(got, n);
+        assert_eq!(buf[..n], want[..n]);
+
+        // A fill's failure is its own; a fill that claims more than its
+        // room, or a prefix over the limit, is too large.
+        let mut buf = [0u8; MAX_UPCALL];
+        let b = UpcallBuilder::new(&mut buf, b"derived").unwrap();
+        assert!(matches!(
+            b.describe(|_| Err::<usize, i32>(7)),
+            Err(FieldError::Fill(7))
+        ));
+        let b = UpcallBuilder::new(&mut buf, b"derived").unwrap();
+        assert!(matches!(
+            b.describe(|room| Ok::<usize, i32>(room.len() + 1)),
+            Err(FieldError::TooLarge)
+        ));
+        assert!(UpcallBuilder::new(&mut buf, &[b'p'; MAX_PREFIX + 1]).is_none());
+        assert!(UpcallBuilder::new(&mut [0u8; UPCALL_HEAD + 1], b"").is_none());
+        // A message buffer too short for the largest callout gives the
+        // fill only what it has.
+        let mut short = [0u8; UPCALL_HEAD + 2 + 7 + 2 + 40 + 2 + 5];
+        let mut seen = 0;
+        let b = UpcallBuilder::new(&mut short, b"derived").unwrap();
+        let b = b.describe(|_| Ok::<usize, i32>(40)).unwrap();
+        let done = b.callout(|room| {
+            seen = room.len();
+            Ok::<usize, i32>(room.len())
+        });
+        assert_eq!(seen, 5);
+        assert_eq!(done.unwrap().finish(&head), short.len());
     }
 
     #[test]

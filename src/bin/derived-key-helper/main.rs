@@ -26,8 +26,8 @@ use core::sync::atomic::{AtomicI32, Ordering};
 use derived_keys_core::audit_line::{self, AuditFields};
 use derived_keys_core::errno::{self, exit_errno, EINVAL, EIO, ENODEV, ETIMEDOUT};
 use derived_keys_core::handler_args::{parse_args, Args, Cli};
-use derived_keys_core::runtime::{runtime_path, Fnv, Line, RUN_DIR};
-use derived_keys_core::wire::{self, Answer, Hello, LogTo, Upcall};
+use derived_keys_core::runtime::{write_runtime_path, Fnv, Line, RUN_DIR};
+use derived_keys_core::wire::{self, Answer, FieldError, Hello, LogTo, UpcallBuilder, UpcallHead};
 use sys::{CPath, Errno, Fd};
 
 const BROKER_EXE: &[u8] = b"derived-keys-broker";
@@ -87,13 +87,18 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
         }
     };
     KEY.store(args.key, Ordering::SeqCst);
+    let Some(buffers) = sys::buffers() else {
+        // Taken once, here: cannot happen.
+        let _ = sys::reject(args.key, DEFAULT_NEGATIVE_S, EIO);
+        return 1;
+    };
     // What the broker sends: its hello, then the answer and its payload.
-    let mut inbox = [0u8; INBOX];
+    let inbox = &mut buffers.inbox;
     let mut session = Session {
         negative_s: DEFAULT_NEGATIVE_S,
         log: None,
     };
-    let status = match request(&args, start, &mut inbox, &mut session) {
+    let status = match request(&args, start, inbox, &mut buffers.upcall, &mut session) {
         Ok((answer, body)) if answer.errno == 0 => {
             let bytes = &inbox[body];
             let result = if answer.timeout_s > 0 {
@@ -102,16 +107,10 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
                 Ok(())
             }
             .and_then(|()| sys::instantiate(args.key, bytes));
-            sys::wipe(&mut inbox);
+            sys::wipe(inbox);
             match result {
                 Ok(()) => 0,
-                Err(Errno(e)) => {
-                    let _ = sys::reject(args.key, DEFAULT_NEGATIVE_S, EIO);
-                    let mut r = Line::new();
-                    let _ = write!(r, "instantiating the key failed: errno {e}");
-                    audit(session.log.as_ref(), &args, "EIO", r.as_bytes());
-                    1
-                }
+                Err(e) => instantiate_failed(&args, &session, e),
             }
         }
         // The broker decided, and logged the refusal.
@@ -119,18 +118,36 @@ pub extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
             let _ = sys::reject(args.key, answer.timeout_s, answer.errno.into());
             1
         }
-        Err(fail) => {
-            let errno = fail.errno();
-            let _ = sys::reject(args.key, session.negative_s, errno);
-            let name = errno::name(errno);
-            let mut reason = Line::new();
-            fail.reason(&mut reason);
-            audit(session.log.as_ref(), &args, name, reason.as_bytes());
-            1
-        }
+        Err(fail) => failed(&args, &session, fail),
     };
-    sys::wipe(&mut inbox);
+    sys::wipe(inbox);
     status
+}
+
+// The failures' lines are built out of main's frame: its size is stack
+// every request touches (a page fault per page, a few microseconds on a
+// VM).
+
+#[cold]
+#[inline(never)]
+fn instantiate_failed(args: &Args<'_>, session: &Session, Errno(e): Errno) -> c_int {
+    let _ = sys::reject(args.key, DEFAULT_NEGATIVE_S, EIO);
+    let mut r = Line::new();
+    let _ = write!(r, "instantiating the key failed: errno {e}");
+    audit(session.log.as_ref(), args, "EIO", r.as_bytes());
+    1
+}
+
+#[cold]
+#[inline(never)]
+fn failed(args: &Args<'_>, session: &Session, fail: Fail) -> c_int {
+    let errno = fail.errno();
+    let _ = sys::reject(args.key, session.negative_s, errno);
+    let name = errno::name(errno);
+    let mut reason = Line::new();
+    fail.reason(&mut reason);
+    audit(session.log.as_ref(), args, name, reason.as_bytes());
+    1
 }
 
 /// Why this handler answered by itself, without the broker's verdict.
@@ -200,44 +217,52 @@ struct LogConf {
 }
 
 /// The most the broker sends on a connection.
-const INBOX: usize = wire::MAX_HELLO + wire::ANSWER_HEADER + wire::MAX_PAYLOAD;
+pub(crate) const INBOX: usize = wire::MAX_HELLO + wire::ANSWER_HEADER + wire::MAX_PAYLOAD;
+
+/// A failed field of the upcall: the kernel's error (as `fail`), or too
+/// large for the protocol.
+fn field_fail(e: FieldError<Errno>, fail: fn(i32) -> Fail) -> Fail {
+    match e {
+        FieldError::Fill(Errno(e)) => fail(e),
+        FieldError::TooLarge => Fail::TooLarge,
+    }
+}
 
 /// The whole exchange: the answer and where in `inbox` its payload is.
 fn request(
     args: &Args<'_>,
     start: u64,
     inbox: &mut [u8; INBOX],
+    msg: &mut [u8; wire::MAX_UPCALL],
     session: &mut Session,
 ) -> Result<(Answer, core::ops::Range<usize>), Fail> {
-    // 1. What the kernel says.
-    let mut describe = [0u8; wire::MAX_DESCRIBE];
-    let dlen = sys::describe(args.key, &mut describe).map_err(|Errno(e)| Fail::Describe(e))?;
+    // 1. What the kernel says, read straight into the upcall. Who asked
+    // is the broker's to find, in /proc/keys (the authorization key's
+    // line names the requesting thread).
+    let up = UpcallBuilder::new(msg, args.prefix).ok_or(Fail::TooLarge)?;
+    let up = up
+        .describe(|room| sys::describe(args.key, room))
+        .map_err(|e| field_fail(e, Fail::Describe))?;
     let auth = sys::auth_key().map_err(|Errno(e)| Fail::NoAuthKey(e))?;
-    let mut callout = [0u8; wire::MAX_CALLOUT];
-    let clen = sys::read_key(auth, &mut callout).map_err(|Errno(e)| Fail::Callout(e))?;
-    // Who asked is the broker's to find, in /proc/keys (the authorization
-    // key's line names the requesting thread).
-
-    // 2. The broker: its hello first, which names the keyring to link the
-    // authorization key into, so that the broker's view of /proc/keys
-    // lists it; then the upcall.
-    let up = Upcall {
+    let up = up
+        .callout(|room| sys::read_key(auth, room))
+        .map_err(|e| field_fail(e, Fail::Callout))?;
+    let n = up.finish(&UpcallHead {
         key: args.key,
         uid: args.uid,
         gid: args.gid,
         auth,
         started_us: start,
-        prefix: args.prefix,
-        describe: &describe[..dlen],
-        callout: &callout[..clen],
-    };
-    let mut msg = [0u8; wire::MAX_UPCALL];
-    let n = up.encode(&mut msg).ok_or(Fail::TooLarge)?;
+    });
+
+    // 2. The broker: its hello first, which names the keyring to link the
+    // authorization key into, so that the broker's view of /proc/keys
+    // lists it; then the upcall.
     let mut deadline = start + DEFAULT_BOUND_US;
     let mut attempts = 0;
     let mut got = Received::default();
     let conn = loop {
-        let conn = connect_broker(args, deadline)?;
+        let conn = connect_broker(args, deadline, inbox)?;
         match got.read_until(&conn, inbox, Hello::FIXED) {
             Ok(()) => break conn,
             // Closed before any worker took the connection: that broker
@@ -382,26 +407,28 @@ fn exchange_fail(Errno(e): Errno, deadline: u64) -> Fail {
 
 /// The broker's socket: named by the configuration's path and content, so
 /// an edited configuration gets a fresh broker. None if the file cannot be
-/// read.
-fn socket_path(config: &[u8]) -> Option<CPath> {
-    runtime_file(config, "sock")
+/// read. `chunk` is room to read the file in.
+fn socket_path(config: &[u8], chunk: &mut [u8]) -> Option<CPath> {
+    runtime_file(config, "sock", chunk)
 }
 
 /// A runtime file (`ext`) of the broker serving the configuration at
-/// `config`, named as the library's `broker::paths` names it.
-fn runtime_file(config: &[u8], ext: &str) -> Option<CPath> {
+/// `config`, named as the library's `broker::paths` names it. The file is
+/// read through `chunk`: on a request, the inbox, whose page the hello
+/// touches anyway (a buffer of its own on the stack would be a page fault
+/// more, a few microseconds on a VM).
+fn runtime_file(config: &[u8], ext: &str, chunk: &mut [u8]) -> Option<CPath> {
     let path = CPath::new(&[config])?;
     let f = Fd::open_path(&path, false).ok()?;
     let mut h = Fnv::default();
     h.feed(config);
-    let mut chunk = [0u8; 4096];
     loop {
-        match f.read(&mut chunk).ok()? {
+        match f.read(chunk).ok()? {
             0 => break,
             n => h.feed(&chunk[..n]),
         }
     }
-    CPath::new(&[runtime_path(h.0, ext).as_bytes()])
+    CPath::format(|w| write_runtime_path(w, h.0, ext))
 }
 
 fn broker_exe() -> Option<CPath> {
@@ -421,8 +448,8 @@ enum Child {
 
 /// Connects to the broker for this configuration, starting one if none
 /// listens. A broker that cannot serve exits with the errno to answer.
-fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
-    let sock = socket_path(args.config);
+fn connect_broker(args: &Args<'_>, deadline: u64, chunk: &mut [u8]) -> Result<Fd, Fail> {
+    let sock = socket_path(args.config, chunk);
     let mut child = Child::None;
     loop {
         if let Some(p) = &sock {
@@ -434,14 +461,7 @@ fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
             }
         }
         match child {
-            Child::None => {
-                let exe = broker_exe().ok_or(Fail::NoBrokerExe)?;
-                let config = CPath::new(&[args.config]).ok_or(Fail::ConfigPath)?;
-                let flag = CPath::new(&[b"--config"]).ok_or(Fail::ConfigPath)?;
-                let pid =
-                    sys::spawn(&exe, &[&exe, &flag, &config]).map_err(|Errno(e)| Fail::Spawn(e))?;
-                child = Child::Running(pid);
-            }
+            Child::None => child = Child::Running(start_broker(args)?),
             Child::Running(pid) => {
                 if let Some(code) = sys::try_wait(pid) {
                     if code != 0 || sock.is_none() {
@@ -464,6 +484,17 @@ fn connect_broker(args: &Args<'_>, deadline: u64) -> Result<Fd, Fail> {
         }
         sys::sleep_us(500);
     }
+}
+
+/// Starts a broker for the configuration; its pid. Out of line: its paths
+/// are stack that only the first request after an idle period needs.
+#[cold]
+#[inline(never)]
+fn start_broker(args: &Args<'_>) -> Result<i32, Fail> {
+    let exe = broker_exe().ok_or(Fail::NoBrokerExe)?;
+    let config = CPath::new(&[args.config]).ok_or(Fail::ConfigPath)?;
+    let flag = CPath::new(&[b"--config"]).ok_or(Fail::ConfigPath)?;
+    sys::spawn(&exe, &[&exe, &flag, &config]).map_err(|Errno(e)| Fail::Spawn(e))
 }
 
 /// The audit line for a request this handler answered itself, in the
@@ -567,7 +598,8 @@ fn devkmsg_off() -> bool {
 /// One more line nobody took, in the counter the broker of this
 /// configuration reports from (one byte per line, appended atomically).
 fn count_dropped(config: &[u8]) {
-    let Some(path) = runtime_file(config, audit_line::DROPPED_EXT) else {
+    let mut chunk = [0u8; 512];
+    let Some(path) = runtime_file(config, audit_line::DROPPED_EXT, &mut chunk) else {
         return;
     };
     // The broker creates the runtime directory; none may have run yet.

@@ -6,6 +6,9 @@
 //! returns and turns failures into an errno.
 
 use core::ffi::{c_char, c_int, c_long, c_uint, c_void, CStr};
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use derived_keys_core::wire;
 
 /// An errno, as the kernel reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +63,6 @@ extern "C" {
         addr: *const c_void,
         len: u32,
     ) -> isize;
-    fn clock_gettime(clock: c_int, ts: *mut Timespec) -> c_int;
     fn nanosleep(req: *const Timespec, rem: *mut Timespec) -> c_int;
     fn fork() -> c_int;
     fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char)
@@ -78,6 +80,7 @@ extern "C" {
 
 // Numbers from the libc crate (constants only: nothing of it is linked).
 const SYS_KEYCTL: c_long = libc::SYS_keyctl;
+const SYS_CLOCK_GETTIME: c_long = libc::SYS_clock_gettime;
 const KEYCTL_GET_KEYRING_ID: c_long = libc::KEYCTL_GET_KEYRING_ID as c_long;
 const KEYCTL_DESCRIBE: c_long = libc::KEYCTL_DESCRIBE as c_long;
 const KEYCTL_READ: c_long = libc::KEYCTL_READ as c_long;
@@ -123,17 +126,23 @@ pub struct CPath {
 impl CPath {
     /// None if too long or holding a NUL.
     pub fn new(parts: &[&[u8]]) -> Option<CPath> {
-        let mut buf = [0u8; 256];
-        let mut n = 0;
-        for p in parts {
-            if p.contains(&0) {
-                return None;
+        CPath::format(|w| {
+            for p in parts {
+                w.push(p)?;
             }
-            buf.get_mut(n..n + p.len())?.copy_from_slice(p);
-            n += p.len();
-        }
+            Ok(())
+        })
+    }
+
+    /// A path written with `core::fmt`; None if too long or holding a NUL.
+    pub fn format(f: impl FnOnce(&mut PathWriter) -> core::fmt::Result) -> Option<CPath> {
+        let mut w = PathWriter {
+            buf: [0; 256],
+            len: 0,
+        };
+        f(&mut w).ok()?;
         // At least one NUL must remain after the bytes.
-        (n < buf.len()).then_some(CPath { buf })
+        (w.len < w.buf.len()).then_some(CPath { buf: w.buf })
     }
 
     fn ptr(&self) -> *const c_char {
@@ -143,6 +152,33 @@ impl CPath {
     pub fn bytes(&self) -> &[u8] {
         let n = self.buf.iter().position(|&b| b == 0).unwrap_or(0);
         &self.buf[..n]
+    }
+}
+
+/// What [`CPath::format`] writes into.
+pub struct PathWriter {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl PathWriter {
+    fn push(&mut self, b: &[u8]) -> core::fmt::Result {
+        if b.contains(&0) {
+            return Err(core::fmt::Error);
+        }
+        let end = self.len + b.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(b);
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl core::fmt::Write for PathWriter {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.push(s.as_bytes())
     }
 }
 
@@ -205,11 +241,13 @@ pub fn pid() -> i32 {
     unsafe { getpid() }
 }
 
-/// Monotonic time in microseconds.
+/// Monotonic time in microseconds, by the system call: the vDSO's
+/// clock_gettime costs two page faults (its code and its data page) on
+/// first use, ~5 µs on a VM, and the handler reads the clock a few times.
 pub fn now_us() -> u64 {
     let mut ts = Timespec { sec: 0, nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    unsafe { syscall(SYS_CLOCK_GETTIME, CLOCK_MONOTONIC as c_long, &mut ts) };
     u64::try_from(ts.sec).unwrap_or(0) * 1_000_000 + u64::try_from(ts.nsec).unwrap_or(0) / 1000
 }
 
@@ -278,6 +316,35 @@ pub fn try_wait(pid: i32) -> Option<i32> {
     } else {
         -1
     })
+}
+
+/// The handler's two message buffers, in .bss: the kernel maps its pages
+/// at first touch, so a request pays only for the bytes it writes (a
+/// page or two). On the stack, the frame's probe would fault in all of
+/// its pages at once, ~2.5 µs each on a VM, where the static floor's
+/// handler faults five pages in all.
+pub struct Buffers {
+    /// What the broker sends: its hello, the answer and its payload.
+    pub inbox: [u8; crate::INBOX],
+    /// The upcall, built in place (after the inbox, so that its first
+    /// bytes share a page with the inbox's end).
+    pub upcall: [u8; wire::MAX_UPCALL],
+}
+
+static mut BUFFERS: Buffers = Buffers {
+    inbox: [0; crate::INBOX],
+    upcall: [0; wire::MAX_UPCALL],
+};
+static BUFFERS_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// The buffers, the first time only (None after).
+pub fn buffers() -> Option<&'static mut Buffers> {
+    if BUFFERS_TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: the swap above lets exactly one caller get here, so this is
+    // the only reference ever made to BUFFERS; the program has one thread.
+    Some(unsafe { &mut *core::ptr::addr_of_mut!(BUFFERS) })
 }
 
 /// Overwrites `buf` with zeros in a way the compiler cannot elide.

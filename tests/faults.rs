@@ -427,3 +427,83 @@ fn a_hello_without_a_keyring_is_eio() {
     assert_eq!(got, Got::Err(libc::EIO));
     assert_eq!(fake.join().unwrap(), 0, "the handler sent an upcall");
 }
+
+/// While a request is under way, the session keyring the kernel made for
+/// it (`_req.<key>`) no longer lets its possessors view it: once the
+/// request is over it waits for the key collector, and every reader of
+/// /proc/keys (the broker's view of its owner's keys) would otherwise
+/// search its own keyrings for it. A fake broker looks at the keyring's
+/// line when the upcall arrives, and refuses the request.
+#[test]
+fn the_request_session_keyring_is_not_viewed_through_possession() {
+    use derived_keys::wire::{Answer, Hello, LogTo, Progress, Upcall, MAX_HELLO, MAX_UPCALL};
+    use std::io::{Read, Write};
+    use std::os::unix::fs::DirBuilderExt;
+    let env = KernelEnv::new("");
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let socket = derived_keys::broker::paths(&config).socket;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(derived_keys::broker::RUN_DIR)
+        .unwrap();
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fake = std::thread::spawn({
+        let socket = socket.clone();
+        move || {
+            // A session keyring of this thread's for the handler to link
+            // its authorization key into, made as the broker makes its own.
+            derived_keys::keyring::detach().unwrap();
+            let ring = derived_keys::keyring::session_for_handlers().unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let hello = Hello {
+                log: LogTo::Stderr,
+                bound_ms: 3000,
+                negative_s: 1,
+                keys_ring: ring,
+                log_path: b"",
+            };
+            let mut buf = [0u8; MAX_HELLO];
+            let n = hello.encode(&mut buf).unwrap();
+            s.write_all(&buf[..n]).unwrap();
+            let mut up = vec![0u8; MAX_UPCALL];
+            let mut have = 0;
+            let len = loop {
+                have += s.read(&mut up[have..]).unwrap();
+                match Upcall::progress(&up[..have]) {
+                    Progress::Complete(n) if have >= n => break n,
+                    Progress::Invalid => panic!("malformed upcall"),
+                    _ => {}
+                }
+            };
+            let key = Upcall::decode(&up[..len]).unwrap().key;
+            let name = format!("_req.{}", key as u32);
+            let keys = std::fs::read_to_string("/proc/keys").unwrap();
+            // `<serial> <flags> <usage> <timeout> <perm> <uid> <gid>
+            // keyring _req.<key>: <links>`
+            let field = format!("{name}:");
+            let line = keys
+                .lines()
+                .find(|l| l.split_whitespace().nth(8) == Some(&field[..]))
+                .map(str::to_owned);
+            let answer = Answer {
+                errno: libc::EINVAL as u8,
+                timeout_s: 1,
+                len: 0,
+            };
+            s.write_all(&answer.encode()).unwrap();
+            let _ = s.read_to_end(&mut Vec::new());
+            std::fs::remove_file(&socket).unwrap();
+            line
+        }
+    });
+    assert_eq!(quickly(&env, "db", "32 user"), Got::Err(libc::EINVAL));
+    let line = fake
+        .join()
+        .unwrap()
+        .expect("no _req keyring line in /proc/keys");
+    let perm = line.split_whitespace().nth(4).unwrap();
+    assert_eq!(perm, "3e030000", "{line}");
+}

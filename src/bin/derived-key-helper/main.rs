@@ -36,6 +36,17 @@ const DEFAULT_BOUND_US: u64 = 5_000_000;
 /// Negative-result timeout (seconds, as given to the kernel) until then.
 const DEFAULT_NEGATIVE_S: u32 = 2;
 
+/// The request's session keyring: the kernel's permissions for it
+/// (`KEY_POS_ALL | KEY_USR_VIEW | KEY_USR_READ`, linux/keyctl.h) less the
+/// possessor's view.
+const REQUEST_SESSION_PERM: u32 = {
+    const KEY_POS_VIEW: u32 = 0x0100_0000;
+    const KEY_POS_ALL: u32 = 0x3f00_0000;
+    const KEY_USR_VIEW: u32 = 0x0001_0000;
+    const KEY_USR_READ: u32 = 0x0002_0000;
+    (KEY_POS_ALL & !KEY_POS_VIEW) | KEY_USR_VIEW | KEY_USR_READ
+};
+
 /// The key under construction, for the panic handler.
 static KEY: AtomicI32 = AtomicI32::new(0);
 /// The authorization key and the broker's keyring it is linked into
@@ -244,6 +255,16 @@ fn request(
         .describe(|room| sys::describe(args.key, room))
         .map_err(|e| field_fail(e, Fail::Describe))?;
     let auth = sys::auth_key().map_err(|Errno(e)| Fail::NoAuthKey(e))?;
+    // Holding the authority, this process runs in the session keyring the
+    // kernel made for this request (`_req.<key>`), which only request-key
+    // and this handler use and nothing views. Once the request is over it
+    // waits for the key collector with the other finished keys, and every
+    // /proc/keys read (the broker's view of its owner's keys) checks
+    // whether the reader possesses it, a keyring search each, unless the
+    // possessor may not view it. So the possessor's view permission goes:
+    // about a third fewer searches per read under a stream of requests.
+    // Best effort; a failure changes nothing else.
+    let _ = sys::set_session_keyring_perm(REQUEST_SESSION_PERM);
     let up = up
         .callout(|room| sys::read_key(auth, room))
         .map_err(|e| field_fail(e, Fail::Callout))?;

@@ -88,6 +88,7 @@ const KEYCTL_INSTANTIATE: c_long = libc::KEYCTL_INSTANTIATE as c_long;
 const KEYCTL_SET_TIMEOUT: c_long = libc::KEYCTL_SET_TIMEOUT as c_long;
 const KEYCTL_REJECT: c_long = libc::KEYCTL_REJECT as c_long;
 const KEYCTL_LINK: c_long = libc::KEYCTL_LINK as c_long;
+const KEYCTL_SETPERM: c_long = libc::KEYCTL_SETPERM as c_long;
 const KEYCTL_UNLINK: c_long = libc::KEYCTL_UNLINK as c_long;
 const O_RDONLY: c_int = libc::O_RDONLY as c_int;
 const O_WRONLY: c_int = libc::O_WRONLY as c_int;
@@ -399,6 +400,12 @@ pub fn link(key: i32, keyring: i32) -> Result<(), Errno> {
 /// KEYCTL_UNLINK: `key` out of `keyring`.
 pub fn unlink(key: i32, keyring: i32) -> Result<(), Errno> {
     keyctl(KEYCTL_UNLINK, key.into(), keyring.into(), 0, 0).map(|_| ())
+}
+
+/// KEYCTL_SETPERM of the calling process's session keyring.
+pub fn set_session_keyring_perm(perm: u32) -> Result<(), Errno> {
+    const SESSION_KEYRING: c_long = libc::KEY_SPEC_SESSION_KEYRING as c_long;
+    keyctl(KEYCTL_SETPERM, SESSION_KEYRING, perm.into(), 0, 0).map(|_| ())
 }
 
 pub fn set_timeout(key: i32, seconds: u32) -> Result<(), Errno> {

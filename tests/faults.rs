@@ -19,6 +19,22 @@ fn quickly(env: &KernelEnv, rest: &str, callout: &str) -> Got {
     got
 }
 
+/// A listener where the handler looks for `env`'s broker, for a test to
+/// play the broker; and its path, for the test to remove once done.
+fn fake_broker(env: &KernelEnv) -> (std::os::unix::net::UnixListener, std::path::PathBuf) {
+    use std::os::unix::fs::DirBuilderExt;
+    let config = derived_keys::config::Config::load(&env.conf).unwrap();
+    let socket = derived_keys::broker::paths(&config).socket;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(derived_keys::broker::RUN_DIR)
+        .unwrap();
+    let _ = std::fs::remove_file(&socket);
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    (listener, socket)
+}
+
 #[test]
 fn slots_exhausted_by_another_client_are_recovered() {
     let env = KernelEnv::new("");
@@ -249,17 +265,8 @@ fn broker_killed_mid_request_gives_eio_and_is_replaced() {
 /// again, to the broker that follows, instead of failing the request.
 #[test]
 fn connections_dropped_before_the_hello_are_retried() {
-    use std::os::unix::fs::DirBuilderExt;
     let env = KernelEnv::new("");
-    let config = derived_keys::config::Config::load(&env.conf).unwrap();
-    let socket = derived_keys::broker::paths(&config).socket;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(derived_keys::broker::RUN_DIR)
-        .unwrap();
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let (listener, socket) = fake_broker(&env);
     let dropped = std::thread::spawn({
         let socket = socket.clone();
         move || {
@@ -390,17 +397,8 @@ fn a_view_maker_killed_or_stuck_costs_no_request() {
 fn a_hello_without_a_keyring_is_eio() {
     use derived_keys::wire::{Hello, LogTo, MAX_HELLO};
     use std::io::{Read, Write};
-    use std::os::unix::fs::DirBuilderExt;
     let env = KernelEnv::new("");
-    let config = derived_keys::config::Config::load(&env.conf).unwrap();
-    let socket = derived_keys::broker::paths(&config).socket;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(derived_keys::broker::RUN_DIR)
-        .unwrap();
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let (listener, socket) = fake_broker(&env);
     let fake = std::thread::spawn({
         let socket = socket.clone();
         move || {
@@ -438,17 +436,8 @@ fn a_hello_without_a_keyring_is_eio() {
 fn the_request_session_keyring_is_not_viewed_through_possession() {
     use derived_keys::wire::{Answer, Hello, LogTo, Progress, Upcall, MAX_HELLO, MAX_UPCALL};
     use std::io::{Read, Write};
-    use std::os::unix::fs::DirBuilderExt;
     let env = KernelEnv::new("");
-    let config = derived_keys::config::Config::load(&env.conf).unwrap();
-    let socket = derived_keys::broker::paths(&config).socket;
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(derived_keys::broker::RUN_DIR)
-        .unwrap();
-    let _ = std::fs::remove_file(&socket);
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let (listener, socket) = fake_broker(&env);
     let fake = std::thread::spawn({
         let socket = socket.clone();
         move || {

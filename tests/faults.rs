@@ -426,67 +426,76 @@ fn a_hello_without_a_keyring_is_eio() {
     assert_eq!(fake.join().unwrap(), 0, "the handler sent an upcall");
 }
 
+/// Plays `env`'s broker for one request: a hello naming a session keyring
+/// of its own (made as the broker makes its) for the authorization key,
+/// then the upcall, which `inspect` sees while the request waits, then a
+/// refusal (EINVAL). What `inspect` returned, once the request is over.
+fn one_upcall<T: Send + 'static>(
+    env: &KernelEnv,
+    inspect: impl FnOnce(&derived_keys::wire::Upcall<'_>) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use derived_keys::wire::{Answer, Hello, LogTo, Progress, Upcall, MAX_HELLO, MAX_UPCALL};
+    use std::io::{Read, Write};
+    let (listener, socket) = fake_broker(env);
+    std::thread::spawn(move || {
+        derived_keys::keyring::detach().unwrap();
+        let ring = derived_keys::keyring::session_for_handlers().unwrap();
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Hello {
+            log: LogTo::Stderr,
+            bound_ms: 3000,
+            negative_s: 1,
+            keys_ring: ring,
+            log_path: b"",
+        };
+        let mut buf = [0u8; MAX_HELLO];
+        let n = hello.encode(&mut buf).unwrap();
+        s.write_all(&buf[..n]).unwrap();
+        let mut up = vec![0u8; MAX_UPCALL];
+        let mut have = 0;
+        let len = loop {
+            match s.read(&mut up[have..]).unwrap() {
+                0 => panic!("the handler closed before its upcall was whole"),
+                k => have += k,
+            }
+            match Upcall::progress(&up[..have]) {
+                Progress::Complete(n) if have >= n => break n,
+                Progress::Invalid => panic!("malformed upcall"),
+                _ => {}
+            }
+        };
+        let got = inspect(&Upcall::decode(&up[..len]).expect("malformed upcall"));
+        let answer = Answer {
+            errno: libc::EINVAL as u8,
+            timeout_s: 1,
+            len: 0,
+        };
+        s.write_all(&answer.encode()).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+        std::fs::remove_file(&socket).unwrap();
+        got
+    })
+}
+
 /// While a request is under way, the session keyring the kernel made for
 /// it (`_req.<key>`) no longer lets its possessors view it: once the
 /// request is over it waits for the key collector, and every reader of
 /// /proc/keys (the broker's view of its owner's keys) would otherwise
-/// search its own keyrings for it. A fake broker looks at the keyring's
-/// line when the upcall arrives, and refuses the request.
+/// search its own keyrings for it. The fake broker looks at the keyring's
+/// line when the upcall arrives.
 #[test]
 fn the_request_session_keyring_is_not_viewed_through_possession() {
-    use derived_keys::wire::{Answer, Hello, LogTo, Progress, Upcall, MAX_HELLO, MAX_UPCALL};
-    use std::io::{Read, Write};
     let env = KernelEnv::new("");
-    let (listener, socket) = fake_broker(&env);
-    let fake = std::thread::spawn({
-        let socket = socket.clone();
-        move || {
-            // A session keyring of this thread's for the handler to link
-            // its authorization key into, made as the broker makes its own.
-            derived_keys::keyring::detach().unwrap();
-            let ring = derived_keys::keyring::session_for_handlers().unwrap();
-            let (mut s, _) = listener.accept().unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let hello = Hello {
-                log: LogTo::Stderr,
-                bound_ms: 3000,
-                negative_s: 1,
-                keys_ring: ring,
-                log_path: b"",
-            };
-            let mut buf = [0u8; MAX_HELLO];
-            let n = hello.encode(&mut buf).unwrap();
-            s.write_all(&buf[..n]).unwrap();
-            let mut up = vec![0u8; MAX_UPCALL];
-            let mut have = 0;
-            let len = loop {
-                have += s.read(&mut up[have..]).unwrap();
-                match Upcall::progress(&up[..have]) {
-                    Progress::Complete(n) if have >= n => break n,
-                    Progress::Invalid => panic!("malformed upcall"),
-                    _ => {}
-                }
-            };
-            let key = Upcall::decode(&up[..len]).unwrap().key;
-            let name = format!("_req.{}", key as u32);
-            let keys = std::fs::read_to_string("/proc/keys").unwrap();
-            // `<serial> <flags> <usage> <timeout> <perm> <uid> <gid>
-            // keyring _req.<key>: <links>`
-            let field = format!("{name}:");
-            let line = keys
-                .lines()
-                .find(|l| l.split_whitespace().nth(8) == Some(&field[..]))
-                .map(str::to_owned);
-            let answer = Answer {
-                errno: libc::EINVAL as u8,
-                timeout_s: 1,
-                len: 0,
-            };
-            s.write_all(&answer.encode()).unwrap();
-            let _ = s.read_to_end(&mut Vec::new());
-            std::fs::remove_file(&socket).unwrap();
-            line
-        }
+    let fake = one_upcall(&env, |up| {
+        // `<serial> <flags> <usage> <timeout> <perm> <uid> <gid> keyring
+        // _req.<key>: <links>`
+        let field = format!("_req.{}:", up.key as u32);
+        std::fs::read_to_string("/proc/keys")
+            .unwrap()
+            .lines()
+            .find(|l| l.split_whitespace().nth(8) == Some(&field[..]))
+            .map(str::to_owned)
     });
     assert_eq!(quickly(&env, "db", "32 user"), Got::Err(libc::EINVAL));
     let line = fake
@@ -495,4 +504,29 @@ fn the_request_session_keyring_is_not_viewed_through_possession() {
         .expect("no _req keyring line in /proc/keys");
     let perm = line.split_whitespace().nth(4).unwrap();
     assert_eq!(perm, "3e030000", "{line}");
+}
+
+/// The longest description and callout the kernel passes on (4,095 bytes
+/// each) reach the broker byte for byte: the handler reads both straight
+/// into its message.
+#[test]
+fn the_longest_description_and_callout_arrive_whole() {
+    let env = KernelEnv::new("");
+    let name = "n".repeat(4095 - env.prefix.len() - 1);
+    let desc = env.desc(&name);
+    assert_eq!(desc.len(), 4095);
+    let callout = format!("32 user account={}", "a".repeat(4095 - 16));
+    assert_eq!(callout.len(), 4095);
+    let fake = one_upcall(&env, |up| (up.describe.to_vec(), up.callout.to_vec()));
+    assert_eq!(quickly(&env, &name, &callout), Got::Err(libc::EINVAL));
+    let (describe, got_callout) = fake.join().unwrap();
+    // `user;<uid>;<gid>;<perm>;<description>`
+    let describe = String::from_utf8(describe).unwrap();
+    assert!(describe.starts_with("user;"), "{}", &describe[..40]);
+    assert!(
+        describe.ends_with(&format!(";{desc}")),
+        "{}",
+        describe.len()
+    );
+    assert_eq!(got_callout, callout.as_bytes());
 }

@@ -86,9 +86,10 @@ fn every_malformed_request_is_einval() {
 }
 
 /// The longest description and callout the kernel passes on (4,095 bytes
-/// each) reach the broker whole, which refuses them as malformed: the
-/// handler reads both straight into its message, and a field cut short or
-/// too large for its buffer would be EIO (E2BIG from the kernel).
+/// each) are refused as malformed (EINVAL), not lost on the way: a field
+/// too large for the handler's message would be EIO (E2BIG from the
+/// kernel). That they arrive byte for byte is
+/// `the_longest_description_and_callout_arrive_whole` (tests/faults.rs).
 #[test]
 fn the_longest_description_and_callout_reach_the_broker() {
     let env = KernelEnv::new("");

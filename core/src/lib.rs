@@ -20,4 +20,5 @@ pub mod errno;
 pub mod handler_args;
 pub mod proc_keys;
 pub mod runtime;
+pub mod session;
 pub mod wire;

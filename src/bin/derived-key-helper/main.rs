@@ -27,6 +27,7 @@ use derived_keys_core::audit_line::{self, AuditFields};
 use derived_keys_core::errno::{self, exit_errno, EINVAL, EIO, ENODEV, ETIMEDOUT};
 use derived_keys_core::handler_args::{parse_args, Args, Cli};
 use derived_keys_core::runtime::{write_runtime_path, Fnv, Line, RUN_DIR};
+use derived_keys_core::session;
 use derived_keys_core::wire::{self, Answer, FieldError, Hello, LogTo, UpcallBuilder, UpcallHead};
 use sys::{CPath, Errno, Fd};
 
@@ -35,17 +36,6 @@ const BROKER_EXE: &[u8] = b"derived-keys-broker";
 const DEFAULT_BOUND_US: u64 = 5_000_000;
 /// Negative-result timeout (seconds, as given to the kernel) until then.
 const DEFAULT_NEGATIVE_S: u32 = 2;
-
-/// The request's session keyring: the kernel's permissions for it
-/// (`KEY_POS_ALL | KEY_USR_VIEW | KEY_USR_READ`, linux/keyctl.h) less the
-/// possessor's view.
-const REQUEST_SESSION_PERM: u32 = {
-    const KEY_POS_VIEW: u32 = 0x0100_0000;
-    const KEY_POS_ALL: u32 = 0x3f00_0000;
-    const KEY_USR_VIEW: u32 = 0x0001_0000;
-    const KEY_USR_READ: u32 = 0x0002_0000;
-    (KEY_POS_ALL & !KEY_POS_VIEW) | KEY_USR_VIEW | KEY_USR_READ
-};
 
 /// The key under construction, for the panic handler.
 static KEY: AtomicI32 = AtomicI32::new(0);
@@ -230,6 +220,21 @@ struct LogConf {
 /// The most the broker sends on a connection.
 pub(crate) const INBOX: usize = wire::MAX_HELLO + wire::ANSWER_HEADER + wire::MAX_PAYLOAD;
 
+/// Takes the possessor's view away from the session keyring this process
+/// runs in if it is the one the kernel made for this request, `_req.<key>`
+/// (see `derived_keys_core::session`): under a stream of requests, about
+/// a third fewer keyring searches in every read of /proc/keys. Best
+/// effort, after the kernel's facts are read; `scratch` holds the
+/// keyring's description meanwhile.
+fn unview_request_session(key: i32, scratch: &mut [u8]) {
+    let Ok(n) = sys::describe(sys::SESSION_KEYRING, scratch) else {
+        return;
+    };
+    if let Some(perm) = session::without_possessor_view(&scratch[..n], key) {
+        let _ = sys::set_perm(sys::SESSION_KEYRING, perm);
+    }
+}
+
 /// A failed field of the upcall: the kernel's error (as `fail`), or too
 /// large for the protocol.
 fn field_fail(e: FieldError<Errno>, fail: fn(i32) -> Fail) -> Fail {
@@ -255,19 +260,10 @@ fn request(
         .describe(|room| sys::describe(args.key, room))
         .map_err(|e| field_fail(e, Fail::Describe))?;
     let auth = sys::auth_key().map_err(|Errno(e)| Fail::NoAuthKey(e))?;
-    // Holding the authority, this process runs in the session keyring the
-    // kernel made for this request (`_req.<key>`), which only request-key
-    // and this handler use and nothing views. Once the request is over it
-    // waits for the key collector with the other finished keys, and every
-    // /proc/keys read (the broker's view of its owner's keys) checks
-    // whether the reader possesses it, a keyring search each, unless the
-    // possessor may not view it. So the possessor's view permission goes:
-    // about a third fewer searches per read under a stream of requests.
-    // Best effort; a failure changes nothing else.
-    let _ = sys::set_session_keyring_perm(REQUEST_SESSION_PERM);
     let up = up
         .callout(|room| sys::read_key(auth, room))
         .map_err(|e| field_fail(e, Fail::Callout))?;
+    unview_request_session(args.key, inbox);
     let n = up.finish(&UpcallHead {
         key: args.key,
         uid: args.uid,

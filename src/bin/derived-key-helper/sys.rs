@@ -324,6 +324,7 @@ pub fn try_wait(pid: i32) -> Option<i32> {
 /// page or two). On the stack, the frame's probe would fault in all of
 /// its pages at once, ~2.5 µs each on a VM, where the static floor's
 /// handler faults five pages in all.
+#[repr(C)]
 pub struct Buffers {
     /// What the broker sends: its hello, the answer and its payload.
     pub inbox: [u8; crate::INBOX],
@@ -402,10 +403,12 @@ pub fn unlink(key: i32, keyring: i32) -> Result<(), Errno> {
     keyctl(KEYCTL_UNLINK, key.into(), keyring.into(), 0, 0).map(|_| ())
 }
 
-/// KEYCTL_SETPERM of the calling process's session keyring.
-pub fn set_session_keyring_perm(perm: u32) -> Result<(), Errno> {
-    const SESSION_KEYRING: c_long = libc::KEY_SPEC_SESSION_KEYRING as c_long;
-    keyctl(KEYCTL_SETPERM, SESSION_KEYRING, perm.into(), 0, 0).map(|_| ())
+/// The calling process's session keyring, as a key id.
+pub const SESSION_KEYRING: i32 = libc::KEY_SPEC_SESSION_KEYRING;
+
+/// KEYCTL_SETPERM.
+pub fn set_perm(key: i32, perm: u32) -> Result<(), Errno> {
+    keyctl(KEYCTL_SETPERM, key.into(), perm.into(), 0, 0).map(|_| ())
 }
 
 pub fn set_timeout(key: i32, seconds: u32) -> Result<(), Errno> {

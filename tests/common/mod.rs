@@ -61,6 +61,18 @@ fn free_ports(n: u16) -> u16 {
     }
 }
 
+/// Whether a TCP socket listens on 127.0.0.1:`port` (/proc/net/tcp, state
+/// 0A), without connecting to it.
+fn listening(port: u16) -> bool {
+    let want = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1) == Some(&want.as_str()) && f.get(3) == Some(&"0A")
+        })
+    })
+}
+
 /// The swtpm TCTI expects the control port right after the server port.
 pub fn free_port_pair() -> (u16, u16) {
     let port = free_ports(2);
@@ -189,9 +201,18 @@ impl Swtpm {
                 self.child = None;
                 return Err(format!("swtpm exited with {status}"));
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                // A probe connection counts as a client; give swtpm a moment.
+            // The control port by a connection, the server's by the
+            // kernel's socket table: swtpm serves one client at a time,
+            // and a probe there would be the first.
+            if listening(self.port) && TcpStream::connect(("127.0.0.1", self.ctrl_port)).is_ok() {
+                // Still ours a moment later: a swtpm that lost a port to
+                // another test's exits, and the probe may have reached the
+                // other's.
                 std::thread::sleep(Duration::from_millis(20));
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                    self.child = None;
+                    return Err(format!("swtpm exited with {status} after it listened"));
+                }
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));

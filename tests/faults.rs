@@ -512,11 +512,8 @@ fn the_request_session_keyring_is_not_viewed_through_possession() {
 #[test]
 fn the_longest_description_and_callout_arrive_whole() {
     let env = KernelEnv::new("");
-    let name = "n".repeat(4095 - env.prefix.len() - 1);
+    let (name, callout) = env.longest_name_and_callout();
     let desc = env.desc(&name);
-    assert_eq!(desc.len(), 4095);
-    let callout = format!("32 user account={}", "a".repeat(4095 - 16));
-    assert_eq!(callout.len(), 4095);
     let fake = one_upcall(&env, |up| (up.describe.to_vec(), up.callout.to_vec()));
     assert_eq!(quickly(&env, &name, &callout), Got::Err(libc::EINVAL));
     let (describe, got_callout) = fake.join().unwrap();

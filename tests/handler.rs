@@ -93,10 +93,7 @@ fn every_malformed_request_is_einval() {
 #[test]
 fn the_longest_description_and_callout_reach_the_broker() {
     let env = KernelEnv::new("");
-    let longest_name = "n".repeat(4095 - env.prefix.len() - 1);
-    assert_eq!(env.desc(&longest_name).len(), 4095);
-    let longest_callout = format!("32 user account={}", "a".repeat(4095 - 16));
-    assert_eq!(longest_callout.len(), 4095);
+    let (longest_name, longest_callout) = env.longest_name_and_callout();
     for (rest, callout) in [
         (longest_name.as_str(), "32 user"),
         ("x", longest_callout.as_str()),

@@ -149,19 +149,23 @@ impl<'a> Upcall<'a> {
                 Ok(b.len())
             }
         }
-        let head = UpcallHead {
-            key: self.key,
-            uid: self.uid,
-            gid: self.gid,
-            auth: self.auth,
-            started_us: self.started_us,
-        };
         UpcallBuilder::new(out, self.prefix)?
             .describe(copy(self.describe))
             .ok()?
             .callout(copy(self.callout))
             .ok()
-            .map(|b| b.finish(&head))
+            .map(|b| b.finish(&self.head()))
+    }
+
+    /// Its fixed fields.
+    pub fn head(&self) -> UpcallHead {
+        UpcallHead {
+            key: self.key,
+            uid: self.uid,
+            gid: self.gid,
+            auth: self.auth,
+            started_us: self.started_us,
+        }
     }
 
     /// Decodes a whole upcall; None if malformed, short or too long.
@@ -547,13 +551,7 @@ mod tests {
                 Ok(b.len())
             }
         }
-        let head = UpcallHead {
-            key: up.key,
-            uid: up.uid,
-            gid: up.gid,
-            auth: up.auth,
-            started_us: up.started_us,
-        };
+        let head = up.head();
         let got = UpcallBuilder::new(&mut buf, up.prefix)
             .unwrap()
             .describe(fill(up.describe, &mut rooms.0))

@@ -422,6 +422,17 @@ impl KernelEnv {
         std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     }
 
+    /// The longest name and callout the kernel passes on: with the
+    /// prefix, a 4,095-byte description, and a 4,095-byte callout (both
+    /// malformed: too long a name, too long an account).
+    pub fn longest_name_and_callout(&self) -> (String, String) {
+        let name = "n".repeat(4095 - self.prefix.len() - 1);
+        assert_eq!(self.desc(&name).len(), 4095);
+        let callout = format!("32 user account={}", "a".repeat(4095 - 16));
+        assert_eq!(callout.len(), 4095);
+        (name, callout)
+    }
+
     /// `<prefix>:<rest>`.
     pub fn desc(&self, rest: &str) -> String {
         format!("{}:{rest}", self.prefix)

@@ -10,9 +10,10 @@
 //! DK_BENCH_INCUMBENT_N (default 30), DK_BENCH_GOALS=1 (only the rows
 //! measured side by side, and their ratios: a quick check of the goal),
 //! DK_BENCH_HELPER_B=<path> (one more side-by-side row: the hot-key
-//! signature through another build of derived-key-helper, of the same
-//! protocol version and with the same broker, to compare two handlers in
-//! one run rather than across the host's drift), DK_BENCH_ONLY_HOT=1
+//! signature through another build of derived-key-helper, with the
+//! derived-keys-broker beside it, its own configuration and swtpm, to
+//! compare two builds of the handler or the broker in one run rather than
+//! across the host's drift), DK_BENCH_ONLY_HOT=1
 //! (with DK_BENCH_GOALS=1: only the hot-key rows and the static floor,
 //! for profiling that path alone).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -339,6 +340,11 @@ fn main() {
     let hot_pre = hot_env.prefix.clone();
     let helper_b = std::env::var_os("DK_BENCH_HELPER_B").map(std::path::PathBuf::from);
     let b_pre = format!("{hot_pre}b");
+    // The B row's own configuration (so its own broker: the one beside
+    // the B helper), the same settings as the hot-key row's.
+    let b_env = helper_b
+        .as_ref()
+        .map(|_| KernelEnv::new("hot_key_s = 60\n[log]\ntarget = \"kmsg\"\n"));
     let mut probes: Vec<(&str, Probe<'_>)> = vec![
         (
             SIGN_HOT,
@@ -373,14 +379,14 @@ fn main() {
             }),
         ),
     ];
-    if let Some(b) = &helper_b {
+    if let (Some(b), Some(b_env)) = (&helper_b, &b_env) {
         let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{b_pre}.conf"));
         std::fs::write(
             &rule,
             format!(
                 "create user {b_pre}:* * {} --config {} --prefix {b_pre} %k %u %g\n",
                 b.display(),
-                hot_env.conf.display()
+                b_env.conf.display()
             ),
         )
         .unwrap();
@@ -402,6 +408,7 @@ fn main() {
     }
     let paired = side_by_side(n, probes);
     drop(hot_env);
+    drop(b_env);
     if std::env::var_os("DK_BENCH_GOALS").is_some_and(|v| v == "1") {
         for rule in rules {
             let _ = std::fs::remove_file(rule);

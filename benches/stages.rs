@@ -111,8 +111,16 @@ fn main() {
         n,
         |_| {
             drop(
-                view.auth_line(0, 1, Instant::now() + std::time::Duration::from_secs(5))
-                    .unwrap(),
+                view.auth_line(
+                    0,
+                    &derived_keys_core::proc_keys::AuthKey {
+                        serial: 1,
+                        target: 2,
+                        callout_len: 3,
+                    },
+                    Instant::now() + std::time::Duration::from_secs(5),
+                )
+                .unwrap(),
             );
         },
     ));

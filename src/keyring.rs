@@ -160,6 +160,19 @@ pub fn session_for_handlers() -> Result<i32, KeyringError> {
     Ok(id)
 }
 
+/// Whether keyring `id` is an anonymous session keyring (the kernel's
+/// `_ses`): the one record the broker's views may pass over before the
+/// authorization key's ([`derived_keys_core::proc_keys::FirstRecord`]).
+pub fn is_anonymous_session(id: i32) -> bool {
+    use linux_keyutils::{Key, KeySerialId, KeyType};
+    Key::from_id(KeySerialId::new(id))
+        .metadata()
+        .is_ok_and(|m| {
+            m.get_type() == KeyType::KeyRing
+                && m.get_description().as_bytes() == derived_keys_core::proc_keys::ANON_SESSION
+        })
+}
+
 /// request_key(2) into `dest` (a keyring serial or special id).
 pub fn request(
     key_type: &str,

@@ -1,5 +1,7 @@
 //! Finding the authorization key's line in /proc/keys, which names the
-//! requesting thread: fed in chunks, bounded, counting forgeries.
+//! requesting thread: fed in chunks, bounded, counting forgeries
+//! ([`KeysLine`]); or, where it is the first record of a view, read alone
+//! ([`FirstRecord`]), so that the kernel does not list the rest.
 
 /// Longest authorization key line kept (the kernel's is under 100 bytes).
 pub const MAX_LINE: usize = 512;
@@ -98,6 +100,255 @@ impl KeysLine {
     }
 }
 
+/// The authorization key a request names, and what its record must say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuthKey {
+    /// The authorization key's serial.
+    pub serial: i32,
+    /// The key under construction it authorizes.
+    pub target: i32,
+    /// The length of the callout it carries (the record's last field; not
+    /// read where the record is read alone, see [`FirstRecord::unread`]).
+    pub callout_len: usize,
+}
+
+/// Length of the part of a record before the description:
+/// `"%08x %c%c%c%c%c%c%c %5d %4s %08x %5d %5d %-9.9s "` with every field
+/// within its width.
+pub const RECORD_HEAD: usize = 59;
+
+/// Where the type field starts in [`RECORD_HEAD`], and what an
+/// authorization key's says there (its type's name cut to 9, and the space
+/// after it).
+const TYPE_AT: usize = 49;
+const AUTH_TYPE: &[u8; 10] = b".request_ ";
+const KEYRING_TYPE: &[u8; 10] = b"keyring   ";
+
+/// A record of the view's session keyring, after its head: the kernel's
+/// name for an anonymous session keyring, then `: <count>` while it holds
+/// keys (`: empty` when it holds none: not passed over, as it then does not
+/// hold the authorization key).
+const RING_DESC: &[u8; 6] = b"_ses: ";
+
+/// What the kernel names an anonymous session keyring (the broker's, which
+/// its views hold: `KEYCTL_JOIN_SESSION_KEYRING` without a name).
+pub const ANON_SESSION: &[u8] = RING_DESC.split_at(4).0;
+
+/// Most digits a pid has (`PID_MAX_LIMIT`, 4,194,304).
+const MAX_PID_DIGITS: usize = 7;
+
+/// The first record of a /proc/keys view, read by a caller that asks the
+/// kernel for fewer bytes than the record still holds.
+///
+/// The kernel builds the file on every read from its start, checking each
+/// key in the system in serial order (possession, then permission), and
+/// stops once it has as many bytes as the read asked for. A read that takes
+/// the last byte of a record makes it go on to the next record it can
+/// show, and a view shows few: that lists every key left. So the record's
+/// end is left unread, and the keys after it are never checked. Serials
+/// are random, so where the view's first record is the authorization
+/// key's (a view shows only what its credentials possess: under one request
+/// at a time, that is so) half of the view's cost goes, on average.
+///
+/// No count of lines is needed for that record: forged lines live inside
+/// a record's description, and no record comes before the first one. Its
+/// first bytes are the kernel's `%08x ` of the first key listed, so if they
+/// are the authorization key's serial, the whole record is the kernel's:
+/// the type, and the description `key:%x pid:%d ci:%zu` made from the
+/// kernel's own numbers. The one record allowed before it is the view's own
+/// session keyring's (which it possesses, so lists): given its serial, a
+/// `keyring` record of that serial described `_ses: <keys>` is read whole
+/// and passed over. Its description is the kernel's name for an anonymous
+/// keyring (a key's description never changes), so it forges nothing
+/// either. Anything else (another key first, a field wider than its width,
+/// the key revoked meanwhile) is [`Step::NotFirst`]: the caller then scans
+/// the whole view with [`KeysLine`].
+#[derive(Debug, Clone, Copy)]
+pub struct FirstRecord {
+    /// `%08x ` of the view's own session keyring, which may come first.
+    ring: Option<[u8; 9]>,
+    /// The record's first bytes: `%08x ` of the serial.
+    serial: [u8; 9],
+    /// `key:%x pid:`, and its length.
+    head: [u8; 21],
+    head_len: usize,
+    /// ` ci:%zu` and the newline, and its length.
+    tail: [u8; 26],
+    tail_len: usize,
+}
+
+/// What to do after a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Read exactly this many more bytes: less than is left of the
+    /// record, if it is the one expected.
+    Read(usize),
+    /// The record is the expected one: it starts at `at` (after the
+    /// session keyring's record, if that came first), and its first `len`
+    /// bytes, then [`FirstRecord::unread`], are its line (without the
+    /// newline).
+    Done { at: usize, len: usize },
+    /// Not the expected record first: scan the whole view.
+    NotFirst,
+}
+
+/// Writes `v` in lowercase hex (without leading zeros, as `%x`) or decimal
+/// into `out`; returns the length.
+fn digits(mut v: u64, radix: u64, out: &mut [u8]) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut n = 0;
+    loop {
+        tmp[n] = b"0123456789abcdef"[(v % radix) as usize];
+        n += 1;
+        v /= radix;
+        if v == 0 {
+            break;
+        }
+    }
+    for (i, slot) in out[..n].iter_mut().enumerate() {
+        *slot = tmp[n - 1 - i];
+    }
+    n
+}
+
+/// `%08x ` of a serial.
+fn serial_field(serial: i32) -> [u8; 9] {
+    let mut out = [b' '; 9];
+    let n = digits(u64::from(serial as u32), 16, &mut out);
+    out.copy_within(..n, 8 - n);
+    out[..8 - n].fill(b'0');
+    out
+}
+
+/// Where a whole record of the view's session keyring ends in `seen`, or
+/// how many bytes at least are left of it.
+enum Ring {
+    Ends(usize),
+    Read(usize),
+    Not,
+}
+
+fn ring_record(seen: &[u8]) -> Ring {
+    if &seen[TYPE_AT..RECORD_HEAD] != KEYRING_TYPE {
+        return Ring::Not;
+    }
+    let rest = &seen[RECORD_HEAD..];
+    let known = rest.len().min(RING_DESC.len());
+    if rest[..known] != RING_DESC[..known] {
+        return Ring::Not;
+    }
+    let Some(count) = rest.get(RING_DESC.len()..) else {
+        // At least one digit and the newline after the name.
+        return Ring::Read(RING_DESC.len() + 2 - rest.len());
+    };
+    let n = count.iter().take_while(|b| b.is_ascii_digit()).count();
+    match count.get(n) {
+        // More keys than a u64 counts: not a keyring's record.
+        _ if n > 20 => Ring::Not,
+        None if n == 0 => Ring::Read(2),
+        None => Ring::Read(1),
+        Some(b'\n') if n > 0 => Ring::Ends(RECORD_HEAD + RING_DESC.len() + n + 1),
+        Some(_) => Ring::Not,
+    }
+}
+
+impl FirstRecord {
+    /// The reader of `key`'s record, passing over a first record of the
+    /// view's own session keyring `ring` (its serial), if given.
+    pub fn new(key: &AuthKey, ring: Option<i32>) -> FirstRecord {
+        let serial = serial_field(key.serial);
+        let mut head = [0u8; 21];
+        head[..4].copy_from_slice(b"key:");
+        let mut head_len = 4 + digits(u64::from(key.target as u32), 16, &mut head[4..]);
+        head[head_len..head_len + 5].copy_from_slice(b" pid:");
+        head_len += 5;
+        let mut tail = [0u8; 26];
+        tail[..4].copy_from_slice(b" ci:");
+        let mut tail_len = 4 + digits(key.callout_len as u64, 10, &mut tail[4..]);
+        tail[tail_len] = b'\n';
+        tail_len += 1;
+        FirstRecord {
+            ring: ring.map(serial_field),
+            serial,
+            head,
+            head_len,
+            tail,
+            tail_len,
+        }
+    }
+
+    /// The next step, given the bytes of the view read so far (all of them,
+    /// from its start, each read as asked by the step before; none at
+    /// first).
+    pub fn step(&self, seen: &[u8]) -> Step {
+        if seen.len() < RECORD_HEAD {
+            return Step::Read(RECORD_HEAD - seen.len());
+        }
+        if self.ring.is_some_and(|r| seen.starts_with(&r)) {
+            return match ring_record(seen) {
+                Ring::Ends(at) => match self.auth_step(&seen[at..]) {
+                    Step::Done { len, .. } => Step::Done { at, len },
+                    other => other,
+                },
+                Ring::Read(n) => Step::Read(n),
+                Ring::Not => Step::NotFirst,
+            };
+        }
+        self.auth_step(seen)
+    }
+
+    /// The end of the authorization key's record, ` ci:%zu`, which is
+    /// not read: reading a record's last byte makes the kernel list the
+    /// keys after it (to have the next record ready), and this part holds
+    /// only the callout's length, which the request carries.
+    pub fn unread(&self) -> &[u8] {
+        &self.tail[..self.tail_len - 1]
+    }
+
+    /// [`FirstRecord::step`] for the authorization key's record, which
+    /// `seen` starts. Every read leaves at least the record's newline
+    /// unread; the record is taken once the pid's digits are whole (a
+    /// space after them).
+    fn auth_step(&self, seen: &[u8]) -> Step {
+        let head = &self.head[..self.head_len];
+        // With the newline: what is left after the pid's digits.
+        let tail = &self.tail[..self.tail_len];
+        if seen.len() < RECORD_HEAD {
+            return Step::Read(RECORD_HEAD - seen.len());
+        }
+        if !seen.starts_with(&self.serial) || &seen[TYPE_AT..RECORD_HEAD] != AUTH_TYPE {
+            return Step::NotFirst;
+        }
+        let rest = &seen[RECORD_HEAD..];
+        if rest.len() < head.len() {
+            if !head.starts_with(rest) {
+                return Step::NotFirst;
+            }
+            // The pid has a digit at least: the tail's length is safe.
+            return Step::Read(head.len() + tail.len() - rest.len());
+        }
+        let (got_head, after) = rest.split_at(head.len());
+        if got_head != head {
+            return Step::NotFirst;
+        }
+        let pid = after.iter().take_while(|b| b.is_ascii_digit()).count();
+        if pid > MAX_PID_DIGITS {
+            return Step::NotFirst;
+        }
+        if pid == after.len() {
+            // Maybe more digits; the whole tail is still to come.
+            return Step::Read(if pid == 0 { tail.len() } else { 1 });
+        }
+        if pid == 0 || !self.unread().starts_with(&after[pid..]) {
+            return Step::NotFirst;
+        }
+        Step::Done {
+            at: 0,
+            len: RECORD_HEAD + head.len() + pid,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +432,173 @@ mod tests {
             m.feed(b"0000000a x\n", &mut out);
         }
         assert_eq!(m.finish(&out).count, 3);
+    }
+
+    /// Reads `view` as the broker does, following the steps; the step it
+    /// ends with, and the bytes read by then.
+    fn follow(view: &[u8], key: &AuthKey, ring: Option<i32>) -> (Step, usize) {
+        let reader = FirstRecord::new(key, ring);
+        let mut seen = 0;
+        loop {
+            match reader.step(&view[..seen]) {
+                Step::Read(n) => {
+                    assert!(n > 0);
+                    if seen + n > view.len() || seen + n > MAX_LINE {
+                        return (Step::NotFirst, seen);
+                    }
+                    seen += n;
+                }
+                done => return (done, seen),
+            }
+        }
+    }
+
+    /// `follow`, expecting the record at `at`, whose newline must be left
+    /// unread; its line as the reader puts it together.
+    fn line_at(view: &[u8], key: &AuthKey, ring: Option<i32>, at: usize) -> Vec<u8> {
+        let (step, seen) = follow(view, key, ring);
+        let Step::Done { at: got_at, len } = step else {
+            panic!("{step:?}: {}", String::from_utf8_lossy(view));
+        };
+        assert_eq!(got_at, at);
+        let end = at + view[at..].iter().position(|&b| b == b'\n').unwrap();
+        assert!(
+            seen <= end,
+            "read the record's end: {}",
+            String::from_utf8_lossy(view)
+        );
+        let mut line = view[at..at + len].to_vec();
+        line.extend_from_slice(FirstRecord::new(key, ring).unread());
+        line
+    }
+
+    fn auth_record(serial: u32, uid: &str, target: u32, pid: u32, ci: usize) -> String {
+        format!(
+            "{serial:08x} I--Q---     1 perm 3f010000 {uid:>5} 65534 .request_ key:{target:x} pid:{pid} ci:{ci}\n"
+        )
+    }
+
+    #[test]
+    fn the_first_record_is_read_alone() {
+        let next = "5a000000 I--Q---     1 perm 3f010000     0 65534 user      x: 1\n";
+        for (serial, target, pid, ci) in [
+            (0x0000_0001_u32, 0x1_u32, 1_u32, 0_usize),
+            (0x1a2b_3c4d, 0x7fff_ffff, 4_194_304, 4095),
+            (0x0012_3456, 0xbeef, 42, 7),
+            (0x7fff_ffff, 0x10, 999_999, 100),
+        ] {
+            let rec = auth_record(serial, "0", target, pid, ci);
+            assert_eq!(rec.find(" key:"), Some(RECORD_HEAD - 1), "{rec}");
+            let key = AuthKey {
+                serial: serial as i32,
+                target: target as i32,
+                callout_len: ci,
+            };
+            let view = format!("{rec}{next}");
+            let line = rec.trim_end().as_bytes();
+            assert_eq!(line_at(view.as_bytes(), &key, None, 0), line);
+            // The view's keyring named but not first: the same.
+            assert_eq!(line_at(view.as_bytes(), &key, Some(0x5a00_0000), 0), line);
+            // Another serial or target: not this record. (The callout's
+            // length is what the request says: read only as far as the
+            // pid's end needs.)
+            for other in [
+                AuthKey {
+                    serial: serial as i32 ^ 1,
+                    ..key
+                },
+                AuthKey {
+                    target: target as i32 ^ 1,
+                    ..key
+                },
+            ] {
+                assert_eq!(
+                    follow(view.as_bytes(), &other, None).0,
+                    Step::NotFirst,
+                    "{rec}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn anything_else_first_is_not_trusted() {
+        let key = AuthKey {
+            serial: 0x1a2b_3c4d,
+            target: 0xb,
+            callout_len: 7,
+        };
+        let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
+        // Another key first, its description forging the real line.
+        let forger =
+            format!("0000000a I--Q---     1 perm 3f3f3f3f     0 65534 user      x\n{real}");
+        // A uid wider than its field, the key revoked (no pid any more),
+        // the kernel's full type name, an empty view.
+        let wide = auth_record(0x1a2b_3c4d, "1000000", 0xb, 42, 7);
+        let revoked = "1a2b3c4d I-R-Q--     1 perm 3f010000     0 65534 .request_ key:b\n";
+        let more_digits = auth_record(0x1a2b_3c4d, "0", 0xb, 12_345_678, 7);
+        for view in [
+            format!("{forger}{real}"),
+            format!("{wide}{real}"),
+            format!("{revoked}{real}"),
+            format!("{more_digits}{real}"),
+            real.replace(".request_", "user     "),
+            String::new(),
+        ] {
+            assert_eq!(
+                follow(view.as_bytes(), &key, None).0,
+                Step::NotFirst,
+                "{view}"
+            );
+        }
+        // Found unlike the expected record before its end is read.
+        assert!(follow(forger.as_bytes(), &key, None).1 < forger.find('\n').unwrap());
+        assert!(follow(wide.as_bytes(), &key, None).1 < wide.len() - 1);
+    }
+
+    fn ring_record(serial: u32, desc: &str) -> String {
+        format!("{serial:08x} I------     2 perm 3f1b0000     0 65534 keyring   {desc}\n")
+    }
+
+    #[test]
+    fn the_views_own_keyring_first_is_passed_over() {
+        let key = AuthKey {
+            serial: 0x1a2b_3c4d,
+            target: 0xb,
+            callout_len: 7,
+        };
+        let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
+        let ring = Some(0x0000_0100);
+        for keys in ["1", "9", "12", "1234567"] {
+            let first = ring_record(0x100, &format!("_ses: {keys}"));
+            let view = format!("{first}{real}");
+            let line = line_at(view.as_bytes(), &key, ring, first.len());
+            assert_eq!(line, real.trim_end().as_bytes());
+            // Not named: scanned; another serial: scanned.
+            assert_eq!(follow(view.as_bytes(), &key, None).0, Step::NotFirst);
+            assert_eq!(follow(view.as_bytes(), &key, Some(0x101)).0, Step::NotFirst);
+        }
+        // Only the kernel's record of an anonymous session keyring holding
+        // keys; and only one record passed over.
+        for first in [
+            ring_record(0x100, "_ses: empty"),
+            ring_record(0x100, "_ses"),
+            ring_record(0x100, "_sess: 1"),
+            ring_record(0x100, "_ses: 1x"),
+            ring_record(0x100, "_ses: 1").replace("keyring  ", "user     "),
+            format!(
+                "{}{}",
+                ring_record(0x100, "_ses: 1"),
+                ring_record(0x100, "_ses: 1")
+            ),
+        ] {
+            let view = format!("{first}{real}");
+            assert_eq!(
+                follow(view.as_bytes(), &key, ring).0,
+                Step::NotFirst,
+                "{view}"
+            );
+        }
+        assert!(RING_DESC.starts_with(ANON_SESSION) && ANON_SESSION == b"_ses");
     }
 }

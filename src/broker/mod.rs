@@ -489,7 +489,7 @@ fn serve_one(server: &Server, job: Job) {
         proc_root: Path::new("/proc"),
         prk: &|msg, deadline| server.prk(msg, deadline),
         hasher: &server.hasher,
-        auth_line: &|uid, auth, deadline| server.keys.auth_line(uid, auth, deadline),
+        auth_line: &|uid, auth: &_, deadline| server.keys.auth_line(uid, auth, deadline),
     };
     let result = pipeline::decide(&up, &ctx, deadline, &mut record);
     let result = match result {
@@ -889,7 +889,10 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
         more,
         all_busy: Condvar::new(),
         hasher: crate::requester::csum::Hasher::default(),
-        keys: crate::requester::keys::KeysView::new(view_maker),
+        keys: crate::requester::keys::KeysView::new(
+            view_maker,
+            crate::keyring::is_anonymous_session(keys_ring).then_some(keys_ring),
+        ),
         hot: hot::HotKeys::new(config.hot_key),
         owner_auth,
         config,

@@ -22,6 +22,7 @@ use crate::requester::keys::AuthLine;
 use crate::requester::{self, Requester};
 use crate::secret::SecretBuf;
 use crate::wire::Upcall;
+use derived_keys_core::proc_keys::AuthKey;
 
 /// The kernel keeps key expiry in whole seconds (`now_seconds + timeout`)
 /// and checks it once more when the helper exits: a 1-second timeout set
@@ -138,7 +139,7 @@ pub struct Context<'a> {
 
 /// How the pipeline reads the authorization key's line.
 pub type AuthLineFn<'a> =
-    dyn Fn(u32, i32, Instant) -> Result<AuthLine, requester::RequesterError> + 'a;
+    dyn Fn(u32, &AuthKey, Instant) -> Result<AuthLine, requester::RequesterError> + 'a;
 
 /// A granted request: what to instantiate, and the key's timeout.
 pub struct Grant {
@@ -183,7 +184,12 @@ pub fn decide(
         ));
     }
     let needs = policy::needs(config, &req, up.uid, up.gid);
-    let keys = (ctx.auth_line)(up.uid, up.auth, deadline)?;
+    let auth = AuthKey {
+        serial: up.auth,
+        target: up.key,
+        callout_len: up.callout.len(),
+    };
+    let keys = (ctx.auth_line)(up.uid, &auth, deadline)?;
     let who: Requester = requester::identify(
         ctx.proc_root,
         &keys.line,
@@ -320,16 +326,24 @@ mod tests {
         }
     }
 
-    /// A fixed /proc/keys answer, checking what it is asked for.
+    /// A fixed /proc/keys answer, checking what it is asked for (the
+    /// callout's length too, where given).
     fn keys_say(
         line: &[u8],
         lines: u32,
-    ) -> impl Fn(u32, i32, Instant) -> Result<AuthLine, requester::RequesterError> + '_ {
+        callout_len: Option<usize>,
+    ) -> impl Fn(u32, &AuthKey, Instant) -> Result<AuthLine, requester::RequesterError> + '_ {
         move |uid, auth, _| {
-            assert_eq!((uid, auth), (1000, 0x22), "the requester's uid and key");
+            let asked = AuthKey {
+                serial: 0x22,
+                target: 0x11,
+                callout_len: callout_len.unwrap_or(auth.callout_len),
+            };
+            assert_eq!((uid, *auth), (1000, asked), "the requester's uid and key");
             Ok(AuthLine {
                 line: line.to_vec(),
                 count: lines,
+                alone: false,
             })
         }
     }
@@ -344,7 +358,7 @@ mod tests {
             proc_root: Path::new("/nonexistent-proc"),
             prk: &no_tpm,
             hasher: &crate::requester::csum::Hasher::default(),
-            auth_line: &keys_say(u.line, u.lines),
+            auth_line: &keys_say(u.line, u.lines, Some(u.up.callout.len())),
         };
         let mut record = Record::default();
         let r = decide(
@@ -501,7 +515,7 @@ mod tests {
             proc_root: proc_root.path(),
             prk: &prk,
             hasher: &hasher,
-            auth_line: &keys_say(LINE_4242, 1),
+            auth_line: &keys_say(LINE_4242, 1, None),
         };
         let line = LINE_4242;
         let get = |ty: &str, rest: &str, callout: &str| {
@@ -587,7 +601,7 @@ mod tests {
             proc_root: proc_root.path(),
             prk: &prk,
             hasher: &hasher,
-            auth_line: &keys_say(LINE_4242, 1),
+            auth_line: &keys_say(LINE_4242, 1, None),
         };
         let line = LINE_4242;
         let get = |rest: &str, callout: &str| {

@@ -40,8 +40,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
-use derived_keys_core::proc_keys::KeysLine;
-use derived_keys_core::proc_keys::MAX_LINE;
+use derived_keys_core::proc_keys::{AuthKey, FirstRecord, KeysLine, Step, MAX_LINE};
 
 use super::RequesterError;
 use crate::sys::ViewError;
@@ -59,8 +58,13 @@ pub const MAX_VIEWS: usize = 256;
 pub struct AuthLine {
     /// The first line that starts with the serial (empty if none fit).
     pub line: Vec<u8>,
-    /// How many lines start with it; anything but 1 is refused.
+    /// How many lines start with it; anything but 1 is refused. 1 also
+    /// when the line was the file's first record, read alone (no record
+    /// comes before the first, so no line in one can forge it).
     pub count: u32,
+    /// Read alone as the file's first record ([`FirstRecord`]), the keys
+    /// after it not listed; false after a scan of the whole file.
+    pub alone: bool,
 }
 
 struct View {
@@ -92,15 +96,20 @@ enum Maker {
 pub struct KeysView {
     views: Mutex<Views>,
     maker: Maker,
+    /// The anonymous session keyring the views hold (the broker's), whose
+    /// record a view may list before the authorization key's.
+    ring: Option<i32>,
 }
 
 impl KeysView {
     /// Views made by `maker`, the broker's helper; none (the file read
     /// plainly, with the same filesystem uid) where it could not start.
-    pub fn new(maker: Option<crate::sys::ViewMaker>) -> KeysView {
+    /// `ring`: the views' anonymous session keyring, if they hold one.
+    pub fn new(maker: Option<crate::sys::ViewMaker>, ring: Option<i32>) -> KeysView {
         KeysView {
             views: Mutex::default(),
             maker: Maker::Helper(Mutex::new(maker)),
+            ring,
         }
     }
 
@@ -109,6 +118,7 @@ impl KeysView {
         KeysView {
             views: Mutex::default(),
             maker: Maker::Fork,
+            ring: None,
         }
     }
 
@@ -119,15 +129,15 @@ impl KeysView {
     pub fn auth_line(
         &self,
         uid: u32,
-        auth: i32,
+        auth: &AuthKey,
         deadline: Instant,
     ) -> Result<AuthLine, RequesterError> {
         match self.view(uid, deadline) {
             Some(file) => {
                 let file = file.lock().unwrap_or_else(|p| p.into_inner());
-                scan(&file, auth)
+                scan(&file, auth, self.ring)
             }
-            None => scan(&open_plain()?, auth),
+            None => scan(&open_plain()?, auth, self.ring),
         }
     }
 
@@ -243,10 +253,66 @@ fn open_plain() -> Result<File, RequesterError> {
     })
 }
 
+/// The authorization key's line: the file's first record read alone if it
+/// is the key's, after the record of `ring` if that comes first (a view
+/// lists what its credentials possess: under one request at a time, that
+/// keyring and the key), else a scan of the whole file.
+fn scan(file: &File, auth: &AuthKey, ring: Option<i32>) -> Result<AuthLine, RequesterError> {
+    match first_record(file, auth, ring)? {
+        Some(line) => Ok(AuthLine {
+            line,
+            count: 1,
+            alone: true,
+        }),
+        None => scan_all(file, auth.serial),
+    }
+}
+
+fn read_err(source: std::io::Error) -> RequesterError {
+    RequesterError::Read {
+        path: super::PROC_KEYS.into(),
+        source,
+    }
+}
+
+/// The file's first record if it is `auth`'s, read in reads that never ask
+/// for more than that record holds (see [`FirstRecord`]): the kernel then
+/// does not list, nor check, the keys after it.
+fn first_record(
+    file: &File,
+    auth: &AuthKey,
+    ring: Option<i32>,
+) -> Result<Option<Vec<u8>>, RequesterError> {
+    let reader = FirstRecord::new(auth, ring);
+    let mut buf = [0u8; MAX_LINE];
+    let mut seen = 0;
+    loop {
+        match reader.step(&buf[..seen]) {
+            Step::Read(n) => {
+                let Some(room) = buf.get_mut(seen..seen + n) else {
+                    return Ok(None);
+                };
+                // The first read, at offset 0, makes the kernel list the
+                // keys afresh; the following ones continue its record.
+                match file.read_at(room, seen as u64).map_err(read_err)? {
+                    0 => return Ok(None),
+                    got => seen += got,
+                }
+            }
+            Step::Done { at, len } => {
+                let mut line = buf[at..at + len].to_vec();
+                line.extend_from_slice(reader.unread());
+                return Ok(Some(line));
+            }
+            Step::NotFirst => return Ok(None),
+        }
+    }
+}
+
 /// Reads the whole file from its start, in chunks (another uid's keys are
 /// not listed, but ours may be many and long), counting the lines that
 /// start with `auth`'s serial.
-fn scan(file: &File, auth: i32) -> Result<AuthLine, RequesterError> {
+fn scan_all(file: &File, auth: i32) -> Result<AuthLine, RequesterError> {
     let mut chunk = [0u8; 8192];
     let mut first = [0u8; MAX_LINE];
     let mut lines = KeysLine::new(auth);
@@ -254,17 +320,13 @@ fn scan(file: &File, auth: i32) -> Result<AuthLine, RequesterError> {
     loop {
         // A read at offset 0 makes the kernel list the keys afresh; the
         // following ones continue from where the last one stopped.
-        let n = file
-            .read_at(&mut chunk, at)
-            .map_err(|source| RequesterError::Read {
-                path: super::PROC_KEYS.into(),
-                source,
-            })?;
+        let n = file.read_at(&mut chunk, at).map_err(read_err)?;
         if n == 0 {
             let found = lines.finish(&first);
             return Ok(AuthLine {
                 line: first[..found.len].to_vec(),
                 count: found.count,
+                alone: false,
             });
         }
         lines.feed(&chunk[..n], &mut first);
@@ -280,7 +342,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("keys");
         std::fs::write(&p, text).unwrap();
-        scan(&File::open(&p).unwrap(), auth).unwrap()
+        let key = AuthKey {
+            serial: auth,
+            target: 0xb,
+            callout_len: 7,
+        };
+        scan(&File::open(&p).unwrap(), &key, Some(0x100)).unwrap()
+    }
+
+    /// The kernel's layout of an authorization key's record.
+    const REAL: &str =
+        "1a2b3c4d I--Q---     1 perm 3f010000     0 65534 .request_ key:b pid:42 ci:7";
+
+    #[test]
+    fn the_first_record_is_taken_alone_only_if_it_is_the_keys() {
+        let other = "1a2b3c4e I--Q---     1 perm 3f010000     0 65534 user      y: 1\n";
+        let got = auth_line_of(format!("{REAL}\n{other}{REAL}\n").as_bytes(), 0x1a2b_3c4d);
+        // Taken alone: a copy further down is in another record.
+        assert_eq!(
+            (got.line.as_slice(), got.count, got.alone),
+            (REAL.as_bytes(), 1, true)
+        );
+        // Another record first, forging the line in its description: the
+        // whole file is scanned, both lines counted.
+        let forger =
+            format!("0000000a I--Q---     1 perm 3f3f3f3f     0 65534 user      x\n{REAL}\n");
+        let got = auth_line_of(format!("{forger}{REAL}\n").as_bytes(), 0x1a2b_3c4d);
+        assert_eq!((got.count, got.alone), (2, false));
+        // The first record with another callout length: scanned.
+        // After the views' keyring's record; not after another keyring's.
+        let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 1\n";
+        let got = auth_line_of(format!("{ring}{REAL}\n").as_bytes(), 0x1a2b_3c4d);
+        assert_eq!((got.line.as_slice(), got.alone), (REAL.as_bytes(), true));
+        let other = ring.replace("00000100", "00000101");
+        let got = auth_line_of(format!("{other}{REAL}\n").as_bytes(), 0x1a2b_3c4d);
+        assert_eq!(
+            (got.line.as_slice(), got.count, got.alone),
+            (REAL.as_bytes(), 1, false)
+        );
+        // The first record for another target: scanned.
+        let wrong = REAL.replace("key:b ", "key:c ");
+        let got = auth_line_of(format!("{wrong}\n").as_bytes(), 0x1a2b_3c4d);
+        assert_eq!(
+            (got.line, got.count, got.alone),
+            (wrong.into_bytes(), 1, false)
+        );
     }
 
     #[test]
@@ -308,7 +414,12 @@ mod tests {
         }
         let view = KeysView::forking();
         let deadline = Instant::now() + Duration::from_secs(5);
-        assert_eq!(view.auth_line(0, 0, deadline).unwrap().count, 0);
+        let none = AuthKey {
+            serial: 0,
+            target: 0,
+            callout_len: 0,
+        };
+        assert_eq!(view.auth_line(0, &none, deadline).unwrap().count, 0);
         let Some(file) = view.view(0, deadline) else {
             // No user namespaces here: nothing more to see.
             return;

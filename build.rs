@@ -26,7 +26,20 @@ fn main() {
     let musl = Path::new(MUSL);
     if wanted && arch == "x86_64" && musl.join("libc.a").is_file() && musl.join("crt1.o").is_file()
     {
-        for a in ["-nostartfiles", "-static", "-no-pie"] {
+        // Two loadable segments, not five: the read-only data shares the
+        // code's (--no-rosegment) and the relocation-read-only data the
+        // writable one (-z norelro), so exec maps fewer areas and the
+        // handler takes 5 page faults, not 7 (2.5 µs each here). Nothing
+        // is given up: without a dynamic loader nobody makes RELRO read
+        // only (musl's static start never calls mprotect), and no segment
+        // is both writable and executable.
+        for a in [
+            "-nostartfiles",
+            "-static",
+            "-no-pie",
+            "-Wl,-z,norelro",
+            "-Wl,--no-rosegment",
+        ] {
             arg(a);
         }
         for obj in ["crt1.o", "crti.o", "libc.a", "crtn.o"] {

@@ -801,3 +801,35 @@ fn a_request_whose_authorization_key_cannot_be_linked_is_eio() {
         .unwrap();
     assert_eq!(env.request("user", "db#2", "32 user"), Got::Err(EIO));
 }
+
+/// The handler's program headers: no segment both writable and
+/// executable, and where it is linked statically (no interpreter), the two
+/// loadable segments build.rs asks for (each more is an area exec maps
+/// and a page fault per request).
+#[test]
+fn the_handler_maps_no_writable_code_and_two_segments() {
+    const PT_LOAD: u32 = 1;
+    const PT_INTERP: u32 = 3;
+    const PF_X: u32 = 1;
+    const PF_W: u32 = 2;
+    let elf = std::fs::read(env!("CARGO_BIN_EXE_derived-key-helper")).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "a 64-bit ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap());
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().unwrap()) as usize;
+    let (size, count) = (usize::from(u16_at(0x36)), usize::from(u16_at(0x38)));
+    let headers: Vec<(u32, u32)> = (0..count)
+        .map(|i| (u32_at(phoff + i * size), u32_at(phoff + i * size + 4)))
+        .collect();
+    let loads: Vec<u32> = headers
+        .iter()
+        .filter(|(kind, _)| *kind == PT_LOAD)
+        .map(|(_, flags)| *flags)
+        .collect();
+    for flags in &loads {
+        assert!(flags & (PF_W | PF_X) != PF_W | PF_X, "a W+X segment: {headers:x?}");
+    }
+    if headers.iter().all(|(kind, _)| *kind != PT_INTERP) {
+        assert_eq!(loads.len(), 2, "loadable segments: {headers:x?}");
+    }
+}

@@ -176,13 +176,26 @@ impl KmsgBudget {
         }
     }
 
-    fn write(&mut self, text: &str, severity: u8) -> Result<(), KmsgRefusal> {
+    /// A new window starts at `now`.
+    fn window_over(&self, now: Instant) -> bool {
         let interval = Duration::from_millis(line::KMSG_INTERVAL_MS);
-        let now = Instant::now();
-        if self
-            .window
+        self.window
             .is_none_or(|w| now.saturating_duration_since(w) >= interval)
-        {
+    }
+
+    /// The next write would be refused without reaching the kernel.
+    fn spent(&self) -> bool {
+        !self.window_over(Instant::now())
+            && match self.mode {
+                DevkmsgMode::Off => true,
+                DevkmsgMode::Ratelimit => self.used >= line::KMSG_BURST,
+                DevkmsgMode::On => false,
+            }
+    }
+
+    fn write(&mut self, text: &str, severity: u8) -> Result<(), KmsgRefusal> {
+        let now = Instant::now();
+        if self.window_over(now) {
             self.window = Some(now);
             self.used = 0;
             self.mode = devkmsg_mode();
@@ -478,7 +491,11 @@ fn emit_via(journal_socket: &Path, target: &LogTarget, record: &Record) {
     };
     let mut st = lock();
     let State { kmsg, counter } = &mut *st;
-    if let Some(c) = counter.as_mut() {
+    // A report of drops goes out only where the line could: with the
+    // kernel log's allowance spent, neither would (and the count, one
+    // statx, is not worth reading for every line of a flood).
+    let may_report = !(matches!(target, LogTarget::Kmsg) && kmsg.spent());
+    if let Some(c) = counter.as_mut().filter(|_| may_report) {
         let size = c.size();
         if size > c.reported {
             let mut report = Vec::new();
@@ -848,9 +865,21 @@ mod tests {
         b.window = Some(Instant::now());
         b.used = line::KMSG_BURST;
         b.mode = DevkmsgMode::Ratelimit;
+        assert!(b.spent());
         assert_eq!(b.write("x", 6), Err(KmsgRefusal::RateLimited));
         b.mode = DevkmsgMode::Off;
+        assert!(b.spent());
         assert_eq!(b.write("x", 6), Err(KmsgRefusal::Off));
+        // Room left, no limit, or a new window: not spent.
+        b.mode = DevkmsgMode::On;
+        assert!(!b.spent());
+        b.mode = DevkmsgMode::Ratelimit;
+        b.used = line::KMSG_BURST - 1;
+        assert!(!b.spent());
+        b.used = line::KMSG_BURST;
+        b.window = Instant::now().checked_sub(Duration::from_millis(line::KMSG_INTERVAL_MS));
+        assert!(!b.spent());
+        assert!(!KmsgBudget::new().spent());
         assert!(KmsgRefusal::RateLimited.why().contains("10 lines per 5 s"));
     }
 }

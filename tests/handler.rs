@@ -827,7 +827,10 @@ fn the_handler_maps_no_writable_code_and_two_segments() {
         .map(|(_, flags)| *flags)
         .collect();
     for flags in &loads {
-        assert!(flags & (PF_W | PF_X) != PF_W | PF_X, "a W+X segment: {headers:x?}");
+        assert!(
+            flags & (PF_W | PF_X) != PF_W | PF_X,
+            "a W+X segment: {headers:x?}"
+        );
     }
     if headers.iter().all(|(kind, _)| *kind != PT_INTERP) {
         assert_eq!(loads.len(), 2, "loadable segments: {headers:x?}");

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Got, KernelEnv};
+use common::{request_described, Got, KernelEnv};
 use sha2::{Digest, Sha256};
 
 const EINVAL: i32 = libc::EINVAL;
@@ -714,24 +714,7 @@ fn a_second_rule_against_the_same_tpm_shares_its_keys_and_status_warns() {
         ),
     )
     .unwrap();
-    let prefix = format!("{}b", env.prefix);
-    let rule = std::path::PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
-    let helper = env!("CARGO_BIN_EXE_derived-key-helper");
-    std::fs::write(
-        &rule,
-        format!(
-            "create user {prefix}:* * {helper} --config {} --prefix {prefix} %k %u %g\n",
-            loose.display()
-        ),
-    )
-    .unwrap();
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _rule = Remove(rule.clone());
+    let (prefix, rule) = env.rule_for("b", &loose);
 
     let ours = env.request("user", "db", "32 user").payload();
     let script = format!("keyctl request2 user {prefix}:db '32 user' @s | xargs keyctl pipe | od -An -v -tx1 | tr -d ' \\n'");
@@ -753,7 +736,7 @@ fn a_second_rule_against_the_same_tpm_shares_its_keys_and_status_warns() {
         .iter()
         .map(|r| r["file"].as_str().unwrap())
         .collect();
-    assert!(files.contains(&rule.to_str().unwrap()), "{files:?}");
+    assert!(files.contains(&rule.path.to_str().unwrap()), "{files:?}");
     assert_eq!(files.len(), 3, "{files:?}");
     let human = Command::new(env!("CARGO_BIN_EXE_dkey"))
         .args(["status", "--config"])
@@ -835,4 +818,23 @@ fn the_handler_maps_no_writable_code_and_two_segments() {
     if headers.iter().all(|(kind, _)| *kind != PT_INTERP) {
         assert_eq!(loads.len(), 2, "loadable segments: {headers:x?}");
     }
+}
+
+/// A rule whose prefix is longer than the protocol carries (64 bytes) is a
+/// misconfiguration of the rule file: the handler refuses at once, EINVAL,
+/// before it reads the key, the authorization key or the callout. One
+/// byte shorter is served.
+#[test]
+fn a_prefix_longer_than_the_protocol_carries_is_einval() {
+    use derived_keys_core::wire::MAX_PREFIX;
+    let env = KernelEnv::new("");
+    let long = "p".repeat(MAX_PREFIX + 1 - env.prefix.len());
+    let (prefix, _long_rule) = env.rule_for(&long, &env.conf);
+    assert_eq!(prefix.len(), MAX_PREFIX + 1);
+    let ask =
+        |prefix: &str| request_described(&[], "keyctl", "user", &format!("{prefix}:db"), "32 user");
+    assert_eq!(ask(&prefix).errno(), EINVAL);
+    let (prefix, _rule) = env.rule_for(&long[1..], &env.conf);
+    assert_eq!(prefix.len(), MAX_PREFIX);
+    assert_eq!(ask(&prefix).payload().len(), 32);
 }

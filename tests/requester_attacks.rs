@@ -130,21 +130,17 @@ fn outcome(stdout: &str) -> Result<Vec<u8>, i32> {
 /// request_key(2) until the sleep ends (8 s). Removed on drop.
 struct WaitRule {
     prefix: String,
-    rule: PathBuf,
+    _rule: common::RuleFile,
 }
 
 impl WaitRule {
     fn install(env: &KernelEnv) -> WaitRule {
         let prefix = format!("{}w", env.prefix);
-        let rule = PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
-        std::fs::write(&rule, format!("create user {prefix}:* * /bin/sleep 8\n")).unwrap();
-        WaitRule { prefix, rule }
-    }
-}
-
-impl Drop for WaitRule {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.rule);
+        let rule = common::RuleFile::install(&prefix, "/bin/sleep 8");
+        WaitRule {
+            prefix,
+            _rule: rule,
+        }
     }
 }
 

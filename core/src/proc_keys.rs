@@ -107,22 +107,58 @@ pub struct AuthKey {
     pub serial: i32,
     /// The key under construction it authorizes.
     pub target: i32,
-    /// The length of the callout it carries (the record's last field; not
-    /// read where the record is read alone, see [`FirstRecord::unread`]).
+    /// The length of the callout it carries (the record's last field, only
+    /// partly read where the record is read alone: see
+    /// [`FirstRecord::unread`]).
     pub callout_len: usize,
 }
 
 /// Length of the part of a record before the description:
 /// `"%08x %c%c%c%c%c%c%c %5d %4s %08x %5d %5d %-9.9s "` with every field
-/// within its width.
+/// within its width. A field whose value needs more (a uid over 99999)
+/// widens it, so this is the least a record's head takes.
 pub const RECORD_HEAD: usize = 59;
 
-/// Where the type field starts in [`RECORD_HEAD`], and what an
-/// authorization key's says there (its type's name cut to 9, and the space
-/// after it).
-const TYPE_AT: usize = 49;
+/// The type field of an authorization key's record and of a keyring's (the
+/// type's name padded or cut to 9, and the space after it).
 const AUTH_TYPE: &[u8; 10] = b".request_ ";
 const KEYRING_TYPE: &[u8; 10] = b"keyring   ";
+
+/// Where the type field starts in a record that `seen` starts.
+enum TypeAt {
+    At(usize),
+    /// `seen` ends before the fields do.
+    More,
+    /// Not a record's head.
+    Bad,
+}
+
+/// Finds the type field by the fields before it rather than by their
+/// widths: the serial, then six fields (flags, usage, expiry, permissions,
+/// uid, gid), each printable without a space, after one or more spaces
+/// (separator and padding), and one space before the type, which never
+/// starts with one.
+fn type_at(seen: &[u8]) -> TypeAt {
+    let mut i = 9;
+    for _ in 0..6 {
+        loop {
+            match seen.get(i) {
+                None => return TypeAt::More,
+                Some(b' ') => i += 1,
+                Some(_) => break,
+            }
+        }
+        loop {
+            match seen.get(i) {
+                None => return TypeAt::More,
+                Some(b' ') => break,
+                Some(b) if b.is_ascii_graphic() => i += 1,
+                Some(_) => return TypeAt::Bad,
+            }
+        }
+    }
+    TypeAt::At(i + 1)
+}
 
 /// A record of the view's session keyring, after its head: the kernel's
 /// name for an anonymous session keyring, then `: <count>` while it holds
@@ -147,8 +183,11 @@ const MAX_PID_DIGITS: usize = 7;
 /// show, and a view shows few: that lists every key left. So the record's
 /// end is left unread, and the keys after it are never checked. Serials
 /// are random, so where the view's first record is the authorization
-/// key's (a view shows only what its credentials possess: under one request
-/// at a time, that is so) half of the view's cost goes, on average.
+/// key's (a view shows what its credentials possess, and the requester's
+/// keys anyone may view: under one request at a time, that is so) half of
+/// the view's cost goes, on average. (This is `seq_read_iter`, Linux 5.10
+/// and later; where a read is served from what is left of a record
+/// without going on, the reads are merely as cheap as before.)
 ///
 /// No count of lines is needed for that record: forged lines live inside
 /// a record's description, and no record comes before the first one. Its
@@ -228,11 +267,37 @@ enum Ring {
     Not,
 }
 
-fn ring_record(seen: &[u8]) -> Ring {
-    if &seen[TYPE_AT..RECORD_HEAD] != KEYRING_TYPE {
-        return Ring::Not;
+/// The type field at `at` of a record whose type must be `want`: Ok with
+/// where the description starts; Err with the step to take (how many bytes
+/// to read, at most `then` more than the type field still needs; or not
+/// the record expected).
+fn type_field(seen: &[u8], want: &[u8; 10], then: usize) -> Result<usize, Result<usize, ()>> {
+    let at = match type_at(seen) {
+        TypeAt::At(at) => at,
+        // Until the fields before it are all there: the type field and
+        // `then` are still to come whatever their widths.
+        TypeAt::More => return Err(Ok(want.len() + then)),
+        TypeAt::Bad => return Err(Err(())),
+    };
+    let got = &seen[at.min(seen.len())..];
+    let known = got.len().min(want.len());
+    if got[..known] != want[..known] {
+        return Err(Err(()));
     }
-    let rest = &seen[RECORD_HEAD..];
+    if known < want.len() {
+        return Err(Ok(want.len() - known + then));
+    }
+    Ok(at + want.len())
+}
+
+fn ring_record(seen: &[u8]) -> Ring {
+    // The name, a digit and the newline at least after the type.
+    let desc_at = match type_field(seen, KEYRING_TYPE, RING_DESC.len() + 2) {
+        Ok(at) => at,
+        Err(Ok(n)) => return Ring::Read(n),
+        Err(Err(())) => return Ring::Not,
+    };
+    let rest = &seen[desc_at..];
     let known = rest.len().min(RING_DESC.len());
     if rest[..known] != RING_DESC[..known] {
         return Ring::Not;
@@ -247,7 +312,7 @@ fn ring_record(seen: &[u8]) -> Ring {
         _ if n > 20 => Ring::Not,
         None if n == 0 => Ring::Read(2),
         None => Ring::Read(1),
-        Some(b'\n') if n > 0 => Ring::Ends(RECORD_HEAD + RING_DESC.len() + n + 1),
+        Some(b'\n') if n > 0 => Ring::Ends(desc_at + RING_DESC.len() + n + 1),
         Some(_) => Ring::Not,
     }
 }
@@ -297,10 +362,12 @@ impl FirstRecord {
         self.auth_step(seen)
     }
 
-    /// The end of the authorization key's record, ` ci:%zu`, which is
-    /// not read: reading a record's last byte makes the kernel list the
-    /// keys after it (to have the next record ready), and this part holds
-    /// only the callout's length, which the request carries.
+    /// The end of the authorization key's record, ` ci:%zu` with the
+    /// request's callout length: the reads stop once the pid is whole, and
+    /// what they saw of this part is only checked to begin it. Reading a
+    /// record's last byte makes the kernel list the keys after it (to have
+    /// the next record ready); this part holds only the callout's length,
+    /// which the request carries and nothing relies on.
     pub fn unread(&self) -> &[u8] {
         &self.tail[..self.tail_len - 1]
     }
@@ -316,10 +383,17 @@ impl FirstRecord {
         if seen.len() < RECORD_HEAD {
             return Step::Read(RECORD_HEAD - seen.len());
         }
-        if !seen.starts_with(&self.serial) || &seen[TYPE_AT..RECORD_HEAD] != AUTH_TYPE {
+        if !seen.starts_with(&self.serial) {
             return Step::NotFirst;
         }
-        let rest = &seen[RECORD_HEAD..];
+        // The description, at least one digit of the pid and the tail are
+        // still to come after the type field.
+        let desc_at = match type_field(seen, AUTH_TYPE, head.len() + tail.len()) {
+            Ok(at) => at,
+            Err(Ok(n)) => return Step::Read(n),
+            Err(Err(())) => return Step::NotFirst,
+        };
+        let rest = &seen[desc_at..];
         if rest.len() < head.len() {
             if !head.starts_with(rest) {
                 return Step::NotFirst;
@@ -339,12 +413,13 @@ impl FirstRecord {
             // Maybe more digits; the whole tail is still to come.
             return Step::Read(if pid == 0 { tail.len() } else { 1 });
         }
-        if pid == 0 || !self.unread().starts_with(&after[pid..]) {
+        // `%d` of a pid: no leading zero, never 0.
+        if pid == 0 || after[0] == b'0' || !self.unread().starts_with(&after[pid..]) {
             return Step::NotFirst;
         }
         Step::Done {
             at: 0,
-            len: RECORD_HEAD + head.len() + pid,
+            len: desc_at + head.len() + pid,
         }
     }
 }
@@ -532,17 +607,19 @@ mod tests {
         // Another key first, its description forging the real line.
         let forger =
             format!("0000000a I--Q---     1 perm 3f3f3f3f     0 65534 user      x\n{real}");
-        // A uid wider than its field, the key revoked (no pid any more),
-        // the kernel's full type name, an empty view.
-        let wide = auth_record(0x1a2b_3c4d, "1000000", 0xb, 42, 7);
+        // The key revoked (no pid any more), more digits than a pid has,
+        // another type, an empty view.
         let revoked = "1a2b3c4d I-R-Q--     1 perm 3f010000     0 65534 .request_ key:b\n";
         let more_digits = auth_record(0x1a2b_3c4d, "0", 0xb, 12_345_678, 7);
         for view in [
             format!("{forger}{real}"),
-            format!("{wide}{real}"),
             format!("{revoked}{real}"),
             format!("{more_digits}{real}"),
             real.replace(".request_", "user     "),
+            real.replace("pid:42", "pid:042"),
+            real.replace("pid:42", "pid:0"),
+            real.replace("I--Q---", "I-\t-Q--"),
+            real.replace("     1 perm", "    \n1 perm"),
             String::new(),
         ] {
             assert_eq!(
@@ -553,7 +630,61 @@ mod tests {
         }
         // Found unlike the expected record before its end is read.
         assert!(follow(forger.as_bytes(), &key, None).1 < forger.find('\n').unwrap());
-        assert!(follow(wide.as_bytes(), &key, None).1 < wide.len() - 1);
+    }
+
+    #[test]
+    fn fields_wider_than_their_width_are_followed() {
+        let key = AuthKey {
+            serial: 0x1a2b_3c4d,
+            target: 0xb,
+            callout_len: 7,
+        };
+        let next = auth_record(0x1a2b_3c4e, "0", 0xb, 42, 7);
+        for rec in [
+            auth_record(0x1a2b_3c4d, "1000000", 0xb, 42, 7),
+            auth_record(0x1a2b_3c4d, "4294967294", 0xb, 4_194_304, 7),
+            "1a2b3c4d I--Q--- 123456 perm 3f010000 100000 1000000 .request_ key:b pid:9 ci:7\n"
+                .to_string(),
+        ] {
+            let view = format!("{rec}{next}");
+            let line = line_at(view.as_bytes(), &key, None, 0);
+            assert_eq!(line, rec.trim_end().as_bytes());
+            // And after the view's keyring's record, itself wide.
+            let ring = "00000100 I------     2 perm 3f1b0000 100000 100000 keyring   _ses: 1\n";
+            let view = format!("{ring}{rec}{next}");
+            let line = line_at(view.as_bytes(), &key, Some(0x100), ring.len());
+            assert_eq!(line, rec.trim_end().as_bytes());
+        }
+    }
+
+    #[test]
+    fn any_split_of_the_reads_gives_the_same_record() {
+        // Reads may return less than asked: the steps follow from the bytes
+        // seen, whatever their number.
+        let key = AuthKey {
+            serial: 0x1a2b_3c4d,
+            target: 0xb,
+            callout_len: 7,
+        };
+        let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 12\n";
+        let rec = auth_record(0x1a2b_3c4d, "0", 0xb, 4242, 7);
+        let view = format!("{ring}{rec}");
+        let reader = FirstRecord::new(&key, Some(0x100));
+        for short in 1..8 {
+            let mut seen = 0;
+            let step = loop {
+                match reader.step(&view.as_bytes()[..seen]) {
+                    Step::Read(n) => seen += n.min(short),
+                    done => break done,
+                }
+            };
+            let want = Step::Done {
+                at: ring.len(),
+                len: rec.len() - 1 - FirstRecord::new(&key, None).unread().len(),
+            };
+            assert_eq!(step, want, "reads of at most {short}");
+            assert!(seen < view.len());
+        }
     }
 
     fn ring_record(serial: u32, desc: &str) -> String {
@@ -578,6 +709,10 @@ mod tests {
             assert_eq!(follow(view.as_bytes(), &key, None).0, Step::NotFirst);
             assert_eq!(follow(view.as_bytes(), &key, Some(0x101)).0, Step::NotFirst);
         }
+        // The keyring first, then another key's record: scanned.
+        let other = auth_record(0x1a2b_3c4e, "0", 0xb, 42, 7);
+        let view = format!("{}{other}{real}", ring_record(0x100, "_ses: 2"));
+        assert_eq!(follow(view.as_bytes(), &key, ring).0, Step::NotFirst);
         // Only the kernel's record of an anonymous session keyring holding
         // keys; and only one record passed over.
         for first in [
@@ -599,6 +734,56 @@ mod tests {
                 "{view}"
             );
         }
-        assert!(RING_DESC.starts_with(ANON_SESSION) && ANON_SESSION == b"_ses");
+    }
+
+    #[test]
+    fn mutated_views_never_take_a_line_across_a_newline() {
+        // Single-byte changes, insertions and cuts of a real view: whatever
+        // is taken lies within one line, starts with the serial (after one
+        // whole keyring record at most), and its end was not read.
+        let key = AuthKey {
+            serial: 0x1a2b_3c4d,
+            target: 0xb,
+            callout_len: 7,
+        };
+        let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 1\n";
+        let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
+        let base = format!("{ring}{real}{real}").into_bytes();
+        let alphabet = b" \n0123456789abcdef.:_kpirceuqst-IQ";
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let mut taken = 0;
+        for _ in 0..20_000 {
+            let mut view = base.clone();
+            for _ in 0..1 + next(3) {
+                let at = next(view.len());
+                match next(3) {
+                    0 => view[at] = alphabet[next(alphabet.len())],
+                    1 => view.insert(at, alphabet[next(alphabet.len())]),
+                    _ => {
+                        view.remove(at);
+                    }
+                }
+            }
+            let (step, seen) = follow(&view, &key, Some(0x100));
+            let Step::Done { at, len } = step else {
+                continue;
+            };
+            taken += 1;
+            assert!(at + len <= seen);
+            assert!(!view[at..seen].contains(&b'\n'));
+            assert!(view[at..].starts_with(b"1a2b3c4d "));
+            if at > 0 {
+                assert!(view.starts_with(b"00000100 "));
+                assert_eq!(view.iter().position(|&b| b == b'\n'), Some(at - 1));
+            }
+        }
+        // Most single changes miss the parts that are read.
+        assert!(taken > 1_000, "{taken}");
     }
 }

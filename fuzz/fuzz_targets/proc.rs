@@ -9,7 +9,10 @@ use derived_keys::requester::{parse_groups, parse_proc_keys, parse_syscall};
 use derived_keys_core::proc_keys::{AuthKey, FirstRecord, Step, MAX_LINE};
 use libfuzzer_sys::fuzz_target;
 
-/// Follows the first-record reader over `data` as over the file.
+/// Follows the first-record reader over `data` as over the file, and
+/// checks what it takes: a record that starts at 0 or right after one
+/// whole record of the ring, of which no newline was read, and which
+/// parses as the authorization key of the target asked for.
 fn first_record(data: &[u8], serial: i32) {
     let key = AuthKey {
         serial,
@@ -30,8 +33,18 @@ fn first_record(data: &[u8], serial: i32) {
             }
             Step::Done { at, len } => {
                 assert!(at + len <= seen);
-                let head = format!("{:08x} ", serial as u32);
-                assert!(data[at..].starts_with(head.as_bytes()));
+                let newline = |from: usize| data[from..].iter().position(|&b| b == b'\n');
+                if at > 0 {
+                    let ring = format!("{:08x} ", ring.unwrap() as u32);
+                    assert!(data.starts_with(ring.as_bytes()));
+                    assert_eq!(newline(0), Some(at - 1));
+                }
+                // Its newline not read (nor any other).
+                assert!(!data[at..seen].contains(&b'\n'));
+                let mut line = data[at..at + len].to_vec();
+                line.extend_from_slice(reader.unread());
+                let rec = parse_proc_keys(&line, serial).expect("parses");
+                assert_eq!(rec.target, key.target);
                 return;
             }
             Step::NotFirst => return,

@@ -18,11 +18,14 @@
 //! and the handler links its authorization key into that keyring for the
 //! length of the request (its hello names it): the one line we want is
 //! listed, and the requester's finished requests' keys, which wait for
-//! the key collector under a stream of requests, are not. Lines are
-//! counted as before: only a serial that starts exactly one line is
-//! trusted, and the only descriptions that can forge one are the
-//! requester's own world-viewable keys (or those root links into the
-//! broker's keyring).
+//! the key collector under a stream of requests, are not. The view's first
+//! record (after the broker's keyring's own, if that comes first) is taken
+//! alone if it is the authorization key's: no record comes before it to
+//! forge it, and reading no further spares the kernel the keys after it
+//! ([`FirstRecord`]). Otherwise lines are counted as before: only a serial
+//! that starts exactly one line is trusted, and the only descriptions
+//! that can forge one are the requester's own world-viewable keys (or
+//! those root links into the broker's keyring).
 //!
 //! One view per uid is kept for the broker's lifetime (making one forks a
 //! child: about a millisecond), at most [`MAX_VIEWS`] of them, root's
@@ -57,6 +60,8 @@ pub const MAX_VIEWS: usize = 256;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthLine {
     /// The first line that starts with the serial (empty if none fit).
+    /// Read alone, its last field (` ci:<n>`) is the request's callout
+    /// length, not read from the file ([`FirstRecord::unread`]).
     pub line: Vec<u8>,
     /// How many lines start with it; anything but 1 is refused. 1 also
     /// when the line was the file's first record, read alone (no record
@@ -255,16 +260,23 @@ fn open_plain() -> Result<File, RequesterError> {
 
 /// The authorization key's line: the file's first record read alone if it
 /// is the key's, after the record of `ring` if that comes first (a view
-/// lists what its credentials possess: under one request at a time, that
-/// keyring and the key), else a scan of the whole file.
+/// lists what its credentials possess, and the requester's keys anyone may
+/// view: under one request at a time, that keyring and the key), else a
+/// scan of the whole file, which goes on from the bytes already read.
+///
+/// All of it with `file` to ourselves (the view's mutex is held, or the
+/// file is this request's own): a read by anyone else between two of ours
+/// would make the kernel list the file afresh from our next offset on, and
+/// the bytes after the first record's head could then be another key's.
 fn scan(file: &File, auth: &AuthKey, ring: Option<i32>) -> Result<AuthLine, RequesterError> {
-    match first_record(file, auth, ring)? {
-        Some(line) => Ok(AuthLine {
+    let mut head = [0u8; MAX_LINE];
+    match first_record(file, auth, ring, &mut head)? {
+        Ok(line) => Ok(AuthLine {
             line,
             count: 1,
             alone: true,
         }),
-        None => scan_all(file, auth.serial),
+        Err(seen) => scan_all(file, auth.serial, &head[..seen]),
     }
 }
 
@@ -275,48 +287,52 @@ fn read_err(source: std::io::Error) -> RequesterError {
     }
 }
 
-/// The file's first record if it is `auth`'s, read in reads that never ask
-/// for more than that record holds (see [`FirstRecord`]): the kernel then
-/// does not list, nor check, the keys after it.
+/// The file's first record if it is `auth`'s, read into `buf` in reads that
+/// never ask for more than that record holds (see [`FirstRecord`]): the
+/// kernel then does not list, nor check, the keys after it. Otherwise how
+/// many bytes of the file `buf` holds.
 fn first_record(
     file: &File,
     auth: &AuthKey,
     ring: Option<i32>,
-) -> Result<Option<Vec<u8>>, RequesterError> {
+    buf: &mut [u8; MAX_LINE],
+) -> Result<Result<Vec<u8>, usize>, RequesterError> {
     let reader = FirstRecord::new(auth, ring);
-    let mut buf = [0u8; MAX_LINE];
     let mut seen = 0;
     loop {
         match reader.step(&buf[..seen]) {
             Step::Read(n) => {
                 let Some(room) = buf.get_mut(seen..seen + n) else {
-                    return Ok(None);
+                    return Ok(Err(seen));
                 };
                 // The first read, at offset 0, makes the kernel list the
                 // keys afresh; the following ones continue its record.
                 match file.read_at(room, seen as u64).map_err(read_err)? {
-                    0 => return Ok(None),
+                    0 => return Ok(Err(seen)),
                     got => seen += got,
                 }
             }
             Step::Done { at, len } => {
+                // The record's end, ` ci:<n>`, as the request says it.
                 let mut line = buf[at..at + len].to_vec();
                 line.extend_from_slice(reader.unread());
-                return Ok(Some(line));
+                return Ok(Ok(line));
             }
-            Step::NotFirst => return Ok(None),
+            Step::NotFirst => return Ok(Err(seen)),
         }
     }
 }
 
-/// Reads the whole file from its start, in chunks (another uid's keys are
-/// not listed, but ours may be many and long), counting the lines that
-/// start with `auth`'s serial.
-fn scan_all(file: &File, auth: i32) -> Result<AuthLine, RequesterError> {
+/// Reads the whole file, in chunks (another uid's keys are not listed, but
+/// ours may be many and long), counting the lines that start with `auth`'s
+/// serial: `start`, the bytes already read from its beginning, then the
+/// rest.
+fn scan_all(file: &File, auth: i32, start: &[u8]) -> Result<AuthLine, RequesterError> {
     let mut chunk = [0u8; 8192];
     let mut first = [0u8; MAX_LINE];
     let mut lines = KeysLine::new(auth);
-    let mut at = 0u64;
+    lines.feed(start, &mut first);
+    let mut at = start.len() as u64;
     loop {
         // A read at offset 0 makes the kernel list the keys afresh; the
         // following ones continue from where the last one stopped.
@@ -369,7 +385,6 @@ mod tests {
             format!("0000000a I--Q---     1 perm 3f3f3f3f     0 65534 user      x\n{REAL}\n");
         let got = auth_line_of(format!("{forger}{REAL}\n").as_bytes(), 0x1a2b_3c4d);
         assert_eq!((got.count, got.alone), (2, false));
-        // The first record with another callout length: scanned.
         // After the views' keyring's record; not after another keyring's.
         let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 1\n";
         let got = auth_line_of(format!("{ring}{REAL}\n").as_bytes(), 0x1a2b_3c4d);

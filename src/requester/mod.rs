@@ -11,8 +11,10 @@
 //! any user whose key the reader may view can plant a line that starts
 //! with our authorization key's serial and names another thread. The
 //! broker therefore reads the file through a view of the requester's own
-//! keys ([`keys`]), counts every line that starts with the serial, and
-//! trusts the line only when it is the one
+//! keys ([`keys`]), and trusts the line only when it is the view's first
+//! record (`derived_keys_core::proc_keys::FirstRecord`: nothing comes
+//! before it to forge it), or when it counts every line that starts with
+//! the serial and this is the only one
 //! (`derived_keys_core::proc_keys::KeysLine`).
 
 pub mod csum;
@@ -67,6 +69,9 @@ pub const PROC_KEYS: &str = "/proc/keys";
 pub struct AuthRecord {
     pub target: i32,
     pub tid: i32,
+    /// Not a fact of the kernel's where the record was read alone (the
+    /// request's own length stands there: see
+    /// [`keys::AuthLine::line`]); nothing relies on it.
     pub callout_len: usize,
 }
 
@@ -209,8 +214,9 @@ pub struct Requester {
 
 /// Identifies the requester of `target` through authorization key `auth`,
 /// whose /proc/keys line (from the broker's view, [`keys`]) is
-/// `keys`; `lines` is how many lines of the whole of /proc/keys the
-/// view showed start with the serial. Reads the facts in `needs`.
+/// `keys`; `lines` is how many lines of the view start with the serial
+/// (1 for a first record read alone, which nothing can forge). Reads the
+/// facts in `needs`.
 pub fn identify(
     proc_root: &Path,
     keys: &[u8],

@@ -448,7 +448,54 @@ impl KernelEnv {
         rest: &str,
         callout: &str,
     ) -> Got {
-        let script = r#"
+        request_described(wrapper, keyctl, ty, &self.desc(rest), callout)
+    }
+
+    /// A rule of this test's for another prefix (`<prefix><suffix>`): our
+    /// handler with `config`. Its prefix, and the rule (removed on drop).
+    pub fn rule_for(&self, suffix: &str, config: &Path) -> (String, RuleFile) {
+        let prefix = format!("{}{suffix}", self.prefix);
+        let helper = env!("CARGO_BIN_EXE_derived-key-helper");
+        let program = format!(
+            "{helper} --config {} --prefix {prefix} %k %u %g",
+            config.display()
+        );
+        let rule = RuleFile::install(&prefix, &program);
+        (prefix, rule)
+    }
+}
+
+/// A request-key rule file of a test's own,
+/// `/etc/request-key.d/<prefix>.conf`, removed on drop.
+pub struct RuleFile {
+    pub path: PathBuf,
+}
+
+impl RuleFile {
+    /// `create user <prefix>:* * <program>`.
+    pub fn install(prefix: &str, program: &str) -> RuleFile {
+        let path = PathBuf::from(format!("/etc/request-key.d/{prefix}.conf"));
+        std::fs::write(&path, format!("create user {prefix}:* * {program}\n")).unwrap();
+        RuleFile { path }
+    }
+}
+
+impl Drop for RuleFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A request for the whole `description` through the kernel with keyctl,
+/// in a new session keyring, optionally wrapped.
+pub fn request_described(
+    wrapper: &[&str],
+    keyctl: &str,
+    ty: &str,
+    description: &str,
+    callout: &str,
+) -> Got {
+    let script = r#"
             id=$("$KEYCTL" request2 "$1" "$2" "$3" @s) || exit 3
             echo "serial=$id"
             f=$(mktemp); e=$(mktemp)
@@ -459,42 +506,42 @@ impl KernelEnv {
             fi
             rm -f "$f" "$e"
         "#;
-        let mut cmd: Vec<&str> = wrapper.to_vec();
-        cmd.extend_from_slice(&[keyctl, "session", "-", "bash", "-c", script, "sh", ty]);
-        let d = self.desc(rest);
-        cmd.push(&d);
-        cmd.push(callout);
-        let out = Command::new(cmd[0])
-            .args(&cmd[1..])
-            .env("KEYCTL", keyctl)
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        let field = |k: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_owned))
-        };
-        let Some(serial) = field("serial").and_then(|s| s.trim().parse().ok()) else {
-            let line = stderr
-                .lines()
-                .find(|l| l.starts_with("request_key:"))
-                .unwrap_or_else(|| panic!("no result: {stdout} {stderr}"));
-            return Got::Err(errno_from_message(line).unwrap_or_else(|| panic!("{line}")));
-        };
-        match field("readerr") {
-            Some(e) => Got::Unreadable {
-                serial,
-                read_errno: errno_from_message(&e).unwrap_or(-1),
-            },
-            None => Got::Key {
-                serial,
-                payload: hex::decode(field("payload").unwrap_or_default()).unwrap(),
-            },
-        }
+    let mut cmd: Vec<&str> = wrapper.to_vec();
+    cmd.extend_from_slice(&[keyctl, "session", "-", "bash", "-c", script, "sh", ty]);
+    cmd.push(description);
+    cmd.push(callout);
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .env("KEYCTL", keyctl)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let field = |k: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")).map(str::to_owned))
+    };
+    let Some(serial) = field("serial").and_then(|s| s.trim().parse().ok()) else {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("request_key:"))
+            .unwrap_or_else(|| panic!("no result: {stdout} {stderr}"));
+        return Got::Err(errno_from_message(line).unwrap_or_else(|| panic!("{line}")));
+    };
+    match field("readerr") {
+        Some(e) => Got::Unreadable {
+            serial,
+            read_errno: errno_from_message(&e).unwrap_or(-1),
+        },
+        None => Got::Key {
+            serial,
+            payload: hex::decode(field("payload").unwrap_or_default()).unwrap(),
+        },
     }
+}
 
+impl KernelEnv {
     pub fn request(&self, ty: &str, rest: &str, callout: &str) -> Got {
         self.request_with(&[], "keyctl", ty, rest, callout)
     }

@@ -105,7 +105,7 @@ fn main() {
         drop(std::fs::read("/proc/keys").unwrap());
         nix::unistd::setfsuid(before);
     }));
-    let view = derived_keys::requester::keys::KeysView::forking();
+    let view = derived_keys::requester::keys::KeysView::forking(None);
     rows.push(row(
         "/proc/keys: broker's view for uid 0 (a scan)",
         n,

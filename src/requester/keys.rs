@@ -118,12 +118,13 @@ impl KeysView {
         }
     }
 
-    /// Views made by forking this process (see [`Maker::Fork`]).
-    pub fn forking() -> KeysView {
+    /// Views made by forking this process (see [`Maker::Fork`]); `ring`:
+    /// the anonymous session keyring the forking thread holds, if any.
+    pub fn forking(ring: Option<i32>) -> KeysView {
         KeysView {
             views: Mutex::default(),
             maker: Maker::Fork,
-            ring: None,
+            ring,
         }
     }
 
@@ -427,7 +428,7 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        let view = KeysView::forking();
+        let view = KeysView::forking(None);
         let deadline = Instant::now() + Duration::from_secs(5);
         let none = AuthKey {
             serial: 0,

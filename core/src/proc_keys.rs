@@ -37,14 +37,8 @@ pub struct KeysScan {
 
 impl KeysLine {
     pub fn new(auth: i32) -> KeysLine {
-        let mut want = [b' '; 9];
-        let hex = b"0123456789abcdef";
-        let v = auth as u32;
-        for (i, slot) in want[..8].iter_mut().enumerate() {
-            *slot = hex[((v >> (28 - 4 * i)) & 0xf) as usize];
-        }
         KeysLine {
-            want,
+            want: serial_field(auth),
             col: 0,
             head: true,
             count: 0,
@@ -259,61 +253,61 @@ fn serial_field(serial: i32) -> [u8; 9] {
     out
 }
 
-/// Where a whole record of the view's session keyring ends in `seen`, or
-/// how many bytes at least are left of it.
-enum Ring {
+/// Where a part of a record that `seen` holds the start of ends, or how
+/// many bytes at least are left of it.
+enum Part {
     Ends(usize),
     Read(usize),
     Not,
 }
 
-/// The type field at `at` of a record whose type must be `want`: Ok with
-/// where the description starts; Err with the step to take (how many bytes
-/// to read, at most `then` more than the type field still needs; or not
-/// the record expected).
-fn type_field(seen: &[u8], want: &[u8; 10], then: usize) -> Result<usize, Result<usize, ()>> {
-    let at = match type_at(seen) {
-        TypeAt::At(at) => at,
-        // Until the fields before it are all there: the type field and
-        // `then` are still to come whatever their widths.
-        TypeAt::More => return Err(Ok(want.len() + then)),
-        TypeAt::Bad => return Err(Err(())),
-    };
+/// `want` at `at` in `seen`, as far as `seen` goes; if only its start is
+/// there, the bytes left of it and `then` more are to be read (what the
+/// record still holds after it at least).
+fn known(seen: &[u8], at: usize, want: &[u8], then: usize) -> Part {
     let got = &seen[at.min(seen.len())..];
-    let known = got.len().min(want.len());
-    if got[..known] != want[..known] {
-        return Err(Err(()));
+    let n = got.len().min(want.len());
+    if got[..n] != want[..n] {
+        Part::Not
+    } else if n < want.len() {
+        Part::Read(want.len() - n + then)
+    } else {
+        Part::Ends(at + want.len())
     }
-    if known < want.len() {
-        return Err(Ok(want.len() - known + then));
-    }
-    Ok(at + want.len())
 }
 
-fn ring_record(seen: &[u8]) -> Ring {
-    // The name, a digit and the newline at least after the type.
-    let desc_at = match type_field(seen, KEYRING_TYPE, RING_DESC.len() + 2) {
-        Ok(at) => at,
-        Err(Ok(n)) => return Ring::Read(n),
-        Err(Err(())) => return Ring::Not,
-    };
-    let rest = &seen[desc_at..];
-    let known = rest.len().min(RING_DESC.len());
-    if rest[..known] != RING_DESC[..known] {
-        return Ring::Not;
+/// The type field of a record that `seen` starts, which must be `want`,
+/// followed by at least `then` bytes.
+fn type_field(seen: &[u8], want: &[u8; 10], then: usize) -> Part {
+    match type_at(seen) {
+        TypeAt::At(at) => known(seen, at, want, then),
+        // Until the fields before it are all there: the type field and
+        // `then` are still to come whatever their widths.
+        TypeAt::More => Part::Read(want.len() + then),
+        TypeAt::Bad => Part::Not,
     }
-    let Some(count) = rest.get(RING_DESC.len()..) else {
-        // At least one digit and the newline after the name.
-        return Ring::Read(RING_DESC.len() + 2 - rest.len());
+}
+
+/// The record of the view's session keyring that `seen` starts.
+fn ring_record(seen: &[u8]) -> Part {
+    // The name, then at least a digit and the newline.
+    let desc_at = match type_field(seen, KEYRING_TYPE, RING_DESC.len() + 2) {
+        Part::Ends(at) => at,
+        other => return other,
     };
+    let count_at = match known(seen, desc_at, RING_DESC, 2) {
+        Part::Ends(at) => at,
+        other => return other,
+    };
+    let count = &seen[count_at..];
     let n = count.iter().take_while(|b| b.is_ascii_digit()).count();
     match count.get(n) {
         // More keys than a u64 counts: not a keyring's record.
-        _ if n > 20 => Ring::Not,
-        None if n == 0 => Ring::Read(2),
-        None => Ring::Read(1),
-        Some(b'\n') if n > 0 => Ring::Ends(desc_at + RING_DESC.len() + n + 1),
-        Some(_) => Ring::Not,
+        _ if n > 20 => Part::Not,
+        None if n == 0 => Part::Read(2),
+        None => Part::Read(1),
+        Some(b'\n') if n > 0 => Part::Ends(count_at + n + 1),
+        Some(_) => Part::Not,
     }
 }
 
@@ -351,12 +345,12 @@ impl FirstRecord {
         }
         if self.ring.is_some_and(|r| seen.starts_with(&r)) {
             return match ring_record(seen) {
-                Ring::Ends(at) => match self.auth_step(&seen[at..]) {
+                Part::Ends(at) => match self.auth_step(&seen[at..]) {
                     Step::Done { len, .. } => Step::Done { at, len },
                     other => other,
                 },
-                Ring::Read(n) => Step::Read(n),
-                Ring::Not => Step::NotFirst,
+                Part::Read(n) => Step::Read(n),
+                Part::Not => Step::NotFirst,
             };
         }
         self.auth_step(seen)
@@ -386,25 +380,19 @@ impl FirstRecord {
         if !seen.starts_with(&self.serial) {
             return Step::NotFirst;
         }
-        // The description, at least one digit of the pid and the tail are
-        // still to come after the type field.
-        let desc_at = match type_field(seen, AUTH_TYPE, head.len() + tail.len()) {
-            Ok(at) => at,
-            Err(Ok(n)) => return Step::Read(n),
-            Err(Err(())) => return Step::NotFirst,
+        // After the type field and after `key:<target> pid:`, at least a
+        // digit of the pid and the tail are still to come: reading the
+        // tail's length more is safe.
+        let part = match type_field(seen, AUTH_TYPE, head.len() + tail.len()) {
+            Part::Ends(desc_at) => known(seen, desc_at, head, tail.len()),
+            other => other,
         };
-        let rest = &seen[desc_at..];
-        if rest.len() < head.len() {
-            if !head.starts_with(rest) {
-                return Step::NotFirst;
-            }
-            // The pid has a digit at least: the tail's length is safe.
-            return Step::Read(head.len() + tail.len() - rest.len());
-        }
-        let (got_head, after) = rest.split_at(head.len());
-        if got_head != head {
-            return Step::NotFirst;
-        }
+        let pid_at = match part {
+            Part::Ends(at) => at,
+            Part::Read(n) => return Step::Read(n),
+            Part::Not => return Step::NotFirst,
+        };
+        let after = &seen[pid_at..];
         let pid = after.iter().take_while(|b| b.is_ascii_digit()).count();
         if pid > MAX_PID_DIGITS {
             return Step::NotFirst;
@@ -419,7 +407,7 @@ impl FirstRecord {
         }
         Step::Done {
             at: 0,
-            len: desc_at + head.len() + pid,
+            len: pid_at + pid,
         }
     }
 }
@@ -427,6 +415,13 @@ impl FirstRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The authorization key most tests look for.
+    const KEY: AuthKey = AuthKey {
+        serial: 0x1a2b_3c4d,
+        target: 0xb,
+        callout_len: 7,
+    };
 
     fn scan(text: &[u8], auth: i32, chunk: usize, out: &mut [u8]) -> KeysScan {
         let mut m = KeysLine::new(auth);
@@ -598,11 +593,7 @@ mod tests {
 
     #[test]
     fn anything_else_first_is_not_trusted() {
-        let key = AuthKey {
-            serial: 0x1a2b_3c4d,
-            target: 0xb,
-            callout_len: 7,
-        };
+        let key = KEY;
         let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
         // Another key first, its description forging the real line.
         let forger =
@@ -634,11 +625,7 @@ mod tests {
 
     #[test]
     fn fields_wider_than_their_width_are_followed() {
-        let key = AuthKey {
-            serial: 0x1a2b_3c4d,
-            target: 0xb,
-            callout_len: 7,
-        };
+        let key = KEY;
         let next = auth_record(0x1a2b_3c4e, "0", 0xb, 42, 7);
         for rec in [
             auth_record(0x1a2b_3c4d, "1000000", 0xb, 42, 7),
@@ -661,11 +648,7 @@ mod tests {
     fn any_split_of_the_reads_gives_the_same_record() {
         // Reads may return less than asked: the steps follow from the bytes
         // seen, whatever their number.
-        let key = AuthKey {
-            serial: 0x1a2b_3c4d,
-            target: 0xb,
-            callout_len: 7,
-        };
+        let key = KEY;
         let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 12\n";
         let rec = auth_record(0x1a2b_3c4d, "0", 0xb, 4242, 7);
         let view = format!("{ring}{rec}");
@@ -693,11 +676,7 @@ mod tests {
 
     #[test]
     fn the_views_own_keyring_first_is_passed_over() {
-        let key = AuthKey {
-            serial: 0x1a2b_3c4d,
-            target: 0xb,
-            callout_len: 7,
-        };
+        let key = KEY;
         let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
         let ring = Some(0x0000_0100);
         for keys in ["1", "9", "12", "1234567"] {
@@ -741,11 +720,7 @@ mod tests {
         // Single-byte changes, insertions and cuts of a real view: whatever
         // is taken lies within one line, starts with the serial (after one
         // whole keyring record at most), and its end was not read.
-        let key = AuthKey {
-            serial: 0x1a2b_3c4d,
-            target: 0xb,
-            callout_len: 7,
-        };
+        let key = KEY;
         let ring = "00000100 I------     2 perm 3f1b0000     0 65534 keyring   _ses: 1\n";
         let real = auth_record(0x1a2b_3c4d, "0", 0xb, 42, 7);
         let base = format!("{ring}{real}{real}").into_bytes();

@@ -434,3 +434,85 @@ fn a_hostile_executable_path_is_escaped_in_the_audit_line() {
         )
     );
 }
+
+/// Forgets a uid's user and user-session keyrings when dropped (the kernel
+/// keeps them until the host reboots, and every key costs each plain read
+/// of /proc/keys), as scripts/test.sh does for the suite's 4200 to 4399:
+/// both serials looked up before either is invalidated, since a lookup of
+/// one remakes the other if it has gone.
+struct ForgetUid(u32);
+
+impl Drop for ForgetUid {
+    fn drop(&mut self) {
+        let as_uid = |arg: &str| {
+            Command::new("setpriv")
+                .arg(format!("--reuid={}", self.0))
+                .arg(format!("--regid={}", self.0))
+                .args(["--clear-groups", "keyctl"])
+                .args(arg.split(' '))
+                .output()
+        };
+        let ids: Vec<String> = ["id @u", "id @us"]
+            .iter()
+            .filter_map(|a| as_uid(a).ok())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|id| !id.is_empty())
+            .collect();
+        for id in ids {
+            let _ = as_uid(&format!("invalidate {id}"));
+        }
+    }
+}
+
+/// Uids past 99999 (rootless containers' subordinate ranges start at
+/// 100000) widen the uid and gid fields of the authorization key's record
+/// in /proc/keys beyond their usual five columns, so the record's type and
+/// description are not where they usually are. Such a requester is still
+/// identified: its `user` and `path` keys through the kernel equal the
+/// keys derived for that uid (and keyctl's path) on the TPM directly, so
+/// neither the uid nor the executable was taken from anywhere else.
+#[test]
+fn requesters_whose_uids_widen_the_record_are_identified() {
+    use derived_keys::derive::{self, Input, Purpose, Subject};
+    use derived_keys::tpm::{Tcti, Tpm};
+    use std::os::unix::ffi::OsStrExt;
+    // Six, seven and ten digits. (From 2^31 on, the kernel passes the uid
+    // to request-key(8) as a negative number, and it runs no handler.)
+    const UIDS: [u32; 3] = [123_456, 1_234_567, 2_147_483_647];
+    let _forget: Vec<ForgetUid> = UIDS.iter().map(|&u| ForgetUid(u)).collect();
+    let env = KernelEnv::new("");
+    let got: Vec<(Vec<u8>, Vec<u8>)> = UIDS
+        .iter()
+        .map(|&uid| {
+            (
+                env.request_as(uid, "user", "wide", "32 user").payload(),
+                env.request_as(uid, "user", "wide", "32 path").payload(),
+            )
+        })
+        .collect();
+    env.stop_broker();
+    let keyctl = std::fs::canonicalize("/usr/bin/keyctl").unwrap();
+    let mut tpm = Tpm::open(&Tcti::parse(&env.swtpm.tcti()).unwrap()).unwrap();
+    let mut key = |subject| {
+        let m = Input {
+            purpose: Purpose::Symmetric(32),
+            name: "wide",
+            subject,
+            account: None,
+            client: None,
+            epoch: 0,
+        }
+        .message();
+        let prk = tpm.prk(None, &m).unwrap();
+        derive::symmetric_key(&prk, 32).unwrap().as_ref().to_vec()
+    };
+    for (&uid, (user, path)) in UIDS.iter().zip(&got) {
+        assert_eq!(user, &key(Subject::User { uid }), "user key of uid {uid}");
+        let exe = keyctl.as_os_str().as_bytes();
+        assert_eq!(
+            path,
+            &key(Subject::Path { uid, path: exe }),
+            "path key of uid {uid}"
+        );
+    }
+}

@@ -439,8 +439,18 @@ fn receive(server: &Server, mut s: UnixStream) -> Option<Job> {
     })
 }
 
+/// Why a request could not wait its turn.
+#[derive(Debug, Clone, Copy)]
+enum Busy {
+    /// Its uid, or everyone, had as many waiting as allowed.
+    Full,
+    /// Every place was taken, and this request was the newest of the uid
+    /// with the most waiting: it made room for uid `by`'s.
+    Displaced { by: u32 },
+}
+
 /// A request that could not even wait its turn: ETIMEDOUT now.
-fn refuse_busy(server: &Server, mut job: Job) {
+fn refuse_busy(server: &Server, mut job: Job, why: Busy) {
     let header = Answer {
         errno: libc::ETIMEDOUT as u8,
         timeout_s: kernel_timeout(server.config.negative_timeout_s),
@@ -452,10 +462,16 @@ fn refuse_busy(server: &Server, mut job: Job) {
     let record = Record {
         uid: Some(job.uid),
         outcome: Some(errno_name(libc::ETIMEDOUT)),
-        reason: Some(format!(
-            "too many requests waiting (uid {}: at most {MAX_QUEUED_PER_UID}; all: at most {MAX_QUEUED})",
-            job.uid
-        )),
+        reason: Some(match why {
+            Busy::Full => format!(
+                "too many requests waiting (uid {}: at most {MAX_QUEUED_PER_UID}; all: at most {MAX_QUEUED})",
+                job.uid
+            ),
+            Busy::Displaced { by } => format!(
+                "too many requests waiting (all: at most {MAX_QUEUED}): uid {} had the most, and its newest made room for uid {by}'s",
+                job.uid
+            ),
+        }),
         ..Record::default()
     };
     audit::emit(&server.config.log, &record);
@@ -705,11 +721,15 @@ fn take_arrivals(server: &Server, listener: &UnixListener) {
             finished(server);
             continue;
         };
+        let uid = job.uid;
         let queued = relock(&server.queues).push(job);
-        if let Err(job) = queued {
-            refuse_busy(server, job);
-            finished(server);
-        }
+        let (refused, why) = match queued {
+            Ok(None) => continue,
+            Ok(Some(displaced)) => (displaced, Busy::Displaced { by: uid }),
+            Err(job) => (job, Busy::Full),
+        };
+        refuse_busy(server, refused, why);
+        finished(server);
     }
 }
 

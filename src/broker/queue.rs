@@ -37,16 +37,40 @@ pub(super) struct Queues {
 }
 
 impl Queues {
-    /// Queues a job, or gives it back when its uid (or everyone) has too
-    /// many waiting.
-    pub fn push(&mut self, job: Job) -> Result<(), Job> {
-        let q = self.waiting.entry(job.uid).or_default();
-        if q.len() >= MAX_QUEUED_PER_UID || self.queued >= MAX_QUEUED {
+    /// Queues a job. A uid with [`MAX_QUEUED_PER_UID`] waiting gets it back.
+    /// When [`MAX_QUEUED`] wait in all, the job takes the place of the
+    /// newest job of the uid with the most waiting, if that uid would still
+    /// have more waiting than this one: that job is handed back instead
+    /// (to be refused). So a few uids that fill the queues between them
+    /// cannot turn every other uid away; a job is given back itself only
+    /// when no uid has more waiting than its own.
+    pub fn push(&mut self, job: Job) -> Result<Option<Job>, Job> {
+        let mine = self.waiting.get(&job.uid).map_or(0, VecDeque::len);
+        if mine >= MAX_QUEUED_PER_UID {
             return Err(job);
         }
-        q.push_back(job);
+        let displaced = if self.queued >= MAX_QUEUED {
+            let longest = self
+                .waiting
+                .iter()
+                .max_by_key(|(_, q)| q.len())
+                .filter(|(_, q)| q.len() > mine + 1)
+                .map(|(uid, _)| *uid);
+            let Some(uid) = longest else {
+                return Err(job);
+            };
+            let q = self.waiting.get_mut(&uid);
+            let Some(out) = q.and_then(VecDeque::pop_back) else {
+                return Err(job);
+            };
+            self.queued -= 1;
+            Some(out)
+        } else {
+            None
+        };
+        self.waiting.entry(job.uid).or_default().push_back(job);
         self.queued += 1;
-        Ok(())
+        Ok(displaced)
     }
 
     /// The next job of the next uid (after the last one served) that has
@@ -124,6 +148,11 @@ impl Queues {
 mod tests {
     use super::*;
 
+    /// Queues a job that must fit without displacing another.
+    fn put(q: &mut Queues, j: Job) {
+        assert!(matches!(q.push(j), Ok(None)));
+    }
+
     fn job(uid: u32) -> Job {
         let (a, _b) = UnixStream::pair().unwrap();
         Job {
@@ -137,14 +166,14 @@ mod tests {
     fn a_flooding_uid_gets_its_share_and_no_more() {
         let mut q = Queues::default();
         for _ in 0..50 {
-            q.push(job(1000)).map_err(|_| ()).unwrap();
+            put(&mut q, job(1000));
         }
         // Only PER_UID of the flooder's run at once, however many wait.
         let first: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
         assert_eq!(first, vec![1000; PER_UID]);
         // Another uid's request goes next, ahead of the flooder's backlog.
-        q.push(job(0)).map_err(|_| ()).unwrap();
-        q.push(job(2000)).map_err(|_| ()).unwrap();
+        put(&mut q, job(0));
+        put(&mut q, job(2000));
         let mut next: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.uid).collect();
         next.sort_unstable();
         assert_eq!(next, vec![0, 2000]);
@@ -157,7 +186,7 @@ mod tests {
     fn eligible_counts_what_pop_hands_out() {
         let mut q = Queues::default();
         for uid in [1000, 1000, 1000, 0] {
-            q.push(job(uid)).map_err(|_| ()).unwrap();
+            put(&mut q, job(uid));
         }
         assert_eq!(q.eligible(), PER_UID + 1);
         let mut popped = 0;
@@ -176,14 +205,14 @@ mod tests {
         // A long burst with every worker busy: jobs become eligible again
         // and again, but nobody waits, so nobody is woken.
         for round in 0..1000u32 {
-            q.push(job(round % 10)).map_err(|_| ()).unwrap();
+            put(&mut q, job(round % 10));
             assert_eq!(q.wakes_needed(), 0);
             let j = q.pop().unwrap();
             q.done(j.uid);
         }
         // Three workers wait; five jobs may run: three wake-ups, once.
         for uid in 0..5 {
-            q.push(job(uid)).map_err(|_| ()).unwrap();
+            put(&mut q, job(uid));
         }
         for _ in 0..3 {
             q.waiting();
@@ -203,7 +232,7 @@ mod tests {
     fn round_robin_across_uids() {
         let mut q = Queues::default();
         for uid in [5, 5, 5, 7, 7, 9] {
-            q.push(job(uid)).map_err(|_| ()).unwrap();
+            put(&mut q, job(uid));
         }
         let mut order = Vec::new();
         while let Some(j) = q.pop() {
@@ -217,9 +246,59 @@ mod tests {
     fn queues_are_bounded() {
         let mut q = Queues::default();
         for _ in 0..MAX_QUEUED_PER_UID {
-            q.push(job(1)).map_err(|_| ()).unwrap();
+            put(&mut q, job(1));
         }
         assert!(q.push(job(1)).is_err(), "per uid");
         assert!(q.push(job(2)).is_ok(), "others still queue");
+    }
+
+    /// Four uids fill every place between them (4 x 128 = 512): a fifth
+    /// uid's request still gets in, in place of the newest request of a
+    /// uid with the most waiting, and so does a sixth's; the queues never
+    /// hold more than MAX_QUEUED.
+    #[test]
+    fn uids_that_fill_the_queues_make_room_for_others() {
+        assert_eq!(4 * MAX_QUEUED_PER_UID, MAX_QUEUED);
+        let mut q = Queues::default();
+        for i in 0..MAX_QUEUED {
+            put(&mut q, job(1000 + (i % 4) as u32));
+        }
+        assert_eq!(q.queued, MAX_QUEUED);
+        let out = q.push(job(7)).map_err(|_| ()).unwrap().unwrap();
+        assert!(
+            (1000..1004).contains(&out.uid),
+            "a flooder's job went: {}",
+            out.uid
+        );
+        let out2 = q.push(job(8)).map_err(|_| ()).unwrap().unwrap();
+        assert_ne!(
+            out2.uid, out.uid,
+            "from the longest queue, now another flooder's"
+        );
+        assert_eq!(q.queued, MAX_QUEUED);
+        // The newcomers are served in their turn of the round robin.
+        let mut served = Vec::new();
+        while let Some(j) = q.pop() {
+            served.push(j.uid);
+            q.done(j.uid);
+        }
+        assert!(served.contains(&7) && served.contains(&8));
+        assert_eq!(served.len(), MAX_QUEUED);
+    }
+
+    /// With every uid holding as many as the newcomer would, nobody is
+    /// displaced: the newcomer is given back.
+    #[test]
+    fn nobody_is_displaced_for_an_equal_share() {
+        let mut q = Queues::default();
+        for i in 0..MAX_QUEUED {
+            put(&mut q, job(i as u32));
+        }
+        // 512 uids with one each; a second request of uid 0 would leave it
+        // with two against their one.
+        assert!(q.push(job(0)).is_err());
+        // And a new uid would take one from a uid that has only one.
+        assert!(q.push(job(100_000)).is_err());
+        assert_eq!(q.queued, MAX_QUEUED);
     }
 }

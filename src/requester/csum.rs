@@ -9,9 +9,15 @@
 //!   uid's turn, never another uid's.
 //! - A digest is remembered by the file's identity and change times
 //!   (device, inode, size, mtime, ctime), so an unchanged executable is
-//!   hashed once per broker lifetime. Any write changes ctime, which no
+//!   hashed once per broker lifetime. A write changes ctime, which no
 //!   unprivileged process can set back; rename or replace gives a new
-//!   inode.
+//!   inode. But many filesystems keep times at the kernel's coarse clock
+//!   (a tick, a few milliseconds), so a second change within the tick of
+//!   the first can leave all five as they were: a digest is remembered
+//!   only once the file's ctime is [`SETTLED`] old (git's "racy clean"
+//!   entries). Content cannot change while it is hashed or run: a
+//!   running executable is denied to writers (ETXTBSY), and exec refuses
+//!   a file open for writing, shared writable mappings included.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -19,12 +25,15 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
 /// Digests remembered at most (oldest forgotten first).
 const CACHE_ENTRIES: usize = 512;
+/// How long before the hashing a file must have last changed for its
+/// digest to be remembered (see the module's docs).
+pub const SETTLED: Duration = Duration::from_secs(1);
 /// Read size; the deadline is checked between reads.
 const CHUNK: usize = 1 << 16;
 
@@ -68,6 +77,16 @@ struct FileVersion {
 }
 
 impl FileVersion {
+    /// Whether the file last changed [`SETTLED`] or more before `at`: a
+    /// change after `at` then shows in its times.
+    fn settled(&self, at: SystemTime) -> bool {
+        let (Ok(sec), Ok(nsec)) = (u64::try_from(self.ctime.0), u32::try_from(self.ctime.1)) else {
+            return false;
+        };
+        let changed = SystemTime::UNIX_EPOCH + Duration::new(sec, nsec);
+        at.duration_since(changed).is_ok_and(|age| age >= SETTLED)
+    }
+
     fn of(m: &std::fs::Metadata) -> FileVersion {
         FileVersion {
             dev: m.dev(),
@@ -155,9 +174,12 @@ impl Hasher {
         if let Some(d) = self.cached(&version) {
             return Ok(d); // hashed by this uid's previous request meanwhile
         }
+        let started = SystemTime::now();
         let d = hash_until(&mut f, &path, deadline)?;
-        // Only if the file did not change while it was read.
-        if f.metadata().map(|m| FileVersion::of(&m)).ok() == Some(version) {
+        // Only if the file did not change while it was read, and a later
+        // change cannot leave its times as they are.
+        let unchanged = f.metadata().map(|m| FileVersion::of(&m)).ok() == Some(version);
+        if unchanged && version.settled(started) {
             self.remember(version, d);
         }
         Ok(d)
@@ -197,6 +219,11 @@ mod tests {
 
     #[test]
     fn hashes_the_running_file_once() {
+        // Freshly linked, the test binary is remembered only once settled.
+        let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        while !FileVersion::of(&exe).settled(SystemTime::now()) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let h = Hasher::default();
         let want: [u8; 32] = Sha256::digest(std::fs::read("/proc/self/exe").unwrap()).into();
         let tid = std::process::id() as i32;
@@ -248,6 +275,35 @@ mod tests {
         let v2 = FileVersion::of(&std::fs::metadata(&p).unwrap());
         assert_ne!(v1, v2, "a write changes the version");
         assert!(h.cached(&v2).is_none());
+    }
+
+    /// A file changed within SETTLED of its hashing could change again in
+    /// the same clock tick without a trace in its times: not remembered.
+    #[test]
+    fn only_settled_files_are_remembered() {
+        let now = SystemTime::now();
+        let at = |t: SystemTime| {
+            let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+            let ctime = (d.as_secs() as i64, i64::from(d.subsec_nanos()));
+            FileVersion {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime: ctime,
+                ctime,
+            }
+        };
+        assert!(at(now - SETTLED).settled(now));
+        assert!(at(now - Duration::from_secs(3600)).settled(now));
+        assert!(!at(now - SETTLED / 2).settled(now), "changed just now");
+        assert!(!at(now).settled(now));
+        assert!(
+            !at(now + Duration::from_secs(5)).settled(now),
+            "a ctime ahead of the clock"
+        );
+        let mut v = at(now);
+        v.ctime = (-1, 0);
+        assert!(!v.settled(now), "before 1970: not trusted");
     }
 
     #[test]

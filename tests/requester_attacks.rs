@@ -427,10 +427,15 @@ fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only()
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if stderr.contains("clone(CLONE_VM | CLONE_NEWUSER)") {
+            // No unprivileged user namespaces here: the route is closed.
+            eprintln!("skipped: {stderr}");
+            return;
+        }
         assert!(
             out.status.success(),
-            "the spoof itself failed: {stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
+            "the spoof itself failed: {stdout} {stderr}"
         );
         assert!(
             stdout.contains(&format!("exe {}\n", keyctl.display())),

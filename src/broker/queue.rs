@@ -39,11 +39,15 @@ pub(super) struct Queues {
 impl Queues {
     /// Queues a job. A uid with [`MAX_QUEUED_PER_UID`] waiting gets it back.
     /// When [`MAX_QUEUED`] wait in all, the job takes the place of the
-    /// newest job of the uid with the most waiting, if that uid would still
-    /// have more waiting than this one: that job is handed back instead
-    /// (to be refused). So a few uids that fill the queues between them
-    /// cannot turn every other uid away; a job is given back itself only
-    /// when no uid has more waiting than its own.
+    /// newest job of the uid with the most waiting, if that uid would
+    /// still have at least as many waiting as this job's uid then has:
+    /// that job is handed back instead (to be refused). So a few uids that
+    /// fill the queues between them cannot turn every other uid away; a
+    /// job is given back itself only when no uid has two more waiting than
+    /// its own. Every displacement lowers the sum of the queues' squared
+    /// lengths, so uids cannot displace each other back and forth. Among
+    /// equally long queues the highest uid's is taken (`max_by_key` keeps
+    /// the last).
     pub fn push(&mut self, job: Job) -> Result<Option<Job>, Job> {
         let mine = self.waiting.get(&job.uid).map_or(0, VecDeque::len);
         if mine >= MAX_QUEUED_PER_UID {
@@ -284,6 +288,24 @@ mod tests {
         }
         assert!(served.contains(&7) && served.contains(&8));
         assert_eq!(served.len(), MAX_QUEUED);
+    }
+
+    /// The boundary: a uid two ahead of the newcomer's gives up a place
+    /// (both end level); one ahead does not.
+    #[test]
+    fn a_place_is_taken_only_from_a_uid_two_ahead() {
+        let mut q = Queues::default();
+        for i in 0..MAX_QUEUED {
+            put(&mut q, job((i / 2) as u32));
+        }
+        // 256 uids with two each: a new uid takes one, both end with one.
+        let out = q.push(job(100_000)).map_err(|_| ()).unwrap().unwrap();
+        assert_eq!(q.waiting[&out.uid].len(), 1);
+        assert_eq!(q.waiting[&100_000].len(), 1);
+        // The newcomer, now at one, against uids at two: two is not two
+        // ahead of the two it would have.
+        assert!(q.push(job(100_000)).is_err());
+        assert_eq!(q.queued, MAX_QUEUED);
     }
 
     /// With every uid holding as many as the newcomer would, nobody is

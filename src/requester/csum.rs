@@ -15,9 +15,13 @@
 //!   (a tick, a few milliseconds), so a second change within the tick of
 //!   the first can leave all five as they were: a digest is remembered
 //!   only once the file's ctime is [`SETTLED`] old (git's "racy clean"
-//!   entries). Content cannot change while it is hashed or run: a
-//!   running executable is denied to writers (ETXTBSY), and exec refuses
-//!   a file open for writing, shared writable mappings included.
+//!   entries), and only on local filesystems whose times come from this
+//!   host's clock at a resolution finer than that ([`cacheable`]: not
+//!   vfat's 2 s, not a network or FUSE server's clock). There, content
+//!   cannot change while it is hashed or run: a running executable is
+//!   denied to writers (ETXTBSY), and exec refuses a file open for
+//!   writing, shared writable mappings included. Elsewhere every request
+//!   hashes.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -79,12 +83,19 @@ struct FileVersion {
 impl FileVersion {
     /// Whether the file last changed [`SETTLED`] or more before `at`: a
     /// change after `at` then shows in its times.
+    /// Times out of range (negative, nanoseconds of a second or more, past
+    /// what `SystemTime` holds: a FUSE server chooses them) never are.
     fn settled(&self, at: SystemTime) -> bool {
         let (Ok(sec), Ok(nsec)) = (u64::try_from(self.ctime.0), u32::try_from(self.ctime.1)) else {
             return false;
         };
-        let changed = SystemTime::UNIX_EPOCH + Duration::new(sec, nsec);
-        at.duration_since(changed).is_ok_and(|age| age >= SETTLED)
+        if nsec >= 1_000_000_000 {
+            return false;
+        }
+        SystemTime::UNIX_EPOCH
+            .checked_add(Duration::new(sec, nsec))
+            .and_then(|changed| at.duration_since(changed).ok())
+            .is_some_and(|age| age >= SETTLED)
     }
 
     fn of(m: &std::fs::Metadata) -> FileVersion {
@@ -96,6 +107,27 @@ impl FileVersion {
             ctime: (m.ctime(), m.ctime_nsec()),
         }
     }
+}
+
+/// Whether digests of files on `f`'s filesystem may be remembered: local
+/// filesystems whose times come from this host's clock with a resolution
+/// finer than [`SETTLED`] (ext2/3/4 share one magic number).
+fn cacheable(f: &File) -> bool {
+    use nix::sys::statfs::{
+        fstatfs, BTRFS_SUPER_MAGIC, EXT4_SUPER_MAGIC, F2FS_SUPER_MAGIC, OVERLAYFS_SUPER_MAGIC,
+        TMPFS_MAGIC, XFS_SUPER_MAGIC,
+    };
+    fstatfs(f).is_ok_and(|s| {
+        [
+            EXT4_SUPER_MAGIC,
+            XFS_SUPER_MAGIC,
+            BTRFS_SUPER_MAGIC,
+            F2FS_SUPER_MAGIC,
+            TMPFS_MAGIC,
+            OVERLAYFS_SUPER_MAGIC,
+        ]
+        .contains(&s.filesystem_type())
+    })
 }
 
 #[derive(Default)]
@@ -179,7 +211,7 @@ impl Hasher {
         // Only if the file did not change while it was read, and a later
         // change cannot leave its times as they are.
         let unchanged = f.metadata().map(|m| FileVersion::of(&m)).ok() == Some(version);
-        if unchanged && version.settled(started) {
+        if unchanged && version.settled(started) && cacheable(&f) {
             self.remember(version, d);
         }
         Ok(d)
@@ -221,9 +253,18 @@ mod tests {
     fn hashes_the_running_file_once() {
         // Freshly linked, the test binary is remembered only once settled.
         let exe = std::fs::metadata("/proc/self/exe").unwrap();
+        let give_up = Instant::now() + 5 * SETTLED;
         while !FileVersion::of(&exe).settled(SystemTime::now()) {
+            assert!(
+                Instant::now() < give_up,
+                "the test binary's ctime is in the future"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
+        assert!(
+            cacheable(&File::open("/proc/self/exe").unwrap()),
+            "target/ on an unusual filesystem"
+        );
         let h = Hasher::default();
         let want: [u8; 32] = Sha256::digest(std::fs::read("/proc/self/exe").unwrap()).into();
         let tid = std::process::id() as i32;
@@ -304,6 +345,50 @@ mod tests {
         let mut v = at(now);
         v.ctime = (-1, 0);
         assert!(!v.settled(now), "before 1970: not trusted");
+        // What a FUSE server may report: no panic, not settled.
+        for ctime in [
+            (i64::MAX, 1_500_000_000),
+            (i64::MAX, 0),
+            (0, 1_000_000_000),
+            (0, -1),
+        ] {
+            v.ctime = ctime;
+            assert!(!v.settled(now), "{ctime:?}");
+        }
+    }
+
+    #[test]
+    fn only_local_filesystems_of_fine_times_are_cacheable() {
+        let tmp = tempfile::tempfile().unwrap();
+        assert!(cacheable(&tmp), "this test's temporary directory");
+        assert!(!cacheable(&File::open("/proc/self/status").unwrap()));
+    }
+
+    /// Through exe_digest, as a request hashes: a file changed just now is
+    /// hashed but not remembered; once its change is SETTLED old, it is.
+    #[test]
+    fn a_file_changed_just_now_is_hashed_again_until_settled() {
+        let proc_root = tempfile::tempdir().unwrap();
+        let tid = 4242;
+        std::fs::create_dir(proc_root.path().join(tid.to_string())).unwrap();
+        let file = proc_root.path().join("program");
+        std::fs::write(&file, b"fresh content").unwrap();
+        std::os::unix::fs::symlink(&file, proc_root.path().join(format!("{tid}/exe"))).unwrap();
+        let want: [u8; 32] = Sha256::digest(b"fresh content").into();
+        let h = Hasher::default();
+        let digest = || {
+            h.exe_digest(proc_root.path(), tid, 0, u64::MAX, later())
+                .unwrap()
+        };
+        assert_eq!(digest(), want);
+        assert!(relock(&h.cache).digests.is_empty(), "changed just now");
+        std::thread::sleep(SETTLED + Duration::from_millis(50));
+        assert_eq!(digest(), want);
+        assert_eq!(
+            relock(&h.cache).digests.len(),
+            1,
+            "settled (on /tmp's filesystem)"
+        );
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub use derived_keys_core::runtime::RUN_DIR;
 mod hot;
 pub mod pipeline;
 mod queue;
+mod shares;
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use queue::{Job, Queues, MAX_QUEUED, MAX_QUEUED_PER_UID};
@@ -266,8 +267,10 @@ struct Server {
     last: AtomicU64,
     epoch: Instant,
     hello: Vec<u8>,
-    /// Requests waiting for a worker, by uid.
+    /// Requests waiting for a worker, by share.
     queues: Mutex<Queues>,
+    /// Which share each uid's requests count against.
+    shares: shares::Shares,
     /// One count per job queued for a worker that is still waiting
     /// (a semaphore: each count wakes one worker).
     more: EventFd,
@@ -436,6 +439,7 @@ fn receive(server: &Server, mut s: UnixStream) -> Option<Job> {
         stream: s,
         upcall: buf,
         uid,
+        share: server.shares.share(uid),
     })
 }
 
@@ -468,8 +472,13 @@ fn refuse_busy(server: &Server, mut job: Job, why: Busy) {
                 job.uid
             ),
             Busy::Displaced { by } => format!(
-                "too many requests waiting (all: at most {MAX_QUEUED}): uid {} had the most, and its newest made room for uid {by}'s",
-                job.uid
+                "too many requests waiting (all: at most {MAX_QUEUED}): uid {}{} had the most, and its newest made room for uid {by}'s",
+                job.uid,
+                if job.share == job.uid {
+                    String::new()
+                } else {
+                    format!(" (a subordinate uid of {})", job.share)
+                }
             ),
         }),
         ..Record::default()
@@ -735,9 +744,9 @@ fn take_arrivals(server: &Server, listener: &UnixListener) {
 
 /// Serves a job the queues handed out, then frees its uid's slot.
 fn run(server: &Server, job: Job) {
-    let uid = job.uid;
+    let share = job.share;
     serve_one(server, job);
-    relock(&server.queues).done(uid);
+    relock(&server.queues).done(share);
     finished(server);
 }
 
@@ -906,6 +915,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let server = Server {
         hello: encode_hello(&config, keys_ring),
         queues: Mutex::new(Queues::default()),
+        shares: shares::Shares::host(),
         more,
         all_busy: Condvar::new(),
         hasher: crate::requester::csum::Hasher::default(),

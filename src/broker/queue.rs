@@ -1,4 +1,6 @@
-//! Requests waiting for a worker, by requester uid: the broker's fairness.
+//! Requests waiting for a worker, by requester share (the uid, or the
+//! owner of its subordinate uid range: [`super::shares`]): the broker's
+//! fairness.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
@@ -16,10 +18,13 @@ pub(super) struct Job {
     pub stream: UnixStream,
     pub upcall: Vec<u8>,
     pub uid: u32,
+    /// Whose share it counts against (the queues' key).
+    pub share: u32,
 }
 
-/// Requests waiting for a worker, one queue per requester uid, served
-/// round robin with at most [`PER_UID`] of one uid at once: however many
+/// Requests waiting for a worker, one queue per share (a uid, with its
+/// subordinate uids if it has any; "uid" below), served round robin with
+/// at most [`PER_UID`] of one uid at once: however many
 /// requests one uid sends (or however slow they are), every other uid's
 /// next request goes to the next free worker.
 #[derive(Default)]
@@ -49,7 +54,7 @@ impl Queues {
     /// equally long queues the highest uid's is taken (`max_by_key` keeps
     /// the last).
     pub fn push(&mut self, job: Job) -> Result<Option<Job>, Job> {
-        let mine = self.waiting.get(&job.uid).map_or(0, VecDeque::len);
+        let mine = self.waiting.get(&job.share).map_or(0, VecDeque::len);
         if mine >= MAX_QUEUED_PER_UID {
             return Err(job);
         }
@@ -72,7 +77,7 @@ impl Queues {
         } else {
             None
         };
-        self.waiting.entry(job.uid).or_default().push_back(job);
+        self.waiting.entry(job.share).or_default().push_back(job);
         self.queued += 1;
         Ok(displaced)
     }
@@ -138,11 +143,12 @@ impl Queues {
         n
     }
 
-    pub fn done(&mut self, uid: u32) {
-        if let Some(n) = self.running.get_mut(&uid) {
+    /// A job of `share` has ended.
+    pub fn done(&mut self, share: u32) {
+        if let Some(n) = self.running.get_mut(&share) {
             *n -= 1;
             if *n == 0 {
-                self.running.remove(&uid);
+                self.running.remove(&share);
             }
         }
     }
@@ -163,6 +169,7 @@ mod tests {
             stream: a,
             upcall: Vec::new(),
             uid,
+            share: uid,
         }
     }
 
@@ -230,6 +237,28 @@ mod tests {
         assert_eq!(q.wakes_needed(), 0, "nobody waits");
         q.waiting();
         assert_eq!(q.wakes_needed(), 1);
+    }
+
+    /// Subordinate uids of one user count as that user: two of them run
+    /// no more than PER_UID between them, and another uid goes next.
+    #[test]
+    fn subordinate_uids_share_their_owners_turns() {
+        let mut q = Queues::default();
+        for uid in [100_000, 100_001, 100_002, 100_000, 100_001] {
+            let mut j = job(uid);
+            j.share = 1000;
+            put(&mut q, j);
+        }
+        put(&mut q, job(2000));
+        let mut first: Vec<u32> = std::iter::from_fn(|| q.pop()).map(|j| j.share).collect();
+        first.sort_unstable();
+        assert_eq!(first.len(), PER_UID + 1);
+        assert_eq!(first.iter().filter(|&&s| s == 1000).count(), PER_UID);
+        assert!(first.contains(&2000));
+        // Their turns end by share: one ends, one more of theirs runs.
+        q.done(1000);
+        assert_eq!(q.pop().map(|j| j.share), Some(1000));
+        assert!(q.pop().is_none());
     }
 
     #[test]

@@ -231,6 +231,16 @@ pub fn request_key(
 /// in the first field of /proc/<tid>/syscall.
 pub const SYS_REQUEST_KEY: i64 = libc::SYS_request_key;
 
+/// Every number request_key(2) appears under in /proc/<tid>/syscall: this
+/// architecture's own and, on x86-64, those of the 32-bit ABIs whose
+/// programs its kernel runs too, which libc (built for x86-64) does not
+/// name: ia32's 287 (the kernel's arch/x86/entry/syscalls/syscall_32.tbl)
+/// and x32's, the native number with `__X32_SYSCALL_BIT` (0x40000000).
+#[cfg(target_arch = "x86_64")]
+pub const REQUEST_KEY_NUMBERS: &[i64] = &[SYS_REQUEST_KEY, 287, 0x4000_0000 | SYS_REQUEST_KEY];
+#[cfg(not(target_arch = "x86_64"))]
+pub const REQUEST_KEY_NUMBERS: &[i64] = &[SYS_REQUEST_KEY];
+
 /// KEYCTL_JOIN_SESSION_KEYRING with no name: a fresh anonymous session
 /// keyring, leaving the one inherited from request-key.
 pub fn keyctl_new_session() -> io::Result<i32> {

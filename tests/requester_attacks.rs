@@ -447,6 +447,48 @@ fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only()
     }
 }
 
+/// A 32-bit program asks through the kernel's ia32 entry, where
+/// request_key(2) is number 287: /proc/<tid>/syscall shows that number,
+/// not the native one, and the requester is identified all the same
+/// (found by an independent review: such requesters were refused). Its
+/// `user` key is its uid's usual one and its `path` key is bound to its
+/// own executable.
+#[test]
+fn a_requester_through_the_32_bit_entry_is_identified() {
+    const UID: u32 = 4345;
+    let env = KernelEnv::new("");
+    let program = compile(&env, "request_ia32", &["-static", "-no-pie"]);
+    // A kernel without the ia32 entry (ia32_emulation=false) kills the
+    // program at its int 0x80: nothing to test there.
+    let probe = Command::new(&program)
+        .args(["no-rule:x", "1"])
+        .output()
+        .unwrap();
+    if probe.status.code().is_none() {
+        eprintln!("skipped: no ia32 entry ({:?})", probe.status);
+        return;
+    }
+    let run = |rest: &str, callout: &str| {
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={UID}"))
+            .arg(format!("--regid={UID}"))
+            .arg("--clear-groups")
+            .arg(&program)
+            .arg(env.desc(rest))
+            .arg(callout)
+            .output()
+            .unwrap();
+        outcome(&String::from_utf8_lossy(&out.stdout))
+    };
+    let native = env.request_as(UID, "user", "ia32", "32 user").payload();
+    assert_eq!(run("ia32#compat", "32 user"), Ok(native));
+    let path = run("ia32-path", "32 path").unwrap();
+    let other = env
+        .request_as(UID, "user", "ia32-path", "32 path")
+        .payload();
+    assert_ne!(path, other, "keyctl's path key is not the program's");
+}
+
 /// Issue 20, item 4. A requester whose executable's path holds a tab, a
 /// newline, backslashes, spaces, quotes and `=`: its audit line still has
 /// one value per field, and the path decodes to its very bytes.

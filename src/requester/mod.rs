@@ -267,7 +267,8 @@ pub fn identify(
             }
         }
         let syscall = &buf[..n];
-        if parse_syscall(syscall) != Some(crate::sys::SYS_REQUEST_KEY) {
+        let number = parse_syscall(syscall);
+        if !number.is_some_and(|n| crate::sys::REQUEST_KEY_NUMBERS.contains(&n)) {
             return Err(RequesterError::NotInRequestKey {
                 tid,
                 syscall: String::from_utf8_lossy(&syscall[..syscall.len().min(16)]).into_owned(),

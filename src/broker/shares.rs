@@ -12,10 +12,11 @@
 //! TPM's network namespace) does not have.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::requester::csum::FileVersion;
 
 /// How often the files are looked at for a change, at most.
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -32,14 +33,11 @@ struct Range {
     owner: u32,
 }
 
-/// What identifies one version of a file (device, inode, size, mtime,
-/// ctime), or its absence.
-type Stamp = Option<(u64, u64, u64, i64, i64, i64, i64)>;
-
 #[derive(Default)]
 struct State {
     checked: Option<Instant>,
-    stamps: (Stamp, Stamp),
+    /// The versions of /etc/subuid and /etc/passwd read (None: absent).
+    versions: (Option<FileVersion>, Option<FileVersion>),
     /// Sorted by start, not overlapping.
     ranges: Vec<Range>,
 }
@@ -106,18 +104,8 @@ fn owner_of(ranges: &[Range], uid: u32) -> Option<u32> {
     (uid < r.end).then_some(r.owner)
 }
 
-fn stamp(path: &std::path::Path) -> Stamp {
-    std::fs::metadata(path).ok().map(|m| {
-        (
-            m.dev(),
-            m.ino(),
-            m.size(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec(),
-        )
-    })
+fn version(path: &std::path::Path) -> Option<FileVersion> {
+    std::fs::metadata(path).ok().map(|m| FileVersion::of(&m))
 }
 
 fn read_bounded(path: &std::path::Path) -> String {
@@ -150,10 +138,10 @@ impl Shares {
         let now = Instant::now();
         if st.checked.is_none_or(|t| now.duration_since(t) >= RECHECK) {
             st.checked = Some(now);
-            let stamps = (stamp(&self.subuid), stamp(&self.passwd));
-            if stamps != st.stamps {
-                st.stamps = stamps;
-                st.ranges = if stamps.0.is_some() {
+            let versions = (version(&self.subuid), version(&self.passwd));
+            if versions != st.versions {
+                st.versions = versions;
+                st.ranges = if versions.0.is_some() {
                     let passwd = read_bounded(&self.passwd);
                     let names = parse_passwd(&passwd);
                     parse_subuid(&read_bounded(&self.subuid), |n| names.get(n).copied())

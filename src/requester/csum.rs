@@ -72,7 +72,7 @@ impl CsumError {
 
 /// What identifies one version of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct FileVersion {
+pub(crate) struct FileVersion {
     dev: u64,
     ino: u64,
     size: u64,
@@ -98,7 +98,7 @@ impl FileVersion {
             .is_some_and(|age| age >= SETTLED)
     }
 
-    fn of(m: &std::fs::Metadata) -> FileVersion {
+    pub(crate) fn of(m: &std::fs::Metadata) -> FileVersion {
         FileVersion {
             dev: m.dev(),
             ino: m.ino(),

@@ -38,6 +38,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "outcome.h"
+
 struct range {
 	unsigned long start, end;
 	int prot;
@@ -227,22 +229,7 @@ int main(int argc, char **argv)
 	}
 	printf("exe %s\n", now);
 	fflush(stdout);
-	/* From here on write(2) only: stdio's buffer is not flushed at exit
-	 * once a child has run on our memory (--shared-vm). */
 	long key = syscall(SYS_request_key, "user", argv[2], argv[3], KEY_SPEC_PROCESS_KEYRING);
-	if (key < 0) {
-		dprintf(1, "err %d\n", errno);
-		return 0;
-	}
-	unsigned char buf[2048];
-	long len = syscall(SYS_keyctl, KEYCTL_READ, key, buf, sizeof buf);
-	if (len < 0) {
-		dprintf(1, "readerr %d\n", errno);
-		return 0;
-	}
-	dprintf(1, "ok ");
-	for (long i = 0; i < len && i < (long)sizeof buf; i++)
-		dprintf(1, "%02x", buf[i]);
-	dprintf(1, "\n");
+	print_outcome(key, errno);
 	return 0;
 }

@@ -33,6 +33,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "outcome.h"
+
 static const char *desc, *callout;
 static volatile pid_t asking;
 static volatile int done;
@@ -154,17 +156,10 @@ int main(int argc, char **argv)
 			syscall(SYS_keyctl, KEYCTL_INVALIDATE, forged[i]);
 	}
 	printf("forged %d before %d\n", planted, before);
-	if (result < 0) {
-		printf("err %d\n", result_errno);
-		return 0;
-	}
-	if (read_len < 0) {
-		printf("readerr %d\n", result_errno);
-		return 0;
-	}
-	printf("ok ");
-	for (long i = 0; i < read_len && i < (long)sizeof payload; i++)
-		printf("%02x", payload[i]);
-	printf("\n");
+	fflush(stdout);
+	if (result < 0)
+		print_err(result_errno);
+	else
+		print_read(read_len, result_errno, payload, sizeof payload);
 	return 0;
 }

@@ -7,7 +7,7 @@
  *
  * Built with gcc -static -no-pie: a static, non-PIE x86-64 program, whose
  * data (where the strings are copied) lies below 4 GiB, so 32-bit pointers
- * reach it. Prints "ok <hex payload>" or "err <errno>".
+ * reach it. Prints the result line of outcome.h.
  */
 #include <errno.h>
 #include <linux/keyctl.h>
@@ -15,6 +15,8 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "outcome.h"
 
 static char type[] = "user";
 static char desc[4096];
@@ -36,19 +38,6 @@ int main(int argc, char **argv)
 			   "c"((unsigned int)(unsigned long)desc),
 			   "d"((unsigned int)(unsigned long)callout), "S"(dest)
 			 : "memory");
-	if (ret < 0) {
-		printf("err %ld\n", -ret);
-		return 0;
-	}
-	unsigned char buf[2048];
-	long len = syscall(SYS_keyctl, KEYCTL_READ, ret, buf, sizeof buf);
-	if (len < 0) {
-		printf("readerr %d\n", errno);
-		return 0;
-	}
-	printf("ok ");
-	for (long i = 0; i < len && i < (long)sizeof buf; i++)
-		printf("%02x", buf[i]);
-	printf("\n");
+	print_outcome(ret, (int)-ret);
 	return 0;
 }

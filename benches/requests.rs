@@ -272,7 +272,7 @@ fn print_ratios(rows: &[Row]) {
     let ratio = |name: &str| p50(name).map_or(f64::NAN, |v| v / s);
     println!("side by side (one request of each in turn):");
     println!(
-        "hot-key sign p50 / static floor p50: {:.2}x (goal <= 1.3x)",
+        "hot-key sign p50 / static floor p50: {:.3}x (goal <= 1.3x)",
         ratio(SIGN_HOT)
     );
     println!(

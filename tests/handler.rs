@@ -598,6 +598,33 @@ fn handler_binary_is_small_static_and_without_the_tpm_stack() {
     assert!(String::from_utf8_lossy(&v.stderr).starts_with("derived-key-helper "));
 }
 
+/// The handler never executes CPUID. On a VM the instruction traps to the
+/// hypervisor, tens of microseconds on this one: a crate that probes the
+/// CPU at first use (RustCrypto's `chacha20`, tried for an answer's seal in
+/// session 11) made every request 3 to 4% slower (docs/SPEED.md). The
+/// disassembly is binutils' (gcc's dependency, installed for the tests).
+#[test]
+fn the_handler_never_executes_cpuid() {
+    let exe = env!("CARGO_BIN_EXE_derived-key-helper");
+    let out = std::process::Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn", exe])
+        .output()
+        .expect("objdump (binutils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The disassembly is there, and has none.
+    assert!(text.contains("<main>:"), "no main in the disassembly");
+    let cpuid: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("cpuid"))
+        .collect();
+    assert!(cpuid.is_empty(), "{cpuid:?}");
+}
+
 /// `csum` is bound to the file the process runs, not to a path name: the
 /// two spoofs of an IMA list matched by path (issue 19). The running file
 /// is a copy of keyctl with one byte appended; under both spoofs its path

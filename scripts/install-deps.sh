@@ -7,7 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 packages=(keyutils swtpm swtpm-tools libtss2-dev pkg-config tpm2-tools openssl
-          python3 python3-cryptography util-linux procps ca-certificates gcc libc6-dev musl-dev git
+          python3 python3-cryptography util-linux procps ca-certificates gcc binutils libc6-dev musl-dev git
           openssh-client openssh-server cryptsetup-bin wireguard-tools e2fsprogs
           systemd opensc gnutls-bin)
 missing=()

@@ -602,7 +602,7 @@ fn handler_binary_is_small_static_and_without_the_tpm_stack() {
 /// hypervisor, tens of microseconds on this one: a crate that probes the
 /// CPU at first use (RustCrypto's `chacha20`, tried for an answer's seal in
 /// session 11) made every request 3 to 4% slower (docs/SPEED.md). The
-/// disassembly is binutils' (gcc's dependency, installed for the tests).
+/// disassembly is binutils' objdump (scripts/install-deps.sh installs it).
 #[test]
 fn the_handler_never_executes_cpuid() {
     let exe = env!("CARGO_BIN_EXE_derived-key-helper");

@@ -8,8 +8,12 @@ use std::os::unix::net::UnixStream;
 /// Requests of one uid served at once: the rest of the workers stay free
 /// for other uids, whatever one uid sends.
 pub(super) const PER_UID: usize = 2;
-/// Requests waiting at most, per uid and in all (each holds a socket);
-/// past that, ETIMEDOUT at once.
+/// Requests waiting at most, per share and in all (each holds a socket);
+/// past that, ETIMEDOUT at once. (Under the kernel's default key quota,
+/// 200 keys a uid, one uid alone has at most about 99 requests under way,
+/// each a key and a session keyring: the limit per share binds for root,
+/// for a share of many subordinate uids, and where the quota is raised.
+/// tests/queue.rs fills every place with sixteen uids.)
 pub(super) const MAX_QUEUED_PER_UID: usize = 128;
 pub(super) const MAX_QUEUED: usize = 512;
 

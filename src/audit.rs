@@ -8,6 +8,11 @@
 //! is built only from the request's public fields and the requester's
 //! identity.
 //!
+//! In the broker the lines are written by a thread of their own
+//! ([`Lines`]): a send may wait up to 250 ms on a full socket, and the
+//! journal's and syslog's sockets take anyone's datagrams, so a local user
+//! flooding them must not hold the workers, and with them every request.
+//!
 //! The line is `derived-keys: <outcome>` and then `key=value` fields split
 //! by single spaces; a missing value is `-`. Every value goes through one
 //! escaping, [`escape`] (shared with the handler binary, which writes the
@@ -28,7 +33,9 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use derived_keys_core::audit_line as line;
@@ -389,12 +396,17 @@ impl Counter {
     }
 
     fn drop_one(&mut self, why: String) {
-        // One byte, appended atomically beside the handler's.
+        self.drop_many(1, why);
+    }
+
+    fn drop_many(&mut self, n: u64, why: String) {
+        // One byte a line, appended atomically beside the handler's.
         if self.file.is_none() {
             self.file = open_counter(&self.path).ok();
         }
         if let Some(f) = self.file.as_mut() {
-            let _ = f.write_all(b"b");
+            let bytes = vec![b'b'; usize::try_from(n).unwrap_or(0)];
+            let _ = f.write_all(&bytes);
         }
         self.why = why;
         // The note changes only when a report goes out; it must exist
@@ -523,6 +535,125 @@ fn emit_via(journal_socket: &Path, target: &LogTarget, record: &Record) {
                 let _ = writeln!(std::io::stderr(), "{text}");
             }
         }
+    }
+}
+
+/// Lines queued for the broker's audit thread, at most (a few hundred
+/// bytes each). A flood of requests while the log sockets take nothing
+/// fills it; past it, lines are counted as dropped.
+const QUEUED_LINES: usize = 1024;
+
+/// Why lines were dropped before any channel was tried.
+const QUEUE_FULL: &str = "the broker's audit queue was full: the log sockets were not taking lines";
+
+/// How long a stopping broker lets its audit thread write what is queued.
+const FINISH: Duration = Duration::from_secs(2);
+
+/// The broker's audit lines, written in order by a thread of their own, so
+/// that a slow or full log socket (a stuck syslog daemon, or the journal's
+/// socket flooded by a local user) holds that thread and not the workers:
+/// [`Lines::emit`] never waits. A line the queue has no room for is counted
+/// as dropped, like a line no channel takes.
+pub struct Lines {
+    tx: Mutex<Option<SyncSender<Record>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Lines refused because the queue was full, not yet counted.
+    overflow: Arc<AtomicU64>,
+    /// Lines queued and not yet written (or dropped).
+    queued: Arc<AtomicU64>,
+    /// The drop counter, for what a stopping broker leaves queued.
+    dropped: Option<PathBuf>,
+}
+
+impl Lines {
+    /// Starts the thread, writing to `target`; `dropped` is the drop
+    /// counter [`count_into`] set up, if it did.
+    pub fn start(target: LogTarget, dropped: Option<PathBuf>) -> std::io::Result<Lines> {
+        Lines::start_with(move |record| emit(&target, record), dropped)
+    }
+
+    /// [`Lines::start`] with `write` for each line (tests: a writer that
+    /// stalls when they say).
+    fn start_with(
+        mut write: impl FnMut(&Record) + Send + 'static,
+        dropped: Option<PathBuf>,
+    ) -> std::io::Result<Lines> {
+        let (tx, rx) = sync_channel::<Record>(QUEUED_LINES);
+        let overflow = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicU64::new(0));
+        let thread = std::thread::Builder::new().name("audit".into()).spawn({
+            let (overflow, queued) = (overflow.clone(), queued.clone());
+            move || {
+                for record in rx {
+                    count_overflow(&overflow);
+                    write(&record);
+                    queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                count_overflow(&overflow);
+            }
+        })?;
+        Ok(Lines {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            overflow,
+            queued,
+            dropped,
+        })
+    }
+
+    /// Queues the line; never waits.
+    pub fn emit(&self, record: Record) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            self.overflow.fetch_add(1, Ordering::SeqCst);
+            return;
+        };
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        if tx.try_send(record).is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.overflow.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes no more lines and lets the thread write what is queued, for
+    /// at most [`FINISH`]; what is still queued then is counted as
+    /// dropped. For a broker on its way out.
+    pub fn finish(&self) {
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let end = Instant::now() + FINISH;
+        while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        match thread {
+            Some(t) if t.is_finished() => {
+                let _ = t.join();
+            }
+            _ => self.abandon(),
+        }
+    }
+
+    /// Counts what is still queued as dropped, straight into the counter
+    /// file (the thread may be in the middle of a send, holding the audit
+    /// state): for a broker that exits now.
+    pub fn abandon(&self) {
+        let n = self.queued.swap(0, Ordering::SeqCst) + self.overflow.swap(0, Ordering::SeqCst);
+        if let (Some(path), true) = (&self.dropped, n > 0) {
+            if let Ok(mut f) = open_counter(path) {
+                let _ = f.write_all(&vec![b'b'; usize::try_from(n).unwrap_or(0)]);
+            }
+        }
+    }
+}
+
+/// Counts the lines the queue had no room for.
+fn count_overflow(overflow: &AtomicU64) {
+    let n = overflow.swap(0, Ordering::SeqCst);
+    if n == 0 {
+        return;
+    }
+    if let Some(c) = lock().counter.as_mut() {
+        c.drop_many(n, QUEUE_FULL.into());
     }
 }
 
@@ -855,6 +986,52 @@ mod tests {
         let note = Note::read(&state).unwrap();
         assert_eq!((note.start, note.reported), (2, 2));
         assert_eq!(note.pid, std::process::id());
+        lock().counter = None;
+    }
+
+    /// While the writer is stuck (a log socket that takes nothing), the
+    /// queue takes its lines at once, and counts those past its room as
+    /// dropped, in the counter the broker reports from; once the writer
+    /// moves again, the queued lines are written in order.
+    #[test]
+    fn lines_never_wait_for_a_stuck_writer_and_overflow_is_counted() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = dir.path().join("x.dropped");
+        let state = dir.path().join("x.audit");
+        count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let (wrote, written) = std::sync::mpsc::channel::<String>();
+        let lines = Lines::start_with(
+            move |r: &Record| {
+                // Stuck at the first line until told.
+                if r.name.as_deref() == Some("0") {
+                    let _ = stuck.recv();
+                }
+                let _ = wrote.send(r.name.clone().unwrap_or_default());
+            },
+            Some(dropped.clone()),
+        )
+        .unwrap();
+        let record = |i: usize| Record {
+            outcome: Some("granted"),
+            name: Some(i.to_string()),
+            ..Record::default()
+        };
+        // The first line holds the writer; QUEUED_LINES more fill the
+        // queue; five more find no room.
+        lines.emit(record(0));
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 1..=QUEUED_LINES + 5 {
+            lines.emit(record(i));
+        }
+        release.send(()).unwrap();
+        lines.finish();
+        let got: Vec<String> = written.try_iter().collect();
+        let want: Vec<String> = (0..=QUEUED_LINES).map(|i| i.to_string()).collect();
+        assert_eq!(got, want);
+        assert_eq!(std::fs::read(&dropped).unwrap(), b"bbbbb");
+        assert_eq!(lock().counter.as_ref().unwrap().why, QUEUE_FULL);
         lock().counter = None;
     }
 

@@ -266,3 +266,82 @@ fn broker_keeps_no_key_of_the_requester_that_started_it() {
         held.join("\n")
     );
 }
+
+/// A log socket that stops taking lines (a syslog daemon that is stuck, or
+/// the journal's socket, which takes anyone's datagrams, flooded by a
+/// local user) holds up only the audit trail, never the requests: a burst
+/// of 32 requests at once, with the configured syslog socket full and
+/// nobody reading it, is answered within the 3 s bound. (Before, each line
+/// waited out its send's 250 ms in turn, under the audit lock, in a
+/// worker: 19 of the 32 timed out.) Once the socket is read again, every
+/// line of the burst is accounted for: on the socket, in the kernel log
+/// (where a line goes whose send gave up), or counted as dropped.
+#[test]
+fn a_stalled_log_socket_holds_up_no_request() {
+    const BURST: usize = 32;
+    let dir = common::scratch_dir();
+    let path = dir.path().join("log");
+    let stalled = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let env = KernelEnv::new(&format!(
+        "[log]\ntarget = \"syslog\"\nsocket = \"{}\"\n",
+        path.display()
+    ));
+    if std::path::Path::new(derived_keys_core::audit_line::JOURNAL_SOCKET).exists() {
+        eprintln!("skipped: journald runs here, and takes the lines first");
+        return;
+    }
+    assert_eq!(env.request("user", "warm", "32 user").payload().len(), 32);
+    let mut kmsg = kmsg_from_now();
+    // Full: its queue holds net.unix.max_dgram_qlen datagrams (10 by
+    // default), and nobody reads them.
+    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    filler.set_nonblocking(true).unwrap();
+    while filler.send_to(b"<13>filler", &path).is_ok() {}
+    let got: Vec<common::Got> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..BURST)
+            .map(|i| {
+                let env = &env;
+                s.spawn(move || env.request("user", &format!("burst{i}"), "32 user"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let failed: Vec<_> = got
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| !matches!(g, common::Got::Key { .. }))
+        .collect();
+    assert!(failed.is_empty(), "{} of {BURST}: {failed:?}", failed.len());
+
+    // Read again, until the broker has nothing more to say.
+    let burst_line = |l: &str| {
+        l.contains("derived-keys: granted ")
+            && l.split_whitespace().any(|f| {
+                f.strip_prefix("name=")
+                    .is_some_and(|n| n.starts_with("burst"))
+            })
+    };
+    let mut buf = [0u8; 4096];
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut on_socket = 0;
+    while let Ok(n) = stalled.recv(&mut buf) {
+        on_socket += usize::from(burst_line(&String::from_utf8_lossy(&buf[..n])));
+    }
+    let in_kernel_log = kmsg_messages(&mut kmsg)
+        .iter()
+        .filter(|m| burst_line(m))
+        .count();
+    let dropped = audit_status(&env)["dropped_total"].as_u64().unwrap();
+    assert_eq!(
+        on_socket + in_kernel_log + usize::try_from(dropped).unwrap(),
+        BURST,
+        "{on_socket} on the socket, {in_kernel_log} in the kernel log, {dropped} dropped"
+    );
+    env.stop_broker();
+    let paths =
+        derived_keys::broker::paths(&derived_keys::config::Config::load(&env.conf).unwrap());
+    let _ = std::fs::remove_file(paths.dropped);
+    let _ = std::fs::remove_file(paths.audit);
+}

@@ -282,6 +282,8 @@ struct Server {
     keys: crate::requester::keys::KeysView,
     /// PRKs of recent requests (`tpm.hot_key_s`).
     hot: hot::HotKeys,
+    /// The audit lines, written by a thread of their own.
+    lines: audit::Lines,
     /// The listening socket and its path, to stop accepting at once.
     listener: std::os::fd::RawFd,
     socket: PathBuf,
@@ -483,7 +485,7 @@ fn refuse_busy(server: &Server, mut job: Job, why: Busy) {
         }),
         ..Record::default()
     };
-    audit::emit(&server.config.log, &record);
+    server.lines.emit(record);
 }
 
 /// Answers one request: the pipeline, the answer, then the audit line
@@ -556,7 +558,7 @@ fn serve_one(server: &Server, job: Job) {
         }
     }
     drop(s);
-    audit::emit(&server.config.log, &record);
+    server.lines.emit(record);
 }
 
 /// One write for header and payload (no copy of the payload); loops on
@@ -877,9 +879,14 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     };
     // Lines no channel takes are counted from here on (before anything
     // listens, so before any request).
-    if let Err(e) = audit::count_into(&config.path, &p.dropped, &p.audit) {
-        let _ = writeln!(std::io::stderr(), "derived-keys-broker: {e}");
-    }
+    let counted = match audit::count_into(&config.path, &p.dropped, &p.audit) {
+        Ok(()) => Some(p.dropped.clone()),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "derived-keys-broker: {e}");
+            None
+        }
+    };
+    let lines = audit::Lines::start(config.log.clone(), counted).map_err(io(&p.dropped))?;
     let _ = std::fs::remove_file(&p.socket);
     let listener = UnixListener::bind(&p.socket).map_err(io(&p.socket))?;
     // From here on, every way out removes the socket and the pid file.
@@ -924,6 +931,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
             crate::keyring::is_anonymous_session(keys_ring).then_some(keys_ring),
         ),
         hot: hot::HotKeys::new(config.hot_key),
+        lines,
         owner_auth,
         config,
         turn: Turn {
@@ -985,7 +993,9 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
                         server.hung.store(true, Ordering::SeqCst);
                         server.turn.freed.notify_all();
                         std::thread::sleep(Duration::from_millis(50));
-                        // exit() runs no destructors: clean up by hand.
+                        // exit() runs no destructors: clean up by hand,
+                        // and count the lines that will not be written.
+                        server.lines.abandon();
                         drop(RuntimeFiles(&p));
                         std::process::exit(libc::ETIMEDOUT);
                     }
@@ -1028,6 +1038,7 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     // loaded the primary again, left behind on a TPM without a resource
     // manager.
     server.shutdown();
+    server.lines.finish();
     Ok(())
 }
 

@@ -35,7 +35,7 @@ use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -462,21 +462,39 @@ fn syslog(
         process: "derived-key-helper".into(),
         pid: std::process::id(),
     };
+    if wait == Wait::No {
+        // A datagram socket only, sent to without waiting: the crate's
+        // fallback for a stream socket connects, which may wait for the
+        // daemon's backlog. Anything else is for the audit thread.
+        use syslog::LogFormat;
+        let sev = match severity {
+            line::SEVERITY_GRANTED => syslog::Severity::LOG_INFO,
+            SEVERITY_DROPPED => syslog::Severity::LOG_WARNING,
+            _ => syslog::Severity::LOG_NOTICE,
+        };
+        let mut msg = Vec::with_capacity(text.len() + 64);
+        formatter.format(&mut msg, sev, text)?;
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        sock.send_to(&msg, socket)?;
+        return Ok(());
+    }
     let mut logger = syslog::unix_custom(formatter, socket)?;
     let limit = Some(SEND_TIMEOUT);
-    match (&logger.backend, wait) {
-        (syslog::LoggerBackend::Unix(d), Wait::Bounded) => d.set_write_timeout(limit)?,
-        (syslog::LoggerBackend::Unix(d), Wait::No) => d.set_nonblocking(true)?,
-        (syslog::LoggerBackend::UnixStream(s), Wait::Bounded) => {
-            s.get_ref().set_write_timeout(limit)?
-        }
-        (syslog::LoggerBackend::UnixStream(s), Wait::No) => s.get_ref().set_nonblocking(true)?,
+    match &logger.backend {
+        syslog::LoggerBackend::Unix(d) => d.set_write_timeout(limit)?,
+        syslog::LoggerBackend::UnixStream(s) => s.get_ref().set_write_timeout(limit)?,
         _ => {}
     }
     match severity {
         line::SEVERITY_GRANTED => logger.info(text)?,
         SEVERITY_DROPPED => logger.warning(text)?,
         _ => logger.notice(text)?,
+    }
+    // A stream backend buffers, and its drop ignores a failed flush: a
+    // line that did not go out must say so (and be counted).
+    if let syslog::LoggerBackend::UnixStream(s) = &mut logger.backend {
+        s.flush()?;
     }
     Ok(())
 }
@@ -619,21 +637,27 @@ fn emit_locked(
 }
 
 /// Lines queued for the broker's audit thread, at most (a few hundred
-/// bytes each). A flood of requests while the log sockets take nothing
-/// fills it; past it, lines are counted as dropped.
+/// bytes each, 10 kB at most with a requester's longest fields: ~10 MB in
+/// all). A flood of requests while the log sockets take nothing fills it;
+/// past it, lines are counted as dropped.
 const QUEUED_LINES: usize = 1024;
 
 /// Why lines were dropped before any channel was tried.
 const QUEUE_FULL: &str = "the broker's audit queue was full: the log sockets were not taking lines";
 
-/// How long a stopping broker lets its audit thread write what is queued.
-const FINISH: Duration = Duration::from_secs(2);
+/// How long a stopping broker lets its audit thread write what is queued:
+/// a little more than one send's bound. It still holds its instance lock
+/// (new requests wait for its successor), and a socket that took nothing
+/// for that long is not about to take a queue's worth.
+const FINISH: Duration = Duration::from_millis(300);
 
-/// The broker's audit lines, written in order by a thread of their own, so
-/// that a slow or full log socket (a stuck syslog daemon, or the journal's
-/// socket flooded by a local user) holds that thread and not the workers:
-/// [`Lines::emit`] never waits. A line the queue has no room for is counted
-/// as dropped, like a line no channel takes.
+/// The broker's audit lines: a worker writes its own when no log socket
+/// makes it wait, and otherwise a thread of its own writes it, in the
+/// order queued, so that a slow or full log socket (a stuck syslog daemon,
+/// or the journal's socket flooded by a local user) holds that thread and
+/// not the workers: [`Lines::emit`] never waits for a socket. A line the
+/// queue has no room for is counted as dropped, like a line no channel
+/// takes.
 pub struct Lines {
     tx: Mutex<Option<SyncSender<Record>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -641,6 +665,8 @@ pub struct Lines {
     overflow: Arc<AtomicU64>,
     /// Lines queued and not yet written (or dropped).
     queued: Arc<AtomicU64>,
+    /// Set by [`Lines::abandon`]: what is queued is counted, not written.
+    abandoned: Arc<AtomicBool>,
     /// The drop counter, for what a stopping broker leaves queued.
     dropped: Option<PathBuf>,
     /// Where the lines go, for those written without the thread; None: all
@@ -667,13 +693,20 @@ impl Lines {
         let (tx, rx) = sync_channel::<Record>(QUEUED_LINES);
         let overflow = Arc::new(AtomicU64::new(0));
         let queued = Arc::new(AtomicU64::new(0));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new().name("audit".into()).spawn({
-            let (overflow, queued) = (overflow.clone(), queued.clone());
+            let (overflow, queued, abandoned) =
+                (overflow.clone(), queued.clone(), abandoned.clone());
             move || {
                 for record in rx {
+                    if abandoned.load(Ordering::SeqCst) {
+                        return;
+                    }
                     count_overflow(&overflow);
                     write(&record);
-                    queued.fetch_sub(1, Ordering::SeqCst);
+                    // Saturating: `abandon` may have taken the count.
+                    let _ = queued
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| q.checked_sub(1));
                 }
                 count_overflow(&overflow);
             }
@@ -684,6 +717,7 @@ impl Lines {
             thread: Mutex::new(Some(thread)),
             overflow,
             queued,
+            abandoned,
             dropped,
         })
     }
@@ -709,8 +743,12 @@ impl Lines {
             }
         }
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = tx.as_ref() else {
-            self.overflow.fetch_add(1, Ordering::SeqCst);
+        let Some(tx) = tx
+            .as_ref()
+            .filter(|_| !self.abandoned.load(Ordering::SeqCst))
+        else {
+            // Stopped: nothing will write it.
+            self.count_now(1);
             return;
         };
         self.queued.fetch_add(1, Ordering::SeqCst);
@@ -730,19 +768,25 @@ impl Lines {
         while thread.as_ref().is_some_and(|t| !t.is_finished()) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(10));
         }
-        match thread {
-            Some(t) if t.is_finished() => {
-                let _ = t.join();
-            }
-            _ => self.abandon(),
+        if let Some(t) = thread.filter(|t| t.is_finished()) {
+            let _ = t.join();
         }
+        self.abandon();
     }
 
     /// Counts what is still queued as dropped, straight into the counter
     /// file (the thread may be in the middle of a send, holding the audit
-    /// state): for a broker that exits now.
+    /// state), and has the thread write nothing more: for a broker that
+    /// exits now. A line the thread is sending at this moment may go out
+    /// and be counted too; none is lost uncounted.
     pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::SeqCst);
         let n = self.queued.swap(0, Ordering::SeqCst) + self.overflow.swap(0, Ordering::SeqCst);
+        self.count_now(n);
+    }
+
+    /// `n` lines dropped, straight into the counter file.
+    fn count_now(&self, n: u64) {
         if let (Some(path), true) = (&self.dropped, n > 0) {
             if let Ok(mut f) = open_counter(path) {
                 let _ = f.write_all(&vec![b'b'; usize::try_from(n).unwrap_or(0)]);
@@ -1105,28 +1149,11 @@ mod tests {
         let dropped = dir.path().join("x.dropped");
         let state = dir.path().join("x.audit");
         count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
-        let (release, stuck) = std::sync::mpsc::channel::<()>();
-        let (wrote, written) = std::sync::mpsc::channel::<String>();
-        let lines = Lines::start_with(
-            move |r: &Record| {
-                // Stuck at the first line until told.
-                if r.name.as_deref() == Some("0") {
-                    let _ = stuck.recv();
-                }
-                let _ = wrote.send(r.name.clone().unwrap_or_default());
-            },
-            Some(dropped.clone()),
-        )
-        .unwrap();
-        let record = |i: usize| Record {
-            outcome: Some("granted"),
-            name: Some(i.to_string()),
-            ..Record::default()
-        };
+        let (lines, release, started, written) = stuck_writer(&dropped);
         // The first line holds the writer; QUEUED_LINES more fill the
         // queue; five more find no room.
         lines.emit(record(0));
-        std::thread::sleep(Duration::from_millis(100));
+        started.recv().unwrap();
         for i in 1..=QUEUED_LINES + 5 {
             lines.emit(record(i));
         }
@@ -1140,6 +1167,87 @@ mod tests {
         lock().counter = None;
     }
 
+    fn record(i: usize) -> Record {
+        Record {
+            outcome: Some("granted"),
+            name: Some(i.to_string()),
+            ..Record::default()
+        }
+    }
+
+    /// Lines whose writer takes each line's name, and stops at line "0"
+    /// (saying so on `started`) until `release` is sent.
+    #[allow(clippy::type_complexity)]
+    fn stuck_writer(
+        dropped: &Path,
+    ) -> (
+        Lines,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+        std::sync::mpsc::Receiver<String>,
+    ) {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let (start, started) = std::sync::mpsc::channel::<()>();
+        let (wrote, written) = std::sync::mpsc::channel::<String>();
+        let lines = Lines::start_with(
+            move |r: &Record| {
+                if r.name.as_deref() == Some("0") {
+                    let _ = start.send(());
+                    let _ = stuck.recv();
+                }
+                let _ = wrote.send(r.name.clone().unwrap_or_default());
+            },
+            Some(dropped.to_owned()),
+        )
+        .unwrap();
+        (lines, release, started, written)
+    }
+
+    /// A broker that stops while its writer is stuck gives it FINISH, then
+    /// counts what is left (the line being written and those queued) and
+    /// has nothing more written; a line after the stop is counted too.
+    #[test]
+    fn a_stop_counts_what_a_stuck_writer_left() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = dir.path().join("x.dropped");
+        let state = dir.path().join("x.audit");
+        count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
+        let (lines, release, started, written) = stuck_writer(&dropped);
+        lines.emit(record(0));
+        started.recv().unwrap();
+        lines.emit(record(1));
+        lines.emit(record(2));
+        let t = Instant::now();
+        lines.finish();
+        assert!(t.elapsed() < FINISH * 4, "{:?}", t.elapsed());
+        assert_eq!(std::fs::read(&dropped).unwrap(), b"bbb");
+        lines.emit(record(3));
+        assert_eq!(std::fs::read(&dropped).unwrap(), b"bbbb");
+        release.send(()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        // At most the line it was writing went out; nothing queued did.
+        let got: Vec<String> = written.try_iter().collect();
+        assert!(got.is_empty() || got == ["0"], "{got:?}");
+        lock().counter = None;
+    }
+
+    /// Fills `sock`'s queue: datagrams from new sockets until a fresh one
+    /// has no room either (one sender's own buffer may fill first, where
+    /// net.unix.max_dgram_qlen is large).
+    fn fill(sock: &Path) {
+        loop {
+            let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
+            s.set_nonblocking(true).unwrap();
+            if s.send_to(b"x", sock).is_err() {
+                return;
+            }
+            while s.send_to(b"x", sock).is_ok() {}
+            // Kept open: its datagrams stay charged to it, not freed.
+            std::mem::forget(s);
+        }
+    }
+
     /// A worker's own write never waits: a syslog socket with no room
     /// leaves the line for later (for the thread) without counting it;
     /// with room again, the line goes out at once.
@@ -1149,9 +1257,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("log");
         let rx = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
-        let fill = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        fill.set_nonblocking(true).unwrap();
-        while fill.send_to(b"x", &sock).is_ok() {}
+        fill(&sock);
         let target = LogTarget::Syslog {
             socket: sock.clone(),
         };

@@ -294,9 +294,18 @@ fn a_stalled_log_socket_holds_up_no_request() {
     let mut kmsg = kmsg_from_now();
     // Full: its queue holds net.unix.max_dgram_qlen datagrams (10 by
     // default), and nobody reads them.
-    let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
-    filler.set_nonblocking(true).unwrap();
-    while filler.send_to(b"<13>filler", &path).is_ok() {}
+    // (From new sockets until a fresh one has no room either: one
+    // sender's own buffer may fill first, where that sysctl is large.)
+    let mut fillers = Vec::new();
+    loop {
+        let filler = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        if filler.send_to(b"<13>filler", &path).is_err() {
+            break;
+        }
+        while filler.send_to(b"<13>filler", &path).is_ok() {}
+        fillers.push(filler);
+    }
     let got: Vec<common::Got> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..BURST)
             .map(|i| {

@@ -886,7 +886,6 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
             None
         }
     };
-    let lines = audit::Lines::start(config.log.clone(), counted).map_err(io(&p.dropped))?;
     let _ = std::fs::remove_file(&p.socket);
     let listener = UnixListener::bind(&p.socket).map_err(io(&p.socket))?;
     // From here on, every way out removes the socket and the pid file.
@@ -909,6 +908,9 @@ pub fn serve(config_path: &Path) -> Result<(), BrokerError> {
     let _ = signals.thread_block();
     let sigfd = SignalFd::with_flags(&signals, SfdFlags::SFD_CLOEXEC)
         .map_err(|e| io(&p.pid)(std::io::Error::from(e)))?;
+    // The first thread: after the mask, which it inherits (a SIGTERM it
+    // took unblocked would end the broker without its shutdown).
+    let lines = audit::Lines::start(config.log.clone(), counted).map_err(io(&p.dropped))?;
 
     // Workers take connections without blocking (see `worker`).
     listener.set_nonblocking(true).map_err(io(&p.socket))?;

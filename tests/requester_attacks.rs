@@ -394,18 +394,11 @@ fn a_requester_in_its_own_user_namespace_cannot_pass_for_another_program() {
     assert_eq!(run(Path::new("-"), "db#u2", "32 user").1, Ok(user_key));
 }
 
-/// The limit of the refusal above (THREAT-MODEL.md, "User namespaces"),
-/// found by an independent review: the requester stays in the initial user
-/// namespace and a child that shares its memory (clone with CLONE_VM and
-/// CLONE_NEWUSER) makes the prctl, whose capability the kernel checks in
-/// the child's namespace while the exe link belongs to the memory both
-/// share. Nothing the broker reads tells the parent from keyctl then, so
-/// it gets keyctl's `path` and `csum` keys, but only for its own uid: a
-/// uid's own code is outside what those bindings separate, another uid's
-/// keys are not. Should a kernel refuse this some day, this test fails and
-/// the threat model can say more.
-#[test]
-fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only() {
+/// A requester of uid 4321 whose exe link a child sharing its memory
+/// points at keyctl (`exe_spoof`'s `mode`): it gets keyctl's `path` and
+/// `csum` keys of its own uid, never another uid's. Skipped where the
+/// child cannot get a user namespace (`refusal` in the spoof's message).
+fn shared_memory_rename_stays_within_the_uid(mode: &str, refusal: &str) {
     const UID: u32 = 4321;
     const OTHER: u32 = 4322;
     let env = KernelEnv::new("");
@@ -420,7 +413,7 @@ fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only()
             .arg(format!("--regid={UID}"))
             .arg("--clear-groups")
             .arg(&spoof)
-            .arg("--shared-vm")
+            .arg(mode)
             .arg(&keyctl)
             .arg(env.desc(&format!("{rest}#spoofed")))
             .arg(callout)
@@ -428,7 +421,7 @@ fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if stderr.contains("clone(CLONE_VM | CLONE_NEWUSER)") {
+        if stderr.contains(refusal) {
             // No unprivileged user namespaces here: the route is closed.
             eprintln!("skipped: {stderr}");
             return;
@@ -445,6 +438,33 @@ fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only()
         assert_eq!(got, theirs, "{callout}: keyctl's key of uid {UID}");
         assert_ne!(got, others, "{callout}: never another uid's");
     }
+}
+
+/// The limit of the refusal above (THREAT-MODEL.md, "User namespaces"),
+/// found by an independent review: the requester stays in the initial user
+/// namespace and a child that shares its memory (clone with CLONE_VM and
+/// CLONE_NEWUSER) makes the prctl, whose capability the kernel checks in
+/// the child's namespace while the exe link belongs to the memory both
+/// share. Nothing the broker reads tells the parent from keyctl then, so
+/// it gets keyctl's `path` and `csum` keys, but only for its own uid: a
+/// uid's own code is outside what those bindings separate, another uid's
+/// keys are not. Should a kernel refuse this some day, this test fails and
+/// the threat model can say more.
+#[test]
+fn memory_shared_from_a_user_namespace_renames_a_requester_within_its_uid_only() {
+    shared_memory_rename_stays_within_the_uid("--shared-vm", "clone(CLONE_VM | CLONE_NEWUSER)");
+}
+
+/// The same rename by a child cloned with CLONE_VM alone, which makes its
+/// user namespace itself with unshare(CLONE_NEWUSER): the kernel allows
+/// that too (a child sharing only the memory is a thread group of its
+/// own), with the same outcome.
+#[test]
+fn memory_shared_with_a_child_that_unshares_its_user_namespace_renames_within_its_uid_only() {
+    shared_memory_rename_stays_within_the_uid(
+        "--shared-vm-unshare",
+        "unshare(CLONE_NEWUSER) in a child sharing our memory",
+    );
 }
 
 /// A 32-bit program asks through the kernel's ia32 entry, where

@@ -3,13 +3,15 @@
  * then asks for a key (issue 20, item 2). Run in a user namespace of its
  * own (unshare -Ur), where it holds CAP_CHECKPOINT_RESTORE.
  *
- *   exe_spoof [--shared-vm] TARGET|- DESCRIPTION CALLOUT
+ *   exe_spoof [--shared-vm|--shared-vm-unshare] TARGET|- DESCRIPTION CALLOUT
  *
  * With --shared-vm the program stays in the initial user namespace and the
  * prctl is made by a child that shares its memory (clone with CLONE_VM and
  * CLONE_NEWUSER): the capability is checked in the child's namespace, and
  * the exe link belongs to the memory image both share, so the parent's
- * /proc/self/exe names TARGET once the child has exited.
+ * /proc/self/exe names TARGET once the child has exited. With
+ * --shared-vm-unshare the child is cloned with CLONE_VM alone and calls
+ * unshare(CLONE_NEWUSER) itself before the prctl.
  *
  * With TARGET, the program first moves every mapping of its own executable
  * to anonymous memory at the same address (the kernel refuses a new exe
@@ -169,13 +171,23 @@ static int swap_exe(void *map)
 	return prctl(PR_SET_MM, PR_SET_MM_MAP, (unsigned long)m, sizeof *m, 0) == 0 ? 0 : 1;
 }
 
+/* The same, after a user namespace of the child's own making: exit code
+ * 100 + errno if unshare refuses. */
+static int unshare_then_swap(void *map)
+{
+	if (unshare(CLONE_NEWUSER) != 0)
+		return 100 + errno;
+	return swap_exe(map);
+}
+
 int main(int argc, char **argv)
 {
 	int shared_vm = argc > 1 && strcmp(argv[1], "--shared-vm") == 0;
-	argc -= shared_vm;
-	argv += shared_vm;
+	int unshare_vm = argc > 1 && strcmp(argv[1], "--shared-vm-unshare") == 0;
+	argc -= shared_vm + unshare_vm;
+	argv += shared_vm + unshare_vm;
 	if (argc != 4) {
-		fprintf(stderr, "usage: exe_spoof [--shared-vm] TARGET|- DESCRIPTION CALLOUT\n");
+		fprintf(stderr, "usage: exe_spoof [--shared-vm|--shared-vm-unshare] TARGET|- DESCRIPTION CALLOUT\n");
 		return 2;
 	}
 	static char self[PATH_MAX], now[PATH_MAX], want[PATH_MAX];
@@ -201,7 +213,25 @@ int main(int argc, char **argv)
 		m.auxv = NULL;
 		m.auxv_size = 0;
 		m.exe_fd = (unsigned)fd;
-		if (shared_vm) {
+		if (unshare_vm) {
+			static char stack[1 << 16];
+			int st = 0;
+			int pid = clone(unshare_then_swap, stack + sizeof stack, CLONE_VM | SIGCHLD, &m);
+			if (pid < 0)
+				die("clone(CLONE_VM)");
+			if (waitpid(pid, &st, 0) != pid || !WIFEXITED(st)) {
+				errno = ECHILD;
+				die("the child");
+			}
+			if (WEXITSTATUS(st) >= 100) {
+				errno = WEXITSTATUS(st) - 100;
+				die("unshare(CLONE_NEWUSER) in a child sharing our memory");
+			}
+			if (WEXITSTATUS(st) != 0) {
+				errno = EPERM;
+				die("prctl(PR_SET_MM_MAP) in the child");
+			}
+		} else if (shared_vm) {
 			static char stack[1 << 16];
 			int st = 0;
 			int pid = clone(swap_exe, stack + sizeof stack,

@@ -326,6 +326,11 @@ impl Note {
     }
 }
 
+/// `n` dropped lines, one byte each, in one append.
+fn append_drops(f: &mut std::fs::File, n: u64) {
+    let _ = f.write_all(&vec![b'b'; usize::try_from(n).unwrap_or(0)]);
+}
+
 fn open_counter(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::OpenOptions::new()
         .append(true)
@@ -407,8 +412,7 @@ impl Counter {
             self.file = open_counter(&self.path).ok();
         }
         if let Some(f) = self.file.as_mut() {
-            let bytes = vec![b'b'; usize::try_from(n).unwrap_or(0)];
-            let _ = f.write_all(&bytes);
+            append_drops(f, n);
         }
         self.why = why;
         // The note changes only when a report goes out; it must exist
@@ -559,8 +563,9 @@ fn deliver(
 /// syslog socket, else to the kernel log within its rate limit. A line
 /// none of them takes is counted, and the count goes out, as its own
 /// line, before the next line that gets through; `dkey status` shows it
-/// too. Never blocks for long: socket sends give up after 250 ms.
-pub fn emit(target: &LogTarget, record: &Record) {
+/// too. Never blocks for long: socket sends give up after 250 ms. (The
+/// broker's writer: see [`Lines`].)
+fn emit(target: &LogTarget, record: &Record) {
     emit_via(Path::new(line::JOURNAL_SOCKET), target, record);
 }
 
@@ -789,7 +794,7 @@ impl Lines {
     fn count_now(&self, n: u64) {
         if let (Some(path), true) = (&self.dropped, n > 0) {
             if let Ok(mut f) = open_counter(path) {
-                let _ = f.write_all(&vec![b'b'; usize::try_from(n).unwrap_or(0)]);
+                append_drops(&mut f, n);
             }
         }
     }
@@ -1145,10 +1150,7 @@ mod tests {
     #[test]
     fn lines_never_wait_for_a_stuck_writer_and_overflow_is_counted() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = tempfile::tempdir().unwrap();
-        let dropped = dir.path().join("x.dropped");
-        let state = dir.path().join("x.audit");
-        count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
+        let (_dir, dropped) = counting();
         let (lines, release, started, written) = stuck_writer(&dropped);
         // The first line holds the writer; QUEUED_LINES more fill the
         // queue; five more find no room.
@@ -1165,6 +1167,14 @@ mod tests {
         assert_eq!(std::fs::read(&dropped).unwrap(), b"bbbbb");
         assert_eq!(lock().counter.as_ref().unwrap().why, QUEUE_FULL);
         lock().counter = None;
+    }
+
+    /// A drop counter of a test's own, as the broker sets one up.
+    fn counting() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let dropped = dir.path().join("x.dropped");
+        count_into(Path::new("/x.conf"), &dropped, &dir.path().join("x.audit")).unwrap();
+        (dir, dropped)
     }
 
     fn record(i: usize) -> Record {
@@ -1209,10 +1219,7 @@ mod tests {
     #[test]
     fn a_stop_counts_what_a_stuck_writer_left() {
         let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = tempfile::tempdir().unwrap();
-        let dropped = dir.path().join("x.dropped");
-        let state = dir.path().join("x.audit");
-        count_into(Path::new("/x.conf"), &dropped, &state).unwrap();
+        let (_dir, dropped) = counting();
         let (lines, release, started, written) = stuck_writer(&dropped);
         lines.emit(record(0));
         started.recv().unwrap();

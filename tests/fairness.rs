@@ -74,18 +74,8 @@ fn flood_as(env: &KernelEnv, uid: u32, big: &str, n: usize, stop: &Path) -> Vec<
 /// One request as `uid` in its own process keyring, timed.
 fn timed(env: &KernelEnv, uid: u32, rest: &str, callout: &str) -> (Duration, bool) {
     let start = Instant::now();
-    let st = Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "keyctl",
-            "request2",
-            "user",
-            &env.desc(rest),
-            callout,
-            "@p",
-        ])
+    let st = env
+        .keyctl_as(uid, rest, callout)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -5,7 +5,7 @@
 mod common;
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::KernelEnv;
@@ -25,18 +25,7 @@ const NEWCOMER: u32 = 4386;
 /// One request as `uid`, in a process of its own whose keyring takes the
 /// key (gone with the process: no run leaves keys in a uid's quota).
 fn ask(env: &KernelEnv, uid: u32, rest: &str) -> Child {
-    Command::new("setpriv")
-        .args([
-            &format!("--reuid={uid}"),
-            &format!("--regid={uid}"),
-            "--clear-groups",
-            "keyctl",
-            "request2",
-            "user",
-            &env.desc(rest),
-            "32 user",
-            "@p",
-        ])
+    env.keyctl_as(uid, rest, "32 user")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

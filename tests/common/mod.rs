@@ -561,6 +561,27 @@ impl KernelEnv {
 }
 
 impl KernelEnv {
+    /// `keyctl request2 user <desc> <callout> @p` as `uid` (and its gid,
+    /// no supplementary groups): the key goes into the process's own
+    /// keyring, gone with it. Output streams are the caller's to set.
+    pub fn keyctl_as(&self, uid: u32, rest: &str, callout: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+            "keyctl",
+            "request2",
+            "user",
+            &self.desc(rest),
+            callout,
+            "@p",
+        ]);
+        c
+    }
+}
+
+impl KernelEnv {
     /// Stops the TPM broker serving the current configuration and waits
     /// until it has flushed its primary and gone.
     pub fn stop_broker(&self) {
